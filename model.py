@@ -692,8 +692,8 @@ def load_weights(model: Transformer, weights: dict, source: str):
             raise UserError(f"{source}: missing tensor for {name}")
         if tuple(w.shape) != tuple(ref.shape):
             raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {tuple(ref.shape)}")
-    state = {k: weights[k].to(torch.float32) if weights[k].dtype != ref.dtype else weights[k]
-             for k, ref in expected.items()}
+    # float32 master copy (the caller casts to --dtype); contiguous so matmuls never see a transposed view
+    state = {k: weights[k].to(ref.dtype).contiguous() for k, ref in expected.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
