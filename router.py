@@ -1,0 +1,461 @@
+"""router.py — the multi-level Free-MoE router and `FreeMoE`, the routed model used for scoring and generation.
+
+Pipeline position: loaded by evaluate.py / bench.py; trained by train_router.py
+    model.py  ->  purify.py (DOWP, DSS-Experts)  ->  train_router.py / router.py  ->  evaluate.py
+
+What goes in:  a dense `model.Transformer`, the DSS-Experts of purify.py (`Experts`: .domains, .indices[domain][layer]),
+               and a router checkpoint written by train_router.py (the only trained parameters; the LLM is frozen).
+What comes out: per-prompt routing decisions, the per-layer FFN modules to run (`mlps_for`, passed as model(..., mlps=)),
+               the active FFN fraction of each request, and routed generation / scoring.
+
+    python router.py --experts experts/experts.safetensors --router runs/router.safetensors \
+        --prompt "def fibonacci(n):" --max-new-tokens 32
+
+The router has two levels (a third, token-level one is left out; see README / report for the measurement note):
+
+  Level 1, domain (per sequence). A truncated forward runs only the first `route_layer` blocks (default L//4) on the
+      prompt; each token's residual vector is RMS-normalised (so the attention-sink token with a huge norm does not
+      dominate), then mean-pooled over the real tokens and standardised with the training set's per-dimension mean/std.
+      A small head (linear, or one hidden layer with GELU) gives domain probabilities. If the top probability is below
+      `threshold`, the request falls back: fallback="dense" runs the dense model, fallback="top2" runs the union of the
+      two most likely experts' neurons.
+  Level 2, layer. Per (domain, layer) a learned logit says whether that layer runs the purified subnetwork (logit > 0)
+      or the full FFN, so that layers where purification hurts stay dense. The global `budget` knob (target fraction of
+      active FFN neurons) overrides the sign rule: layers are switched to the expert in decreasing logit order until
+      the active fraction is at or below the budget. For the top-2 union a layer uses the union only if both domains'
+      gates would (the smaller of the two logits), because either expert alone was judged unsafe otherwise.
+
+Generation routes once on the prompt, then prefills and decodes with the materialized compact FFNs (`MLP.select`:
+real smaller matmuls). Compact FFNs are cached per (expert set, layer), so every gate pattern of an expert reuses them.
+No re-routing during decoding: the decision is fixed per request.
+
+Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k kept neurons, N prompts, H head width.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+
+ROUTER_FORMAT = "free-moe-router/1"
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class RouterConfig:
+    domains: list[str]                 # D expert names, in the order of the head's outputs
+    n_layer: int                       # L layers of the model the router was built for
+    n_embd: int                        # C residual width (input of the domain head)
+    route_layer: int                   # level 1 reads the residual stream entering this layer (0 = embeddings)
+    hidden: int = 128                  # H width of the domain head's hidden layer; 0 = a linear head
+    threshold: float = 0.5             # below this top-1 probability the request falls back
+    fallback: str = "dense"            # "dense" (run the dense FFNs) or "top2" (union of the two best experts)
+    max_route_tokens: int = 512        # routing reads at most the last this-many prompt tokens (bounded cost)
+
+    def __post_init__(self):
+        if self.fallback not in ("dense", "top2"):
+            raise M.UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
+        if not 0 <= self.route_layer <= self.n_layer:
+            raise M.UserError(f"route_layer must be in [0, {self.n_layer}], got {self.route_layer}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise M.UserError(f"threshold must be in [0, 1], got {self.threshold}")
+
+
+def default_route_layer(n_layer: int) -> int:
+    return max(1, n_layer // 4)
+
+
+# ----------------------------------------------------------------------------- level 1 features
+
+def prefix_hidden(model: M.Transformer, idx, valid, n_layers: int):
+    """A truncated forward: the residual stream entering layer `n_layers` (B, T, C), without running the rest.
+
+    Same positions, mask and RoPE as `Transformer.forward` (no KV cache), so it equals
+    `model(idx, valid=valid, return_hidden=True)[1][n_layers]` exactly — tests check it."""
+    B, T = idx.shape
+    if valid is None:
+        pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+        mask = None
+    else:
+        pos = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        mask = model._causal_mask(B, T, 0, valid[:, :T])  # (B, 1, T, T)
+    x = model.tok_emb(idx)  # (B, T, C)
+    rope = None
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(pos)
+    else:
+        freqs = pos[..., None].float() * model.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+    for blk in model.layers[:n_layers]:
+        x = blk(x, rope, 0, mask)
+    return x
+
+
+def pooled(hidden, valid):
+    """Level 1 input: RMS-normalise each token (B, T, C), then mean over the real tokens -> (B, C) float32."""
+    h = hidden.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, T, C)
+    w = valid.float()[..., None] if valid is not None else torch.ones_like(h[..., :1])  # (B, T, 1)
+    return (h * w).sum(1) / w.sum(1).clamp(min=1)  # (B, C)
+
+
+@torch.no_grad()
+def prompt_features(model: M.Transformer, prompts: list[list[int]], route_layer: int, max_tokens: int = 512,
+                    batch_tokens: int = 4096, progress: bool = False):
+    """Pooled early-layer features of each prompt (N, C). Prompts are batched by length (little padding)."""
+    device = model.tok_emb.weight.device
+    if any(len(p) == 0 for p in prompts):
+        raise M.UserError("cannot route an empty prompt")
+    prompts = [list(p)[-max_tokens:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = torch.empty(len(prompts), model.config.n_embd)  # (N, C)
+    batches, cur = [], []
+    for i in order:  # greedy: grow a batch while (rows x longest) stays within the token budget
+        if cur and (len(cur) + 1) * len(prompts[i]) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    it = batches
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(batches, desc="route features", leave=False)
+    for rows in it:
+        T = max(len(prompts[i]) for i in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)  # (B, T) left padded
+        valid = torch.zeros(len(rows), T, dtype=torch.bool, device=device)  # (B, T)
+        for b, i in enumerate(rows):
+            n = len(prompts[i])
+            idx[b, T - n:] = torch.tensor(prompts[i], dtype=torch.long)
+            valid[b, T - n:] = True
+        h = prefix_hidden(model, idx, valid if not valid.all() else None, route_layer)  # (B, T, C)
+        out[rows] = pooled(h, valid).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------- the router (the only trained params)
+
+class Router(nn.Module):
+    """Level 1 domain head + level 2 per-(domain, layer) gate logits. Everything else is the frozen LLM."""
+
+    def __init__(self, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, D, H = cfg.n_embd, len(cfg.domains), cfg.hidden
+        # Feature standardisation, set from the training features (buffers: saved, not trained).
+        self.register_buffer("feat_mean", torch.zeros(C))
+        self.register_buffer("feat_std", torch.ones(C))
+        self.head = nn.Linear(C, D) if H == 0 else nn.Sequential(nn.Linear(C, H), nn.GELU(), nn.Linear(H, D))
+        # Level 2: logit > 0 = run the purified expert in that layer. Init 0: undecided (p = 0.5).
+        self.gate_logits = nn.Parameter(torch.zeros(D, cfg.n_layer))  # (D, L)
+
+    def domain_logits(self, feats):
+        return self.head((feats - self.feat_mean) / self.feat_std)  # (N, C) -> (N, D)
+
+    def domain_probs(self, feats):
+        return self.domain_logits(feats).softmax(-1)  # (N, D)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- decisions and the routed model
+
+@dataclass(frozen=True)
+class Decision:
+    """What the router chose for one request."""
+    domains: tuple[str, ...]           # () = dense model; one expert; or two (top-2 union fallback)
+    use_expert: tuple[bool, ...]       # per layer: True = purified subnetwork, False = full FFN
+    probs: tuple[float, ...]           # level 1 probabilities, in the router's domain order
+    active_fraction: float             # FFN neurons used per token / all FFN neurons
+    fell_back: bool = False            # top-1 probability was below the threshold
+
+    @property
+    def domain(self) -> str | None:
+        return self.domains[0] if len(self.domains) == 1 else None
+
+    @property
+    def key(self):
+        return (self.domains, self.use_expert)
+
+
+def experts_identity(experts) -> str:
+    """Identity of a set of DSS-Experts: sha256 over the domain names and every kept-index tensor.
+
+    It hashes the content rather than the file bytes, so the same experts saved twice (or moved) match, and any
+    change of a single index does not. A router is only valid for the experts it was trained with."""
+    h = hashlib.sha256()
+    for d in experts.domains:
+        h.update(d.encode() + b"\0")
+        for idx in experts.indices[d]:
+            h.update(b"dense;" if idx is None else torch.as_tensor(idx, dtype=torch.int64).cpu().numpy().tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+class FreeMoE:
+    """The routed model: `route` prompts, then run `mlps_for(decision)` through the unchanged dense model."""
+
+    def __init__(self, model: M.Transformer, experts, router: Router, budget: float | None = None,
+                 threshold: float | None = None, fallback: str | None = None):
+        cfg = router.cfg
+        if list(experts.domains) != list(cfg.domains):
+            raise M.UserError(f"router domains {cfg.domains} differ from the experts' domains {list(experts.domains)}")
+        if cfg.n_layer != model.config.n_layer or cfg.n_embd != model.config.n_embd:
+            raise M.UserError(f"router built for L={cfg.n_layer}, C={cfg.n_embd}; model has "
+                              f"L={model.config.n_layer}, C={model.config.n_embd}")
+        if budget is not None and not 0.0 <= budget <= 1.0:
+            raise M.UserError(f"budget must be in [0, 1], got {budget}")
+        self.model, self.experts, self.router = model, experts, router.to(model.tok_emb.weight.device).eval()
+        self.budget = budget
+        self.threshold = cfg.threshold if threshold is None else threshold
+        self.fallback = cfg.fallback if fallback is None else fallback
+        if self.fallback not in ("dense", "top2"):
+            raise M.UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
+        self._layer_cache: dict = {}   # (domains, layer) -> compact MLP
+        self._sizes: dict = {}         # domains -> per-layer kept-neuron counts
+
+    # --- level 1 + level 2 -> a decision
+    @torch.no_grad()
+    def route(self, prompts: list[list[int]], progress: bool = False) -> list[Decision]:
+        cfg = self.router.cfg
+        feats = prompt_features(self.model, prompts, cfg.route_layer, cfg.max_route_tokens, progress=progress)
+        probs = self.router.domain_probs(feats.to(self.router.feat_mean.device)).cpu()  # (N, D)
+        return [self.decide(p) for p in probs]
+
+    def decide(self, probs) -> Decision:
+        """Level 1 probabilities (D,) -> Decision (threshold fallback, then the level 2 gate pattern)."""
+        probs = torch.as_tensor(probs, dtype=torch.float32)
+        top = probs.argsort(descending=True).tolist()
+        names = self.router.cfg.domains
+        fell_back = float(probs[top[0]]) < self.threshold
+        if not fell_back:
+            domains = (names[top[0]],)
+        elif self.fallback == "top2" and len(top) >= 2:
+            domains = tuple(sorted((names[top[0]], names[top[1]])))
+        else:
+            domains = ()
+        return self.decision_for(domains, probs.tolist(), fell_back)
+
+    def decision_for(self, domains: tuple[str, ...], probs=(), fell_back: bool = False,
+                     use_expert: tuple[bool, ...] | None = None) -> Decision:
+        """Build a decision for given expert(s) (oracle routing, tests); the gate pattern comes from level 2
+        unless `use_expert` forces one."""
+        L = self.model.config.n_layer
+        for d in domains:
+            if d not in self.router.cfg.domains:
+                raise M.UserError(f"unknown domain {d!r} (router has {', '.join(self.router.cfg.domains)})")
+        if not domains:
+            use_expert = (False,) * L
+        elif use_expert is None:
+            use_expert = self.gate_pattern(domains)
+        if len(use_expert) != L:
+            raise ValueError(f"use_expert must have {L} entries, got {len(use_expert)}")
+        use_expert = tuple(bool(u) for u in use_expert)
+        return Decision(tuple(domains), use_expert, tuple(float(p) for p in probs),
+                        self._fraction(domains, use_expert), fell_back)
+
+    def gate_pattern(self, domains: tuple[str, ...]) -> tuple[bool, ...]:
+        """Level 2: which layers run the purified expert. Sign of the logit, or the budget rule if a budget is set."""
+        rows = [self.router.cfg.domains.index(d) for d in domains]
+        logits = self.router.gate_logits.detach()[rows].min(0).values.cpu()  # (L,) a union needs both gates open
+        if self.budget is None:
+            return tuple(bool(v > 0) for v in logits)
+        use = [False] * len(logits)
+        for layer in logits.argsort(descending=True).tolist():  # safest layers to purify first
+            if self._fraction(domains, use) <= self.budget:
+                break
+            use[layer] = True
+        return tuple(use)
+
+    # --- compute accounting
+    def _kept(self, domains: tuple[str, ...]) -> list[int]:
+        """Per-layer number of neurons the expert (set) keeps; F for a layer the experts leave dense."""
+        if domains not in self._sizes:
+            Fn = self.model.config.n_ffn
+            self._sizes[domains] = [Fn if idx is None else len(idx) for idx in self._union_indices(domains)]
+        return self._sizes[domains]
+
+    def _fraction(self, domains, use_expert) -> float:
+        Fn, L = self.model.config.n_ffn, self.model.config.n_layer
+        if not domains:
+            return 1.0
+        kept = self._kept(tuple(domains))
+        return sum(k if u else Fn for k, u in zip(kept, use_expert)) / (L * Fn)
+
+    def active_fraction(self, decision: Decision) -> float:
+        """Fraction of the FFN neurons used per token for this request (1.0 = dense)."""
+        return decision.active_fraction
+
+    # --- materialized experts
+    def _union_indices(self, domains: tuple[str, ...]) -> list:
+        """Per layer: the kept neurons of one expert, or the sorted union over several (None = layer left dense)."""
+        per = [self.experts.indices[d] for d in domains]
+        out = []
+        for layer in range(self.model.config.n_layer):
+            sets = [p[layer] for p in per]
+            if any(s is None for s in sets):
+                out.append(None)
+            elif len(sets) == 1:
+                out.append(torch.as_tensor(sets[0], dtype=torch.long))
+            else:
+                out.append(torch.unique(torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sets])))  # sorted
+        return out
+
+    def expert_mlp(self, domains: tuple[str, ...], layer: int):
+        """The compact FFN of `domains` in `layer` (cached): a real smaller MLP built with MLP.select."""
+        key = (tuple(domains), layer)
+        if key not in self._layer_cache:
+            idx = self._union_indices(tuple(domains))[layer]
+            dense = self.model.layers[layer].mlp
+            self._layer_cache[key] = dense if idx is None else dense.select(idx)
+        return self._layer_cache[key]
+
+    def mlps_for(self, decision: Decision) -> list:
+        """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else the dense one."""
+        return [self.expert_mlp(decision.domains, i) if u else blk.mlp
+                for i, (blk, u) in enumerate(zip(self.model.layers, decision.use_expert))]
+
+    def mlps(self, prompt: list[int]) -> list:
+        """Route one prompt and return its FFN modules (the seam evaluate.py calls)."""
+        return self.mlps_for(self.route([prompt])[0])
+
+    # --- convenience: generation and scoring
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[list[list[int]], list[Decision]]:
+        """Route each prompt once, then generate each group of prompts with the same decision in one batch,
+        prefill and decode both running the compact FFNs. Returns (new tokens per prompt, decisions)."""
+        decisions = self.route(prompts)
+        out: list = [None] * len(prompts)
+        groups: dict = {}
+        for i, d in enumerate(decisions):
+            groups.setdefault(d.key, []).append(i)
+        for rows in groups.values():
+            mlps = self.mlps_for(decisions[rows[0]])
+            new = M.generate(self.model, [prompts[i] for i in rows], max_new_tokens, mlps=mlps, **kw)
+            for i, r in zip(rows, new):
+                out[i] = r
+        return out, decisions
+
+    @torch.no_grad()
+    def score(self, windows, batch_size: int = 8) -> tuple[torch.Tensor, list[Decision]]:
+        """Mean next-token NLL of each window (N,), each window routed on itself (its tokens are its prompt)."""
+        windows = torch.as_tensor(windows, dtype=torch.long)  # (N, T)
+        decisions = self.route(windows.tolist())
+        nll = torch.empty(len(windows))
+        groups: dict = {}
+        for i, d in enumerate(decisions):
+            groups.setdefault(d.key, []).append(i)
+        device = self.model.tok_emb.weight.device
+        for rows in groups.values():
+            mlps = self.mlps_for(decisions[rows[0]])
+            for s in range(0, len(rows), batch_size):
+                sel = rows[s:s + batch_size]
+                x = windows[sel].to(device)  # (B, T)
+                logits = self.model(x[:, :-1], mlps=mlps)  # (B, T-1, V)
+                nll[sel] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1).cpu()
+        return nll, decisions
+
+
+# ----------------------------------------------------------------------------- level 2 training-time soft mix
+
+class MixedMLP(nn.Module):
+    """Level 2 relaxation used only in training: out = g * expert(x) + (1 - g) * dense(x).
+
+    `g` is a 0-dim tensor set before each forward (a relaxed gate); with g = 0 the output is exactly dense(x)."""
+
+    def __init__(self, expert: nn.Module, dense: nn.Module):
+        super().__init__()
+        self.expert, self.dense = expert, dense
+        self.g = torch.tensor(0.0)
+
+    def forward(self, x):
+        return self.g * self.expert(x) + (1 - self.g) * self.dense(x)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def save_router(path, router: Router, model: M.Transformer, experts, hparams: dict | None = None):
+    """Write the router (safetensors + metadata). The metadata names the model and the experts it belongs to."""
+    meta = {"format": ROUTER_FORMAT, "fingerprint": model.fingerprint, "experts_identity": experts_identity(experts),
+            "config": json.dumps(asdict(router.cfg)), "hparams": json.dumps(hparams or {}),
+            "n_params": str(router.num_params())}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    M.write_safetensors(Path(path), {k: v.detach().cpu() for k, v in router.state_dict().items()}, meta)
+
+
+def read_router(path) -> tuple[Router, dict]:
+    """Read a router file without checking what it belongs to (load_router does the checks)."""
+    path = Path(path)
+    if not path.exists():
+        raise M.UserError(f"router file {path} not found (run train_router.py first)")
+    tensors, meta = M.read_safetensors(path, with_metadata=True)
+    if meta.get("format") != ROUTER_FORMAT:
+        raise M.UserError(f"{path} is not a router file (format {meta.get('format')!r}, expected {ROUTER_FORMAT!r})")
+    try:
+        router = Router(RouterConfig(**json.loads(meta["config"])))
+        router.load_state_dict({k: v.clone() for k, v in tensors.items()})
+    except (KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        raise M.UserError(f"{path}: corrupt router file ({type(e).__name__}: {str(e)[:160]})") from None
+    return router, meta
+
+
+def load_router(path, model: M.Transformer, experts, **kw) -> FreeMoE:
+    """Load a router for (model, experts); a router trained for another model or other experts is refused.
+
+    Keyword args (budget, threshold, fallback) override the trained defaults."""
+    router, meta = read_router(path)
+    if meta.get("fingerprint") != model.fingerprint:
+        raise M.UserError(f"{path} was trained for model fingerprint {meta.get('fingerprint')}, but the loaded model "
+                          f"is {model.fingerprint}: retrain it with train_router.py for this model")
+    ident = experts_identity(experts)
+    if meta.get("experts_identity") != ident:
+        raise M.UserError(f"{path} was trained for experts {meta.get('experts_identity')}, but the given experts are "
+                          f"{ident}: retrain it with train_router.py --experts for these experts")
+    return FreeMoE(model, experts, router.to(model.tok_emb.weight.device), **kw)
+
+
+# ----------------------------------------------------------------------------- CLI: route and generate one prompt
+
+def main():
+    p = argparse.ArgumentParser(description="Route a prompt with a trained Free-MoE router and generate with the "
+                                            "chosen DSS-Expert.")
+    M.add_common_args(p)
+    p.add_argument("--experts", required=True, help="experts file from purify.py")
+    p.add_argument("--router", required=True, help="router file from train_router.py")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--budget", type=float, default=None, help="target active FFN fraction (default: trained gates)")
+    p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the trained one)")
+    p.add_argument("--fallback", choices=["dense", "top2"], default=None)
+    args = p.parse_args()
+    import purify
+    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    experts = purify.load_experts(args.experts, model)
+    moe = load_router(args.router, model, experts, budget=args.budget, threshold=args.threshold,
+                      fallback=args.fallback)
+    ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    t0 = time.perf_counter()
+    (out,), (dec,) = moe.generate([ids], args.max_new_tokens, tokenizer=tok, seed=args.seed)
+    dt = time.perf_counter() - t0
+    probs = ", ".join(f"{d}={p:.2f}" for d, p in zip(moe.router.cfg.domains, dec.probs))
+    print(f"route: {'+'.join(dec.domains) or 'dense'} ({probs}); {sum(dec.use_expert)}/{len(dec.use_expert)} layers "
+          f"purified; active FFN fraction {dec.active_fraction:.3f}", file=sys.stderr)
+    print(tok.decode(out))
+    print(f"[{len(out)} tokens in {dt:.2f}s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    M.run_cli(main)

@@ -1,0 +1,206 @@
+"""Tests for router.py and train_router.py.
+
+Fast, exact checks on tiny random models with hand-made DSS-Expert index sets; slow checks on the real
+SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the lambda sweep of level 2).
+"""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+import router as R  # noqa: E402
+
+DOMAINS = ["general", "code", "math", "knowledge"]
+
+
+def tiny_model(seed=0, arch="llama"):
+    torch.manual_seed(seed)
+    cfg = M.Config(arch=arch, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=64,
+                   n_ffn=256, max_seq_len=128, name="tiny")
+    m = M.Transformer(cfg).eval()
+    m.fingerprint = M.fingerprint(m)
+    return m
+
+
+def tiny_experts(model, keep=0.5, seed=0):
+    """Hand-made experts: a random sorted index set per (domain, layer)."""
+    g = torch.Generator().manual_seed(seed)
+    Fn, k = model.config.n_ffn, int(keep * model.config.n_ffn)
+    indices = {d: [torch.randperm(Fn, generator=g)[:k].sort().values for _ in range(model.config.n_layer)]
+               for d in DOMAINS}
+    return SimpleNamespace(domains=list(DOMAINS), indices=indices, meta={"keep": keep})
+
+
+def tiny_moe(model, experts, hidden=16, **kw):
+    cfg = R.RouterConfig(domains=list(DOMAINS), n_layer=model.config.n_layer, n_embd=model.config.n_embd,
+                         route_layer=1, hidden=hidden)
+    torch.manual_seed(1)
+    return R.FreeMoE(model, experts, R.Router(cfg), **kw)
+
+
+def ids(B=3, T=12, seed=0):
+    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- exact checks, tiny model
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_hidden_equals_full_forward(arch):
+    m = tiny_model(arch=arch)
+    x = ids()
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[0, :5] = False  # a left-padded row
+    with torch.no_grad():
+        for v in (None, valid):
+            _, hs = m(x, valid=v, return_hidden=True)
+            for n in (0, 1, 3):
+                assert torch.equal(R.prefix_hidden(m, x, v, n), hs[n])
+
+
+def test_dense_decision_equals_dense_model():
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    x = ids()
+    dense = m(x)
+    for dec in (moe.decision_for(()), moe.decision_for(("math",), use_expert=(False,) * 4)):
+        assert dec.active_fraction == 1.0
+        assert torch.equal(m(x, mlps=moe.mlps_for(dec)), dense)
+
+
+def test_forced_domain_equals_materialized_expert():
+    m = tiny_model()
+    ex = tiny_experts(m)
+    moe = tiny_moe(m, ex)
+    x = ids()
+    ref = m(x, mlps=[blk.mlp.select(idx) for blk, idx in zip(m.layers, ex.indices["code"])])
+    dec = moe.decision_for(("code",), use_expert=(True,) * 4)
+    assert torch.equal(m(x, mlps=moe.mlps_for(dec)), ref)
+    assert dec.active_fraction == pytest.approx(0.5)
+    # a mixed gate pattern: expert where the gate says so, dense elsewhere
+    pattern = (True, False, True, False)
+    ref = m(x, mlps=[blk.mlp.select(idx) if u else blk.mlp for blk, idx, u in zip(m.layers, ex.indices["code"], pattern)])
+    dec = moe.decision_for(("code",), use_expert=pattern)
+    assert torch.equal(m(x, mlps=moe.mlps_for(dec)), ref)
+    assert dec.active_fraction == pytest.approx((2 * 128 + 2 * 256) / (4 * 256))
+
+
+def test_compact_modules_are_cached_and_smaller():
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    a = moe.mlps_for(moe.decision_for(("math",), use_expert=(True,) * 4))
+    b = moe.mlps_for(moe.decision_for(("math",), use_expert=(True, False, True, True)))
+    assert a[0] is b[0] and a[2] is b[2]  # same (expert, layer) -> same module
+    assert a[0].n_neurons == 128 and b[1] is m.layers[1].mlp
+
+
+def test_mixed_mlp_endpoints_exact():
+    m = tiny_model()
+    x = torch.randn(2, 5, 64)
+    dense = m.layers[0].mlp
+    expert = dense.select(torch.arange(0, 256, 2))
+    mix = R.MixedMLP(expert, dense)
+    mix.g = torch.tensor(0.0)
+    assert torch.equal(mix(x), dense(x))
+    mix.g = torch.tensor(1.0)
+    assert torch.equal(mix(x), expert(x))
+
+
+def test_router_is_under_one_percent_of_model():
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    n_router, n_model = moe.router.num_params(), m.num_params()
+    print(f"router params {n_router} = {100 * n_router / n_model:.3f}% of the tiny model's {n_model}")
+    assert 0 < n_router < 0.01 * n_model
+    # and for the real model's shape with the default head (no weights needed)
+    real = R.Router(R.RouterConfig(domains=DOMAINS, n_layer=30, n_embd=576, route_layer=7))
+    print(f"router params at SmolLM2-135M shape: {real.num_params()} = {100 * real.num_params() / 134.5e6:.3f}%")
+    assert real.num_params() < 0.01 * 134.5e6
+
+
+def test_gate_sign_and_budget_rule():
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    with torch.no_grad():
+        moe.router.gate_logits.copy_(torch.tensor([[1.0, -1.0, 2.0, -3.0]] * 4))
+    assert moe.gate_pattern(("math",)) == (True, False, True, False)
+    fracs = []
+    for budget in (1.0, 0.9, 0.75, 0.6, 0.5, 0.0):
+        moe.budget = budget
+        dec = moe.decision_for(("math",))
+        assert dec.active_fraction <= budget or all(dec.use_expert)
+        fracs.append(dec.active_fraction)
+    assert fracs == sorted(fracs, reverse=True) and fracs[0] == 1.0 and fracs[-1] == 0.5
+    moe.budget = 0.75  # two of four layers purified: the two with the largest logits (2.0 and 1.0)
+    assert moe.decision_for(("math",)).use_expert == (True, False, True, False)
+
+
+def test_threshold_fallbacks():
+    m = tiny_model()
+    ex = tiny_experts(m)
+    moe = tiny_moe(m, ex, threshold=0.9)
+    with torch.no_grad():
+        moe.router.gate_logits.fill_(1.0)
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    dec = moe.decide(probs)
+    assert dec.fell_back and dec.domains == () and dec.active_fraction == 1.0
+    moe.fallback = "top2"
+    dec = moe.decide(probs)
+    assert dec.fell_back and dec.domains == ("code", "math")
+    union = [torch.unique(torch.cat([a, b])) for a, b in zip(ex.indices["code"], ex.indices["math"])]
+    assert dec.active_fraction == pytest.approx(sum(len(u) for u in union) / (4 * 256))
+    x = ids()
+    assert torch.equal(m(x, mlps=moe.mlps_for(dec)), m(x, mlps=[b.mlp.select(u) for b, u in zip(m.layers, union)]))
+    moe.threshold = 0.4
+    assert moe.decide(probs).domains == ("code",) and not moe.decide(probs).fell_back
+
+
+def test_route_is_padding_invariant_and_generate_matches():
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    with torch.no_grad():
+        moe.router.gate_logits.fill_(1.0)
+    prompts = [[5, 6, 7], [9, 1, 2, 3, 4, 8, 8, 1], [300, 2]]
+    together = moe.route(prompts)
+    alone = [moe.route([p])[0] for p in prompts]
+    for a, b in zip(together, alone):
+        assert torch.allclose(torch.tensor(a.probs), torch.tensor(b.probs), atol=1e-5)
+    out, decs = moe.generate(prompts, 5)
+    for p, o, d in zip(prompts, out, decs):
+        assert o == M.generate(m, [p], 5, mlps=moe.mlps_for(d))[0]
+    nll, decs = moe.score(ids(4, 10))
+    assert nll.shape == (4,) and torch.isfinite(nll).all() and len(decs) == 4
+
+
+def test_checkpoint_roundtrip_and_refusals(tmp_path):
+    m = tiny_model()
+    ex = tiny_experts(m)
+    moe = tiny_moe(m, ex)
+    with torch.no_grad():
+        moe.router.gate_logits.normal_()
+        moe.router.feat_mean.normal_()
+    path = tmp_path / "router.safetensors"
+    R.save_router(path, moe.router, m, ex, {"lam": 0.5})
+    back = R.load_router(path, m, ex)
+    for k, v in moe.router.state_dict().items():
+        assert torch.equal(back.router.state_dict()[k], v)
+    assert back.router.cfg == moe.router.cfg
+    # another model (different weights -> different fingerprint)
+    with pytest.raises(M.UserError, match="trained for model fingerprint"):
+        R.load_router(path, tiny_model(seed=1), ex)
+    # another experts file (one index changed)
+    ex2 = tiny_experts(m)
+    ex2.indices["math"][2] = ex2.indices["math"][2].clone()
+    ex2.indices["math"][2][0] = (set(range(256)) - set(ex2.indices["math"][2].tolist())).pop()
+    ex2.indices["math"][2] = ex2.indices["math"][2].sort().values
+    with pytest.raises(M.UserError, match="trained for experts"):
+        R.load_router(path, m, ex2)
+    # not a router file at all
+    bad = tmp_path / "bad.safetensors"
+    M.write_safetensors(bad, {"x": torch.zeros(1)}, {"format": "something"})
+    with pytest.raises(M.UserError, match="not a router file"):
+        R.load_router(bad, m, ex)
