@@ -1,0 +1,1045 @@
+"""evaluate.py — score dense vs Free-MoE vs baselines on MMLU, GSM8K, HumanEval, MBPP and domain perplexity.
+
+Pipeline position: the last stage
+    model.py  ->  purify.py (DOWP, DSS-Experts)  ->  train_router.py / router.py  ->  evaluate.py
+
+What goes in:  a model (--model, default SmolLM2-135M-Instruct), the shared benchmark data (<shared>/data, or
+               --data-dir), and for the sparse systems the experts file from purify.py (--experts) and the
+               router from train_router.py (--router).
+What comes out (under --out, default results/):
+    items/<system>/<task>.jsonl  one line per item (prompt hash, prediction, reference, correct, timing), appended
+                                 and flushed as it goes; a re-run resumes and skips finished items
+    results.json                 every score with a 95% bootstrap interval and its difference to dense; no timings,
+                                 so an interrupted-and-resumed run writes the same bytes as an uninterrupted one
+    timings.json                 tokens/s per system and task (wall clock: differs run to run)
+    results.md                   the table: rows = systems, columns = tasks, Δ vs dense in each cell
+
+    python evaluate.py --systems dense --tasks mmlu gsm8k humaneval ppl --limit 50
+    python evaluate.py --model PATH --systems dense freemoe general random --experts experts.pt \
+        --router router.pt --tasks mmlu gsm8k humaneval ppl --limit 200 --out results/
+
+Tasks (every system sees the same items: --limit picks a seeded, prefix-stable subset of each task):
+    mmlu       k-shot (dev split) in the lm-evaluation-harness format, scored by the log-likelihood of
+               " A".." D"; also a cloze variant (log-likelihood of the answer text, normalised per byte) because
+               small models sit at chance on letters. Reported: accuracy, per subject, per category, macro.
+    gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
+               number after "####" or else the last number; exact match after normalising "," "$" and ".0".
+    humaneval  greedy completion with the usual stop sequences; pass@1 (pass@k, unbiased, with --samples n).
+    mbpp       3-shot "[BEGIN] ... [DONE]" prompts on the test split (task ids 11-510), same scoring.
+    ppl        perplexity and bits per byte on the held-out text of each domain (general, code, math,
+               knowledge), in non-overlapping windows of --ppl-len tokens.
+    integrated the paper's mixed-domain setting: all selected accuracy items of the tasks above pooled into one
+               number. Every system picks its FFNs per prompt, so the pooled score over the union is the
+               score of the shuffled mixture (order cannot change a per-prompt decision).
+
+Systems (all at the same active FFN fraction as freemoe, except dense):
+    dense      the original model (mlps=None)
+    freemoe    router + DSS-Experts              oracle     the expert of the item's true domain
+    mixed      one expert purified on all domains general    the general-domain expert for every item
+    random     random neurons                    magnitude  neurons with the largest weight norms
+    The non-dense systems come from purify.py / router.py through `build_systems` (a marked seam).
+
+Code execution (`run_sandboxed`): each program runs in a fresh process, never in the evaluator:
+    - its own temporary working directory, deleted afterwards; a minimal environment; python -I (isolated)
+    - a new network namespace (`unshare -n`: no interfaces but a down loopback) and a new pid namespace (when
+      its first process dies the kernel kills every process left in it, even ones that left the process group)
+    - as root: a fresh, otherwise unused uid with no groups, so it cannot write or delete the evaluator's files,
+      cannot signal the evaluator, and RLIMIT_NPROC (which root ignores) counts only its own processes
+    - RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NPROC (fork bombs), RLIMIT_NOFILE
+    - a wall-clock timeout, after which its whole process group is killed
+    - a pass needs exit code 0 AND a random marker printed after the tests, so sys.exit(0) early is a failure
+  Not covered: world-writable directories (/tmp, /dev/shm) stay writable by the sandbox uid; without root the
+  program runs as the evaluator's user (still in its own namespaces, with Python-level guards on sockets and
+  os.kill) and could touch that user's files; nothing here defends against kernel exploits. Use a VM or
+  container for untrusted models.
+
+Shape legend: B batch (rows), T time (tokens), C width, V vocab.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import UserError, add_common_args, generate, load_model, resolve_device, resolve_dtype, run_cli, shared_dir
+
+ALL_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "ppl")
+ALL_SYSTEMS = ("dense", "freemoe", "oracle", "mixed", "general", "random", "magnitude")
+PPL_DOMAINS = ("general", "code", "math", "knowledge")
+TASK_DOMAIN = {"mmlu": "knowledge", "gsm8k": "math", "humaneval": "code", "mbpp": "code"}  # for the oracle system
+
+# The standard 57-subject split into 4 categories, as in lm-evaluation-harness (mmlu/_generate_configs.py).
+# (Hendrycks' original categories.py differs in one subject: anatomy is "other (health)" there.)
+MMLU_CATEGORIES = {
+    "STEM": ["abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+             "high_school_physics", "high_school_statistics", "machine_learning"],
+    "humanities": ["formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"],
+    "social sciences": ["econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"],
+    "other": ["business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
+              "professional_accounting", "professional_medicine", "virology"],
+}
+MMLU_SUBJECT_CATEGORY = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
+LETTERS = "ABCD"
+
+# Stop sequences. The chat-model end markers are there because an instruct model may close its turn in text.
+END_MARKERS = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"]
+GSM8K_STOPS = ["Question:", "\n\n\n"] + END_MARKERS
+HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "] + END_MARKERS
+MBPP_STOPS = ["[DONE]", "\n[BEGIN]"] + END_MARKERS
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_root(data_dir: str | None) -> Path:
+    """The benchmark folder: <shared>/data, or --data-dir itself when it holds the task folders directly."""
+    root = shared_dir(data_dir)
+    return root / "data" if (root / "data").is_dir() else root
+
+
+def _open_text(path: Path):
+    if not path.exists():
+        raise UserError(f"missing data file {path} (see shared/data/MANIFEST.md, or pass --data-dir)")
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+@lru_cache(maxsize=None)  # read once: `check_data` reads every file before the (slow) model load
+def read_jsonl(path: Path, fields: tuple = ()) -> list[dict]:
+    """Rows of a (gzipped) JSONL file; a missing, truncated or malformed file is a one-line UserError."""
+    rows = []
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                missing = [k for k in fields if k not in row]
+                if missing:
+                    raise UserError(f"corrupt data file {path}: line {n} lacks {missing}")
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
+    if not rows:
+        raise UserError(f"corrupt data file {path}: no rows")
+    return rows
+
+
+@lru_cache(maxsize=None)
+def read_text(path: Path) -> str:
+    try:
+        with _open_text(path) as f:
+            return f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
+
+
+def select(items: list, limit: int | None, seed: int) -> list:
+    """A seeded subset of `limit` items, kept in dataset order. Prefix-stable: the items chosen with --limit 50
+    are among those chosen with --limit 100, so a larger run reuses a smaller one's finished items."""
+    if not limit or limit >= len(items):
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:limit])]
+
+
+def load_mmlu(root: Path, split: str) -> list[dict]:
+    rows = read_jsonl(root / "mmlu" / f"{split}.jsonl.gz", ("subject", "question", "choices", "answer"))
+    for r in rows:
+        if len(r["choices"]) != 4 or r["answer"] not in (0, 1, 2, 3):
+            raise UserError(f"corrupt data file {root / 'mmlu' / split}.jsonl.gz: bad item {r['question'][:40]!r}")
+    return rows
+
+
+def load_gsm8k(root: Path, split: str) -> list[dict]:
+    return read_jsonl(root / "gsm8k" / f"{split}.jsonl", ("question", "answer"))
+
+
+def load_humaneval(root: Path) -> list[dict]:
+    return read_jsonl(root / "humaneval" / "HumanEval.jsonl.gz",
+                      ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
+
+
+def load_mbpp(root: Path) -> list[dict]:
+    return read_jsonl(root / "mbpp" / "mbpp.jsonl", ("task_id", "text", "code", "test_list"))
+
+
+def heldout_text(domain: str, root: Path) -> str:
+    """The held-out text of a domain for perplexity.
+
+    Fallback definition until purify.py exports its canonical split (then `ppl_text` prefers purify's):
+    general = WikiText-2 test; code = the last 10% of the Python corpus (from the first line break after the
+    90% mark); math = GSM8K test questions with worked answers; knowledge = MMLU test questions with the answer.
+    """
+    if domain == "general":
+        return read_text(root / "corpora" / "english_wikitext2_test.txt.gz")
+    if domain == "code":
+        text = read_text(root / "corpora" / "code_python.txt.gz")
+        cut = text.find("\n", int(len(text) * 0.9)) + 1
+        return text[cut:]
+    if domain == "math":
+        return "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in load_gsm8k(root, "test"))
+    if domain == "knowledge":
+        return "".join(mmlu_question(r) + f" {LETTERS[r['answer']]}\n\n" for r in load_mmlu(root, "test"))
+    raise UserError(f"unknown perplexity domain {domain!r} (expected one of {', '.join(PPL_DOMAINS)})")
+
+
+def ppl_text(domain: str, root: Path) -> str:
+    try:  # the canonical split, once purify.py exports one
+        import purify
+        if hasattr(purify, "heldout_text"):
+            return purify.heldout_text(domain, root)
+    except ImportError:
+        pass
+    return heldout_text(domain, root)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def mmlu_header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def mmlu_question(doc: dict) -> str:
+    """lm-evaluation-harness doc_to_text: question, the four options, then "Answer:" (no trailing space)."""
+    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(doc["choices"]))
+    return f"{doc['question'].strip()}{options}\nAnswer:"
+
+
+def mmlu_prompt(doc: dict, shots: list[dict]) -> str:
+    """Letter format: the continuations scored are " A", " B", " C", " D"."""
+    examples = "".join(mmlu_question(s) + f" {LETTERS[s['answer']]}\n\n" for s in shots)
+    return mmlu_header(doc["subject"]) + examples + mmlu_question(doc)
+
+
+def mmlu_cloze_prompt(doc: dict, shots: list[dict]) -> str:
+    """Cloze format: no options shown; the continuations scored are " " + each answer text."""
+    examples = "".join(f"{s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    return mmlu_header(doc["subject"]) + examples + f"{doc['question'].strip()}\nAnswer:"
+
+
+def strip_calculator(answer: str) -> str:
+    """GSM8K answers carry calculator annotations <<48/2=24>>; the shots read better without them."""
+    return re.sub(r"<<[^>]*>>", "", answer)
+
+
+def gsm8k_prompt(doc: dict, shots: list[dict]) -> str:
+    examples = "".join(f"Question: {s['question']}\nAnswer: {strip_calculator(s['answer'])}\n\n" for s in shots)
+    return examples + f"Question: {doc['question']}\nAnswer:"
+
+
+def mbpp_prompt(doc: dict, shots: list[dict]) -> str:
+    """The MBPP paper's prompt: task text, three tests, code between [BEGIN] and [DONE]."""
+    def block(d):
+        tests = "\n".join(d["test_list"])
+        return (f"You are an expert Python programmer, and here is your task: {d['text']} "
+                f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+    examples = "".join(block(s) + s["code"].replace("\r\n", "\n") + "\n[DONE]\n\n" for s in shots)
+    return examples + block(doc)
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def mbpp_program(doc: dict, code: str) -> str:
+    tests = "\n".join(doc["test_list"])
+    return f"{code}\n\n{doc.get('test_setup_code', '')}\n{tests}\n"  # setup may use the solution's names
+
+
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def prompt_sha(text) -> str:
+    return hashlib.sha256(str(text).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- GSM8K answers
+
+# A number: optional minus and $, digits with thousands commas, optional decimals. A minus right after a
+# letter, digit or ")" is a subtraction ("12-3"), not a sign; that is decided in `numbers_in`.
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
+
+
+def normalize_number(s: str) -> str:
+    """'$1,234.50' -> '1234.5', '7.0' -> '7', '-0' -> '0', '.5' -> '0.5'."""
+    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    neg = s.startswith("-")
+    s = s.lstrip("-")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    s = s.lstrip("0") or "0"
+    if s.startswith("."):
+        s = "0" + s
+    return "-" + s if neg and s != "0" else s
+
+
+def numbers_in(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        s = m.group()
+        if s.startswith("-") and m.start() > 0 and (text[m.start() - 1].isalnum() or text[m.start() - 1] in ")]"):
+            s = s[1:]  # "12-3": a minus sign glued to the previous token is subtraction
+        if s.strip("-$,."):
+            out.append(normalize_number(s))
+    return out
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The first number after the last "####" if there is one, else the last number in the text; None if none."""
+    if "####" in text:
+        after = numbers_in(text.rsplit("####", 1)[1])
+        if after:
+            return after[0]
+    found = numbers_in(text)
+    return found[-1] if found else None
+
+
+def gsm8k_reference(doc: dict) -> str:
+    return normalize_number(doc["answer"].rsplit("####", 1)[1])
+
+
+# ----------------------------------------------------------------------------- sandboxed code execution
+
+# Runs inside the child, as its own process. Still root (if we were) for its first lines: set the limits,
+# drop to the sandbox uid, then run the program as __main__ in the same interpreter (one interpreter start
+# per program, not two).
+_BOOTSTRAP = r"""
+import json, os, resource, sys
+cfg = json.loads(sys.argv[1])
+for name, value in cfg["limits"].items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+if cfg["uid"] is not None:
+    os.setgroups([])
+    os.setgid(cfg["uid"])
+    os.setuid(cfg["uid"])
+if cfg["guard"]:  # weak fallback only when the OS-level isolation is unavailable
+    import socket
+    def _blocked(*args, **kwargs):
+        raise PermissionError("blocked in the sandbox")
+    socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _blocked
+    os.kill = os.killpg = _blocked
+os.chdir(cfg["cwd"])
+sys.argv = ["program.py"]
+with open("program.py") as f:
+    code = compile(f.read(), "program.py", "exec")
+del json, os, resource, f, name, value, cfg
+exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+@dataclass
+class SandboxResult:
+    passed: bool      # exit code 0 and the marker printed after the tests
+    status: str       # "passed", "failed" (exception / nonzero exit / no marker) or "timeout"
+    detail: str = ""  # last lines of stderr, for debugging a failure
+    uid: int | None = None  # the uid it ran as (lets tests check no process of it survived)
+
+
+@dataclass
+class SandboxConfig:
+    namespaces: bool  # wrap in `unshare -n -p -f --kill-child`
+    drop_uid: bool    # root only: run as a fresh unprivileged uid
+    guard: bool       # Python-level socket/os.kill guards, used when the above are missing
+    python: str = sys.executable  # an interpreter whose standard library the sandbox uid can read
+
+    def describe(self) -> str:
+        if self.namespaces and self.drop_uid:
+            return f"network+pid namespaces, unprivileged uid, rlimits, timeout ({self.python})"
+        parts = ["network+pid namespaces" if self.namespaces else "no namespaces (unshare unavailable)",
+                 "unprivileged uid" if self.drop_uid else "same uid as the evaluator"]
+        return ", ".join(parts) + f", rlimits, timeout, Python guards (weak) ({self.python})"
+
+
+def _launch(source: str, cfg: SandboxConfig, timeout: float, memory_mb: int) -> SandboxResult:
+    marker = "SANDBOX-OK-" + secrets.token_hex(8)
+    # a fresh uid per run: RLIMIT_NPROC is counted per uid, so a fork bomb only exhausts its own quota
+    uid = 100_000 + secrets.randbelow(900_000) if cfg.drop_uid else None
+    workdir = tempfile.mkdtemp(prefix="free_moe_sandbox_")
+    try:
+        os.chmod(workdir, 0o700)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        with open(os.path.join(workdir, "program.py"), "w") as f:
+            f.write(source + f"\n\nprint({marker!r})\n")
+        limits = {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": memory_mb * 2**20, "RLIMIT_FSIZE": 16 * 2**20,
+                  "RLIMIT_NPROC": 32, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
+        config = json.dumps({"limits": limits, "uid": uid, "guard": cfg.guard, "cwd": workdir})
+        argv = [cfg.python, "-I", "-S", "-c", _BOOTSTRAP, config]  # isolated mode, no site-packages
+        if cfg.namespaces:
+            argv = ["unshare", "--net", "--pid", "--fork", "--kill-child"] + argv
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        # stdout/stderr go to files (capped by RLIMIT_FSIZE), so a program printing forever cannot fill our memory
+        with open(os.path.join(workdir, "stdout"), "wb") as out, open(os.path.join(workdir, "stderr"), "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env,
+                                    start_new_session=True)  # own process group, killed as a whole below
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        stdout = _tail(os.path.join(workdir, "stdout"))
+        stderr = _tail(os.path.join(workdir, "stderr"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if timed_out:
+        return SandboxResult(False, "timeout", stderr, uid)
+    lines = stdout.strip().splitlines()
+    passed = proc.returncode == 0 and bool(lines) and lines[-1] == marker
+    return SandboxResult(passed, "passed" if passed else "failed", stderr, uid)
+
+
+def _tail(path: str, n: int = 2000) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - n))
+        return f.read().decode("utf-8", "replace")
+
+
+@lru_cache(maxsize=1)
+def sandbox_config() -> SandboxConfig:
+    """The strongest isolation that works here, found by running a small program under each candidate.
+
+    The probe imports modules Python does not load at startup: as an unprivileged uid, an interpreter installed
+    under a private home (e.g. pyenv in /root) starts but cannot read its standard library, so the next
+    interpreter on the list (the system python3) is tried."""
+    root = os.geteuid() == 0
+    pythons = list(dict.fromkeys(p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
+                                 if p and os.path.exists(p)))
+    modes = [(True, root, False), (False, root, not root), (False, False, True)]
+    probe = "import copy, heapq, string, collections, math, re\nassert heapq.nlargest(1, [3, 1]) == [3]"
+    for namespaces, drop_uid, guard in modes:
+        if namespaces and not shutil.which("unshare"):
+            continue
+        for python in pythons:
+            cfg = SandboxConfig(namespaces, drop_uid, guard, python)
+            if _launch(probe, cfg, timeout=20, memory_mb=1024).passed:
+                return cfg
+    raise UserError("cannot run even a small program in the sandbox (no interpreter whose library is readable)")
+
+
+def run_sandboxed(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> SandboxResult:
+    """Run one Python program in the sandbox; it passes if it exits 0 and gets to the end."""
+    return _launch(source, sandbox_config(), timeout, memory_mb)
+
+
+def run_many(sources: list[str], timeout: float = 10.0, workers: int = 2, progress: bool = False) -> list[SandboxResult]:
+    """Run programs in parallel (threads only wait on child processes), results in input order."""
+    sandbox_config()  # probe once before the threads start
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(lambda s: run_sandboxed(s, timeout), sources)
+        return list(tqdm(it, total=len(sources), desc="sandbox", disable=not progress, leave=False))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+# ----------------------------------------------------------------------------- model scoring
+
+@torch.no_grad()
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], mlps=None, batch_tokens: int = 4096) -> list[float]:
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) request.
+
+    Requests whose inputs (context + continuation minus its last token) are the same share one row, so the
+    four MMLU letters cost one forward, not four. Rows are right-padded: with causal attention a real token
+    never sees the padding after it, so no mask is needed. Over-long inputs keep their end (left truncation).
+    """
+    max_len = model.config.max_seq_len
+    device = model.tok_emb.weight.device
+    rows: dict[tuple, int] = {}
+    users: list[list[int]] = []  # row -> indices of the requests it serves
+    for r, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {r} has an empty continuation")
+        inp = tuple((ctx + cont)[-(max_len + 1):-1])
+        if inp not in rows:
+            rows[inp] = len(rows)
+            users.append([])
+        users[rows[inp]].append(r)
+    inputs = list(rows)
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))  # longest first: little padding
+    out = [0.0] * len(requests)
+    start = 0
+    while start < len(order):
+        width = len(inputs[order[start]])
+        stop = start + max(1, batch_tokens // width)
+        batch = order[start:stop]
+        idx = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T), right padded with 0
+        for b, i in enumerate(batch):
+            idx[b, :len(inputs[i])] = torch.tensor(inputs[i])
+        # only the last logits come from the model; the few positions we score are projected here
+        _, hiddens = model(idx.to(device), mlps=mlps, last_only=True, return_hidden=True)
+        h = hiddens[-1]  # (B, T, C) final residual stream, before the final norm
+        for b, i in enumerate(batch):
+            n = len(inputs[i])
+            for r in users[i]:
+                cont = requests[r][1]
+                pos = torch.arange(n - len(cont), n, device=device)
+                logp = F.log_softmax(model.lm_head(model.norm(h[b, pos])).float(), dim=-1)  # (len(cont), V)
+                out[r] = logp[torch.arange(len(cont)), torch.tensor(cont, device=device)].sum().item()
+        start = stop
+    return out
+
+
+def complete(rt: "Runtime", prompts: list[str], stops: list[str], max_new_tokens: int, mlps=None,
+             temperature: float = 0.0, seed: int | None = None) -> tuple[list[str], int]:
+    """Batched generation (left-padded, KV cache, via model.generate); texts cut at the first stop string.
+    Returns (texts, tokens processed = prompt + generated)."""
+    tok = rt.tokenizer
+    ids = [tok.encode(p)[-(rt.model.config.max_seq_len - max_new_tokens):] for p in prompts]
+    new = generate(rt.model, ids, max_new_tokens, temperature=temperature, stop_strings=stops, tokenizer=tok,
+                   mlps=mlps, seed=seed)
+    texts = [cut_at_stops(tok.decode(row), stops) for row in new]
+    return texts, sum(map(len, ids)) + sum(map(len, new))
+
+
+# ----------------------------------------------------------------------------- systems
+
+@dataclass
+class System:
+    """One way of running the model. `mlps(prompts, domain)` gives the per-layer FFNs for a batch of prompts
+    (token ids) from a task of `domain`, or None for the dense FFNs; per_prompt systems (a router choosing
+    per input) are called with one prompt at a time."""
+    name: str
+    active_fraction: float = 1.0  # fraction of FFN neurons used per token
+    mlps: Callable[[list[list[int]], str], list | None] = lambda prompts, domain: None
+    per_prompt: bool = False
+
+
+def build_systems(args, model) -> list[System]:
+    """dense is always available; the others need the artifacts of the earlier pipeline stages.
+
+    SEAM (purify.py / router.py are being written): the expected interface, to confirm with their authors:
+        purify.load_experts(path, model) -> obj with .mlps(name) -> list of L MLPs for a domain or a baseline
+            ("general", "mixed", "random", "magnitude", a domain name) and .active_fraction
+        router.load_router(path, model, experts) -> obj with .mlps(prompt_ids: list[int]) -> list of L MLPs
+    """
+    systems = []
+    for name in args.systems:
+        if name not in ALL_SYSTEMS:
+            raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
+        if name == "dense":
+            systems.append(System("dense"))
+            continue
+        if not args.experts:
+            raise UserError(f"system {name} needs --experts FILE (run purify.py first)")
+        if name == "freemoe" and not args.router:
+            raise UserError("system freemoe needs --router FILE (run train_router.py first)")
+        try:
+            import purify
+        except ImportError:
+            raise UserError(f"system {name} needs purify.py, which is not in this checkout") from None
+        if not hasattr(purify, "load_experts"):
+            raise UserError(f"system {name}: purify.py has no load_experts(); evaluate.build_systems needs updating")
+        experts = purify.load_experts(args.experts, model)
+        frac = float(experts.active_fraction)
+        if name == "freemoe":
+            import router as router_mod
+            rtr = router_mod.load_router(args.router, model, experts)
+            systems.append(System(name, frac, lambda prompts, domain, r=rtr: r.mlps(prompts[0]), per_prompt=True))
+        elif name == "oracle":
+            systems.append(System(name, frac, lambda prompts, domain, e=experts: e.mlps(domain)))
+        else:
+            mlps = experts.mlps(name)
+            systems.append(System(name, frac, lambda prompts, domain, m=mlps: m))
+    return systems
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass
+class Runtime:
+    model: object
+    tokenizer: object
+    args: argparse.Namespace
+    root: Path
+
+
+@dataclass
+class Task:
+    """A task = its items (selected once, shared by all systems), the settings that define its results (stored
+    in the JSONL header: a resume with other settings is refused), and a function scoring a batch of items."""
+    name: str
+    domain: str
+    items: list[dict]  # each has "id" and "prompt" (text, or token ids for ppl)
+    settings: dict
+    run_batch: Callable  # (rt, system, items) -> list of records
+
+
+def prepare_mmlu(rt: Runtime) -> Task:
+    k = rt.args.mmlu_shots
+    dev: dict[str, list] = {}
+    for d in load_mmlu(rt.root, "dev"):
+        dev.setdefault(d["subject"], []).append(d)
+    unknown = sorted(set(dev) - set(MMLU_SUBJECT_CATEGORY))
+    if unknown:
+        raise UserError(f"unknown MMLU subjects in the data: {unknown[:3]}")
+    test, counter = [], {}
+    for d in load_mmlu(rt.root, "test"):
+        i = counter[d["subject"]] = counter.get(d["subject"], -1) + 1
+        shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
+        test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
+                     "cloze": mmlu_cloze_prompt(d, shots)})
+    return Task("mmlu", "knowledge", select(test, rt.args.limit, rt.args.seed), {"shots": k}, run_mmlu)
+
+
+def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
+    tok, reqs = rt.tokenizer, []
+    for it in items:
+        ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
+        reqs += [(ctx, tok.encode(f" {L}")) for L in LETTERS]
+        reqs += [(cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
+    mlps = system.mlps([tok.encode(it["prompt"]) for it in items], "knowledge")
+    ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
+    records = []
+    for j, it in enumerate(items):
+        letters, cloze = ll[8 * j:8 * j + 4], ll[8 * j + 4:8 * j + 8]
+        # cloze accuracy normalised per byte of the answer (harness acc_norm): longer answers are not penalised
+        norm = [x / max(1, len(f" {c}".encode())) for x, c in zip(cloze, it["doc"]["choices"])]
+        ans = it["doc"]["answer"]
+        records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "subject": it["doc"]["subject"],
+                        "prediction": LETTERS[int(np.argmax(letters))], "reference": LETTERS[ans],
+                        "correct": float(np.argmax(letters) == ans), "correct_cloze": float(np.argmax(norm) == ans),
+                        "loglik_letters": letters, "loglik_cloze": cloze,
+                        "tokens": len(reqs[8 * j][0]) + len(reqs[8 * j + 4][0]) + 4})
+    return records
+
+
+def prepare_gsm8k(rt: Runtime) -> Task:
+    k = rt.args.gsm8k_shots
+    train = load_gsm8k(rt.root, "train")
+    shots = select(train, k, rt.args.seed) if k else []  # the same k shots for every question
+    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)} for i, d in enumerate(load_gsm8k(rt.root, "test"))]
+    return Task("gsm8k", "math", select(test, rt.args.limit, rt.args.seed),
+                {"shots": k, "max_new_tokens": rt.args.gsm8k_max_tokens}, run_gsm8k)
+
+
+def run_gsm8k(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
+    prompts = [it["prompt"] for it in items]
+    mlps = system.mlps([rt.tokenizer.encode(p) for p in prompts], "math")
+    texts, n_tok = complete(rt, prompts, GSM8K_STOPS, rt.args.gsm8k_max_tokens, mlps)
+    records = []
+    for it, text in zip(items, texts):
+        pred, ref = extract_gsm8k_answer(text), gsm8k_reference(it["doc"])
+        records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "prediction": pred, "reference": ref,
+                        "correct": float(pred == ref), "completion": text, "tokens": n_tok / len(items)})
+    return records
+
+
+def prepare_humaneval(rt: Runtime) -> Task:
+    items = [{"id": d["task_id"], "doc": d, "prompt": d["prompt"]} for d in load_humaneval(rt.root)]
+    return Task("humaneval", "code", select(items, rt.args.limit, rt.args.seed), _code_settings(rt), run_humaneval)
+
+
+def prepare_mbpp(rt: Runtime) -> Task:
+    rows = {d["task_id"]: d for d in load_mbpp(rt.root)}
+    shots = [rows[i] for i in (2, 3, 4) if i in rows]  # the standard prompt split is task ids 1-10
+    items = [{"id": str(i), "doc": rows[i], "prompt": mbpp_prompt(rows[i], shots)} for i in range(11, 511) if i in rows]
+    return Task("mbpp", "code", select(items, rt.args.limit, rt.args.seed), _code_settings(rt), run_mbpp)
+
+
+def _code_settings(rt: Runtime) -> dict:
+    a = rt.args
+    return {"samples": a.samples, "temperature": a.temperature if a.samples > 1 else 0.0,
+            "max_new_tokens": a.code_max_tokens, "timeout": a.timeout}
+
+
+def _run_code(rt, system, items, stops, to_program) -> list[dict]:
+    a = rt.args
+    n, temperature = a.samples, (a.temperature if a.samples > 1 else 0.0)
+    prompts = [it["prompt"] for it in items]
+    mlps = system.mlps([rt.tokenizer.encode(p) for p in prompts], "code")
+    samples, n_tok = [[] for _ in items], 0
+    for s in range(n):  # sample s of every item in one batch; seeded so a re-run draws the same samples
+        texts, t = complete(rt, prompts, stops, a.code_max_tokens, mlps, temperature, seed=a.seed + s if n > 1 else None)
+        n_tok += t
+        for j, text in enumerate(texts):
+            samples[j].append(text)
+    programs = [to_program(it, c) for it, cs in zip(items, samples) for c in cs]
+    results = run_many(programs, a.timeout, a.workers)
+    records = []
+    for j, it in enumerate(items):
+        res = results[j * n:(j + 1) * n]
+        c = sum(r.passed for r in res)
+        records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "prediction": samples[j][0],
+                        "reference": it["doc"].get("entry_point", it["doc"].get("code", "")),
+                        "statuses": [r.status for r in res], "n": n, "c": c, "correct": c / n,
+                        "tokens": n_tok / len(items)})
+    return records
+
+
+def run_humaneval(rt, system, items):
+    return _run_code(rt, system, items, HUMANEVAL_STOPS, lambda it, c: humaneval_program(it["doc"], c))
+
+
+def run_mbpp(rt, system, items):
+    return _run_code(rt, system, items, MBPP_STOPS, lambda it, c: mbpp_program(it["doc"], c))
+
+
+def prepare_ppl(rt: Runtime) -> Task:
+    """Windows of --ppl-len tokens; the first token of a window has no context and is not scored."""
+    n = rt.args.ppl_len
+    items = []
+    for domain in rt.args.ppl_domains:
+        ids = rt.tokenizer.encode(ppl_text(domain, rt.root))
+        windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n) if len(ids[i:i + n]) > 1]
+        picked = select(list(enumerate(windows)), rt.args.limit, rt.args.seed)
+        items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
+    return Task("ppl", "mixed", items, {"ppl_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)
+
+
+def run_ppl(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
+    records = []
+    for domain in sorted({it["domain"] for it in items}):  # one domain per forward (matters for the oracle)
+        group = [it for it in items if it["domain"] == domain]
+        mlps = system.mlps([it["prompt"] for it in group], domain)
+        reqs = [(it["prompt"][:1], it["prompt"][1:]) for it in group]
+        ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
+        for it, x in zip(group, ll):
+            n_bytes = len(rt.tokenizer.decode(it["prompt"][1:]).encode("utf-8"))
+            records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "domain": domain,
+                            "nll": -x, "scored_tokens": len(it["prompt"]) - 1, "bytes": n_bytes,
+                            "tokens": len(it["prompt"])})
+    return records
+
+
+def check_data(args):
+    """Read every data file the requested tasks need, so a missing or corrupt file is reported in a second,
+    before the model loads."""
+    root = data_root(args.data_dir)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist (pass --data-dir)")
+    for t in args.tasks:
+        if t == "mmlu":
+            load_mmlu(root, "dev"), load_mmlu(root, "test")
+        elif t == "gsm8k":
+            load_gsm8k(root, "train"), load_gsm8k(root, "test")
+        elif t == "humaneval":
+            load_humaneval(root)
+        elif t == "mbpp":
+            load_mbpp(root)
+        elif t == "ppl":
+            for d in args.ppl_domains:
+                ppl_text(d, root)
+
+
+PREPARE = {"mmlu": prepare_mmlu, "gsm8k": prepare_gsm8k, "humaneval": prepare_humaneval, "mbpp": prepare_mbpp,
+           "ppl": prepare_ppl}
+
+
+# ----------------------------------------------------------------------------- results store (resume)
+
+def read_records(path: Path, header: dict) -> dict[str, dict]:
+    """Finished records of one (system, task) JSONL. A line cut off by a kill is dropped (and truncated away);
+    a file written with other settings is refused rather than silently mixed."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete_len = data.rfind(b"\n") + 1
+    if complete_len < len(data):  # a partial last line from an interrupted write
+        with open(path, "r+b") as f:
+            f.truncate(complete_len)
+    lines = data[:complete_len].decode("utf-8").splitlines()
+    try:
+        first = json.loads(lines[0]) if lines else {}
+        records = [json.loads(line) for line in lines[1:]]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is corrupt ({e}); delete it to re-run that system and task") from None
+    if first.get("header") != header:
+        raise UserError(f"{path} was written with other settings ({first.get('header')} != {header}); "
+                        "use another --out or delete it")
+    done = {}
+    for r in records:
+        done.setdefault(r["id"], r)
+    return done
+
+
+def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
+    """Run one system on one task, resuming. Batches are fixed slices of the length-sorted item list, and a batch
+    with any unfinished item is recomputed whole: every item is always scored in the same company of padded
+    rows, so its numbers are bitwise the same whether or not the run was interrupted."""
+    path = out / "items" / system.name / f"{task.name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_records(path, header)
+    size = 1 if system.per_prompt else rt.args.batch_size
+    ordered = sorted(task.items, key=lambda it: (len(it["prompt"]), it["id"]))
+    batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    todo = [b for b in batches if any(it["id"] not in done for it in b)]
+    with open(path, "a", encoding="utf-8") as f:
+        if not done and f.tell() == 0:
+            f.write(json.dumps({"header": header}, sort_keys=True) + "\n")
+        bar = tqdm(total=len(task.items), initial=len(task.items) - sum(len(b) for b in todo),
+                   desc=f"{system.name}/{task.name}", leave=False)
+        for batch in todo:
+            t0 = time.perf_counter()
+            records = task.run_batch(rt, system, batch)
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for rec in records:
+                if rec["id"] not in done:
+                    rec["seconds"] = seconds
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+                    f.flush()  # a kill loses at most the line being written
+                    done[rec["id"]] = rec
+            bar.update(len(batch))
+        bar.close()
+    return done
+
+
+# ----------------------------------------------------------------------------- statistics and reports
+
+def bootstrap(num: np.ndarray, den: np.ndarray, seed: int, n_boot: int = 1000, ref=None) -> list[float]:
+    """95% percentile interval of sum(num)/sum(den) over items resampled with replacement. With ref=(num, den)
+    of a second system on the same items, the interval of the paired difference (this - ref)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))  # (n_boot, n)
+    stat = num[idx].sum(1) / den[idx].sum(1)
+    if ref is not None:
+        stat = stat - ref[0][idx].sum(1) / ref[1][idx].sum(1)
+    lo, hi = np.percentile(stat, [2.5, 97.5])
+    return [round(float(lo), 6), round(float(hi), 6)]
+
+
+def columns_of(task: Task, records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The headline numbers of a task as (numerator, denominator) per item: a score is sum(num) / sum(den)."""
+    ones = np.ones(len(records))
+    if task.name == "mmlu":
+        return {"mmlu": (np.array([r["correct"] for r in records]), ones),
+                "mmlu_cloze": (np.array([r["correct_cloze"] for r in records]), ones)}
+    if task.name == "ppl":
+        cols = {}
+        for d in task.settings["domains"]:
+            rs = [r for r in records if r["domain"] == d]
+            cols[f"bpb_{d}"] = (np.array([r["nll"] / math.log(2) for r in rs]), np.array([float(r["bytes"]) for r in rs]))
+        return cols
+    return {task.name: (np.array([r["correct"] for r in records]), ones)}
+
+
+def task_details(task: Task, records: list[dict]) -> dict:
+    """Breakdowns reported next to the headline numbers."""
+    if task.name == "mmlu":
+        out = {}
+        for key in ("correct", "correct_cloze"):
+            subj = {}
+            for r in records:
+                subj.setdefault(r["subject"], []).append(r[key])
+            subj = {s: float(np.mean(v)) for s, v in sorted(subj.items())}
+            cats = {c: float(np.mean([subj[s] for s in ss if s in subj])) for c, ss in MMLU_CATEGORIES.items()
+                    if any(s in subj for s in ss)}
+            name = "letters" if key == "correct" else "cloze"
+            out[name] = {"macro_subjects": round(float(np.mean(list(subj.values()))), 6),
+                         "categories": {c: round(v, 6) for c, v in cats.items()},
+                         "subjects": {s: round(v, 6) for s, v in subj.items()}}
+        return out
+    if task.name == "ppl":
+        out = {}
+        for d in task.settings["domains"]:
+            rs = [r for r in records if r["domain"] == d]
+            nll, toks = sum(r["nll"] for r in rs), sum(r["scored_tokens"] for r in rs)
+            out[d] = {"ppl": round(math.exp(nll / toks), 6), "tokens": toks, "bytes": sum(r["bytes"] for r in rs)}
+        return out
+    if task.name in ("humaneval", "mbpp"):
+        n = records[0]["n"]
+        return {f"pass@{k}": round(float(np.mean([pass_at_k(r["n"], r["c"], k) for r in records])), 6)
+                for k in (1, 10, 100) if k <= n}
+    return {}
+
+
+LOWER_IS_BETTER = ("bpb_",)
+
+
+def summarize(tasks: list[Task], systems: list[System], records: dict, args, model) -> dict:
+    """results.json: deterministic (no wall-clock numbers), items in selection order."""
+    cols: dict[str, dict[str, tuple]] = {}
+    result = {"model": {"name": model.config.name, "fingerprint": model.fingerprint},
+              "settings": {"limit": args.limit, "seed": args.seed, "tasks": {t.name: t.settings for t in tasks},
+                           "n_items": {t.name: len(t.items) for t in tasks}},
+              "systems": {}}
+    for s in systems:
+        cols[s.name] = {}
+        entry = {"active_fraction": round(s.active_fraction, 6), "tasks": {}, "details": {}}
+        pooled = []
+        for t in tasks:
+            recs = [records[s.name, t.name][it["id"]] for it in t.items]
+            cols[s.name].update(columns_of(t, recs))
+            entry["details"][t.name] = task_details(t, recs)
+            if t.name != "ppl":  # the integrated set pools accuracy items (MMLU by letters)
+                pooled += [(f"{t.name}/{r['id']}", r["correct"]) for r in recs]
+        if pooled:
+            random.Random(args.seed).shuffle(pooled)  # the mixed-domain order (a mean does not depend on it)
+            v = np.array([c for _, c in pooled])
+            cols[s.name]["integrated"] = (v, np.ones(len(v)))
+        result["systems"][s.name] = entry
+    base = cols.get("dense")
+    for s in systems:
+        entry = result["systems"][s.name]
+        for col, (num, den) in cols[s.name].items():
+            value = float(num.sum() / den.sum())
+            e = {"n": len(num), "value": round(value, 6), "ci95": bootstrap(num, den, args.seed)}
+            if base is not None and s.name != "dense":
+                ref = base[col]
+                e["delta_vs_dense"] = round(value - float(ref[0].sum() / ref[1].sum()), 6)
+                e["delta_ci95"] = bootstrap(num, den, args.seed, ref=ref)
+            entry["tasks"][col] = e
+    return result
+
+
+def timings_of(tasks, systems, records) -> dict:
+    out = {}
+    for s in systems:
+        per = {}
+        for t in tasks:
+            recs = list(records[s.name, t.name].values())
+            tok, sec = sum(r["tokens"] for r in recs), sum(r["seconds"] for r in recs)
+            per[t.name] = {"tokens": round(tok), "seconds": round(sec, 3), "tokens_per_s": round(tok / max(sec, 1e-9), 1)}
+        tok, sec = sum(v["tokens"] for v in per.values()), sum(v["seconds"] for v in per.values())
+        out[s.name] = {"tasks": per, "tokens_per_s": round(tok / max(sec, 1e-9), 1)}
+    return out
+
+
+def markdown_table(result: dict, timings: dict) -> str:
+    cols = list(next(iter(result["systems"].values()))["tasks"])
+    head = ["system", "active FFN"] + cols + ["tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in result["systems"].items():
+        cells = [name, f"{s['active_fraction']:.2f}"]
+        for c in cols:
+            e, pct = s["tasks"][c], not c.startswith(LOWER_IS_BETTER)
+            f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+            cell = f"{f(e['value'])} [{f(e['ci95'][0])}, {f(e['ci95'][1])}]"
+            if "delta_vs_dense" in e:
+                d = e["delta_vs_dense"]
+                cell += f" (Δ {'+' if d >= 0 else '-'}{f(abs(d))})"
+            cells.append(cell)
+        cells.append(f"{timings[name]['tokens_per_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ("\nAccuracies in %, with 95% bootstrap intervals over items; bpb = bits per byte (lower is better); "
+             "Δ = difference to dense (paired). Items per task: "
+             + ", ".join(f"{k} {v}" for k, v in result["settings"]["n_items"].items()) + ".\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
+    p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
+    p.add_argument("--limit", type=int, default=None, help="items per task (ppl: windows per domain); default all")
+    p.add_argument("--experts", default=None, help="experts file from purify.py (all systems but dense)")
+    p.add_argument("--router", default=None, help="router file from train_router.py (freemoe)")
+    p.add_argument("--mmlu-shots", type=int, default=5)
+    p.add_argument("--gsm8k-shots", type=int, default=8)
+    p.add_argument("--gsm8k-max-tokens", type=int, default=256, help="generation budget per GSM8K answer")
+    p.add_argument("--code-max-tokens", type=int, default=384, help="generation budget per HumanEval/MBPP answer")
+    p.add_argument("--samples", type=int, default=1, help="samples per code problem (n of pass@k; >1 samples with --temperature)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--ppl-domains", nargs="+", default=list(PPL_DOMAINS), help="held-out domains for perplexity")
+    p.add_argument("--ppl-len", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--batch-size", type=int, default=8, help="items per batch")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")
+    p.add_argument("--workers", type=int, default=2, help="sandboxed programs run in parallel")
+    args = p.parse_args(argv)
+    args.out = Path(args.out or "results")
+    for t in args.tasks:
+        if t not in ALL_TASKS:
+            raise UserError(f"unknown task {t!r} (expected one of {', '.join(ALL_TASKS)})")
+    for d in args.ppl_domains:
+        if d not in PPL_DOMAINS:
+            raise UserError(f"unknown perplexity domain {d!r} (expected one of {', '.join(PPL_DOMAINS)})")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    return args
+
+
+def run(args, model, tokenizer) -> dict:
+    """Everything after loading the model: prepare tasks, score every system, write the reports."""
+    rt = Runtime(model, tokenizer, args, data_root(args.data_dir))
+    tasks = [PREPARE[name](rt) for name in dict.fromkeys(args.tasks)]  # data errors surface before any scoring
+    systems = build_systems(args, model)
+    if any(t.name in ("humaneval", "mbpp") for t in tasks):
+        print(f"sandbox: {sandbox_config().describe()}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for s in systems:
+        for t in tasks:
+            header = {"task": t.name, "system": s.name, "model": model.fingerprint, "settings": t.settings,
+                      "seed": args.seed}
+            records[s.name, t.name] = evaluate_task(rt, s, t, args.out, header)
+    result = summarize(tasks, systems, records, args, model)
+    timings = timings_of(tasks, systems, records)
+    table = markdown_table(result, timings)
+    write_atomic(args.out / "results.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_atomic(args.out / "timings.json", json.dumps(timings, indent=1, sort_keys=True) + "\n")
+    write_atomic(args.out / "results.md", table)
+    print(table)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    check_data(args)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, resolve_device(args), resolve_dtype(args))
+    print(f"loaded {model.config.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    run(args, model, tokenizer)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} "
+          f"({time.perf_counter() - t0:.0f}s in all)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
