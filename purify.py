@@ -82,7 +82,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -222,15 +222,21 @@ def domain_documents(domain: str, split: str = "calib", data_dir=None) -> list[s
     if split not in ("calib", "heldout"):
         raise ValueError(f"split must be 'calib' or 'heldout', got {split!r}")
     name, path = parse_domain(domain)
-    if path is None:
-        docs = builtin_documents(name, split, M.shared_dir(data_dir) / "data")
-    else:
+
+    def split_docs(which: str) -> list[str]:
+        if path is None:
+            return builtin_documents(name, which, M.shared_dir(data_dir) / "data")
         all_docs = user_documents(path)
         if len(all_docs) < 2:
             raise M.UserError(f"domain {name}: {path} has {len(all_docs)} documents; need at least 2 "
                               "(one for calibration, one held out)")
         cut = len(all_docs) - max(1, round(HELDOUT_FRACTION * len(all_docs)))
-        docs = all_docs[:cut] if split == "calib" else all_docs[cut:]
+        return all_docs[:cut] if which == "calib" else all_docs[cut:]
+
+    docs = split_docs(split)
+    if split == "heldout":  # a document repeated in the corpus (MMLU has duplicate items) stays out of held-out
+        seen = set(split_docs("calib"))
+        docs = [d for d in docs if not (d in seen or seen.add(d))]
     if not docs:
         raise M.UserError(f"domain {name}: the {split} split is empty")
     return docs
@@ -505,7 +511,7 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
         h.update(name.encode() + str(t.dtype).encode() + str(list(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -524,7 +530,7 @@ def save_experts(path, experts: dict[str, list[torch.Tensor]], meta: dict, basel
             tensors[f"baseline.{b}.{l}"] = torch.as_tensor(idx, dtype=torch.int64)
     for d, st in (stats or {}).items():
         for k, v in st.items():
-            tensors[f"stats.{d}.{k}"] = v if k == "count" else v.float()
+            tensors[f"stats.{d}.{k}"] = v.reshape(1) if k == "count" else v.float()  # safetensors: no 0-d
     meta = dict(meta, format=EXPERTS_FORMAT, domains=list(experts), baselines=list(baselines or {}),
                 stats_domains=list(stats or {}), content_sha256=_content_hash(tensors))
     path = Path(path)
@@ -617,7 +623,7 @@ def load_experts(path, model: M.Transformer) -> Experts:
             if tuple(st[k].shape) != (cfg.n_layer, cfg.n_ffn):
                 raise M.UserError(f"{path}: stats.{d}.{k} has shape {tuple(st[k].shape)}, "
                                   f"expected {(cfg.n_layer, cfg.n_ffn)}")
-        stats[d] = {k: v.clone() for k, v in st.items()}
+        stats[d] = {k: v.clone().reshape(()) if k == "count" else v.clone() for k, v in st.items()}
     return Experts(list(meta["domains"]), indices, meta, baselines, stats, model)
 
 
@@ -652,3 +658,374 @@ def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_siz
         total += float(nll)
         n += x[:, 1:].numel()
     return math.exp(total / n)
+
+
+def layer_sensitivity(model: M.Transformer, windows: torch.Tensor, scores: torch.Tensor, keep: float,
+                      protect: torch.Tensor | None = None, batch_size: int = 8) -> torch.Tensor:
+    """DOWP step 4 (optional): how much the calibration loss grows when ONLY layer l is purified to `keep`
+    (by `scores`): log ppl(purified l) - log ppl(dense), one number per layer, (L,). Costs L + 1 passes."""
+    base = math.log(perplexity(model, windows, None, batch_size))
+    idx = select_neurons(scores, keep, protect)
+    out = []
+    for l in tqdm(range(model.config.n_layer), desc="layer sensitivity", leave=False):
+        mlps = [blk.mlp for blk in model.layers]
+        mlps[l] = model.layers[l].mlp.select(idx[l])
+        out.append(math.log(perplexity(model, windows, mlps, batch_size)) - base)
+    return torch.tensor(out)
+
+
+# ----------------------------------------------------------------------------- DOWP step 6: export
+
+def hf_state_dict(model: M.Transformer, mlps: list[M.MLP]) -> dict[str, torch.Tensor]:
+    """Our weights (with the given per-layer FFNs) under HF names. The key map, ours -> HF:
+        llama: tok_emb -> model.embed_tokens, layers.i.attn.wqkv -> split into self_attn.{q,k,v}_proj,
+               attn.wo -> self_attn.o_proj, attn_norm -> input_layernorm, mlp_norm -> post_attention_layernorm,
+               mlp.{gate,up,down} -> mlp.{gate,up,down}_proj, norm -> model.norm, lm_head (only if untied)
+        gpt2:  tok_emb -> transformer.wte, pos_emb -> wpe, attn.wqkv -> attn.c_attn, attn.wo -> attn.c_proj,
+               attn_norm -> ln_1, mlp_norm -> ln_2, mlp.up -> mlp.c_fc, mlp.down -> mlp.c_proj, norm -> ln_f
+               (HF GPT-2 Linear weights are Conv1D: stored transposed, (in, out))."""
+    cfg = model.config
+    c = lambda t: t.detach().to("cpu", torch.float32).contiguous()
+    out = {}
+    if cfg.arch == "llama":
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        out["model.embed_tokens.weight"] = c(model.tok_emb.weight)
+        out["model.norm.weight"] = c(model.norm.weight)
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = c(model.lm_head.weight)
+        for i, (blk, mlp) in enumerate(zip(model.layers, mlps)):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = c(blk.attn_norm.weight)
+            out[p + "post_attention_layernorm.weight"] = c(blk.mlp_norm.weight)
+            for name, w in zip("qkv", blk.attn.wqkv.weight.split([H * D, K * D, K * D], dim=0)):
+                out[p + f"self_attn.{name}_proj.weight"] = c(w)
+            if blk.attn.wqkv.bias is not None:
+                for name, b in zip("qkv", blk.attn.wqkv.bias.split([H * D, K * D, K * D], dim=0)):
+                    out[p + f"self_attn.{name}_proj.bias"] = c(b)
+            out[p + "self_attn.o_proj.weight"] = c(blk.attn.wo.weight)
+            out[p + "mlp.gate_proj.weight"] = c(mlp.gate.weight)
+            out[p + "mlp.up_proj.weight"] = c(mlp.up.weight)
+            out[p + "mlp.down_proj.weight"] = c(mlp.down.weight)
+        return out
+    out["transformer.wte.weight"] = c(model.tok_emb.weight)
+    out["transformer.wpe.weight"] = c(model.pos_emb.weight)
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = c(model.norm.weight), c(model.norm.bias)
+    for i, (blk, mlp) in enumerate(zip(model.layers, mlps)):
+        p = f"transformer.h.{i}."
+        for theirs, mod in (("ln_1", blk.attn_norm), ("ln_2", blk.mlp_norm)):
+            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = c(mod.weight), c(mod.bias)
+        for theirs, lin in (("attn.c_attn", blk.attn.wqkv), ("attn.c_proj", blk.attn.wo),
+                            ("mlp.c_fc", mlp.up), ("mlp.c_proj", mlp.down)):
+            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = c(lin.weight.t()), c(lin.bias)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokenizer_dir=None, meta: dict | None = None):
+    """DOWP step 6: write one expert as a plain HF checkpoint: config.json (intermediate_size = k) +
+    model.safetensors, plus tokenizer files copied from `tokenizer_dir` when given (else none: the checkpoint
+    then loads in transformers with a tokenizer from elsewhere, and in model.load_model not at all)."""
+    ks = sorted({model.config.n_ffn if i is None else len(i) for i in indices})
+    if len(ks) != 1:
+        raise M.UserError(f"export needs the same number of kept neurons in every layer (HF has one "
+                          f"intermediate_size), got {ks[0]}..{ks[-1]}; use uniform allocation")
+    cfg = M.Config(**{**asdict(model.config), "n_ffn": ks[0]})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = M.config_to_hf(cfg)
+    hf["torch_dtype"] = "float32"
+    hf["free_moe"] = meta or {}
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
+    M.write_safetensors(out_dir / "model.safetensors", hf_state_dict(model, materialize(model, indices)),
+                        {"format": "pt"})
+    copied = []
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+                copied.append(name)
+    return copied
+
+
+# ----------------------------------------------------------------------------- DOWP step 7: report
+
+def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: int, key: dict) -> dict:
+    """Statistics of one domain, cached in out_dir/stats.{name}.safetensors: a re-run with the same model, data
+    and budget reuses them (so a killed run resumes after the last finished domain)."""
+    name = parse_domain(spec)[0]
+    path = out_dir / f"stats.{name}.safetensors"
+    if path.exists():
+        try:
+            tensors, md = M.read_safetensors(path, with_metadata=True)
+            if json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",)):
+                return {k: tensors[k].clone().reshape(()) if k == "count" else tensors[k].clone()
+                        for k in STATS + ("count",)}
+        except (M.UserError, json.JSONDecodeError):
+            pass  # unreadable cache: recompute
+    t0 = time.perf_counter()
+    stats = collect_stats(model, windows, batch_size, desc=f"stats {name}")
+    print(f"stats {name}: {int(stats['count'])} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    M.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)})
+    return stats
+
+
+def ppl_row(model, heldout: dict[str, torch.Tensor], mlps, batch_size: int, desc: str) -> dict[str, float]:
+    return {d: perplexity(model, w, mlps, batch_size) for d, w in tqdm(heldout.items(), desc=desc, leave=False)}
+
+
+def index_hash(indices: list) -> str:
+    return _content_hash({str(l): torch.as_tensor(i) for l, i in enumerate(indices) if i is not None})[:16]
+
+
+class RowCache:
+    """Perplexity rows written to a JSON file as they finish (atomically), keyed by the index sets' hash, so a
+    killed report resumes without recomputing finished rows."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key = path, key
+        self.rows = {}
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("key") == key:
+                    self.rows = saved["rows"]
+            except (json.JSONDecodeError, KeyError):
+                pass
+
+    def get(self, model, heldout, indices, batch_size, desc) -> dict[str, float]:
+        h = index_hash(indices)
+        if h not in self.rows:
+            self.rows[h] = ppl_row(model, heldout, materialize(model, indices), batch_size, desc)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": self.key, "rows": self.rows}))
+            tmp.replace(self.path)
+        return self.rows[h]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def matrix_markdown(matrix: dict[str, dict[str, float]], domains: list[str], fractions: dict[str, float]) -> str:
+    """Rows = systems, columns = held-out domains; the best non-dense value of each column in bold."""
+    best = {d: min(v[d] for r, v in matrix.items() if r != "dense") for d in domains}
+    rows = []
+    for r, v in matrix.items():
+        cells = [f"**{v[d]:.2f}**" if r != "dense" and v[d] == best[d] else f"{v[d]:.2f}" for d in domains]
+        rows.append([r, f"{fractions[r]:.3f}"] + cells)
+    return markdown_table(["system \\ held-out", "active"] + domains, rows)
+
+
+def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(matrix)
+    vals = torch.tensor([[math.log(matrix[r][d]) for d in domains] for r in names])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains), 1 + 0.45 * len(names)))
+    ax.imshow(vals.numpy(), cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yticks(range(len(names)), names)
+    for i, r in enumerate(names):
+        for j, d in enumerate(domains):
+            ax.text(j, i, f"{matrix[r][d]:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title("held-out perplexity (columns) of each expert / baseline (rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    M.add_common_args(p)
+    p.add_argument("--domains", nargs="+", default=list(BUILTIN_DOMAINS),
+                   help="domains: built-in names and/or NAME=path.txt|.jsonl")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
+                   help="an extra user domain (repeatable)")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of FFN neurons kept (per layer, or on average)")
+    p.add_argument("--alloc", choices=("uniform", "sensitivity"), default="uniform",
+                   help="per-layer budget: the same keep everywhere, or more for layers measured to be sensitive")
+    p.add_argument("--score", choices=SCORES, default="dowp", help="score used to build the domain experts")
+    p.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST, help="DOWP contrast lambda (0 = plain Wanda)")
+    p.add_argument("--sweep-contrast", type=float, nargs="*", default=None, metavar="LAM",
+                   help="also report the perplexity matrix of the domain experts for each of these lambdas")
+    p.add_argument("--protect", type=float, default=PROTECT_FACTOR,
+                   help="super neurons: max|a| > this x layer median are always kept (0 = off)")
+    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens per domain")
+    p.add_argument("--heldout-tokens", type=int, default=16384, help="held-out tokens per domain for the report")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-report", action="store_true", help="skip the perplexity report")
+    p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
+    p.add_argument("--export", default=None, metavar="DIR", help="write one domain expert as an HF checkpoint here")
+    p.add_argument("--export-domain", default=None, help="which domain to export (default: the first)")
+    p.set_defaults(out="experts")
+    args = p.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        raise M.UserError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.tokens < args.seq_len or args.heldout_tokens < args.seq_len:
+        raise M.UserError(f"--tokens/--heldout-tokens must be at least --seq-len ({args.seq_len})")
+    specs = list(args.domains) + list(args.domain)
+    names = [parse_domain(s)[0] for s in specs]  # validates every name (and path syntax) before loading anything
+    if len(set(names)) != len(names):
+        raise M.UserError(f"duplicate domain names in {names}")
+    for s in specs:
+        path = parse_domain(s)[1]
+        if path is not None and not path.exists():
+            raise M.UserError(f"domain file {path} does not exist")
+    if args.export_domain is not None and args.export_domain not in names:
+        raise M.UserError(f"--export-domain {args.export_domain!r} is not one of the domains {names}")
+    args.specs, args.names = specs, names
+    return args
+
+
+def build_experts(stats, model, names, score, keep, contrast, protect_mask, seed):
+    return {d: select_neurons(score_neurons(stats, model, score, d, contrast, seed), keep, protect_mask) for d in names}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    cfg = model.config
+
+    # DOWP step 1: calibration windows (and held-out windows, kept apart, for the report)
+    calib = {n: load_domain_tokens(s, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
+             for n, s in zip(args.names, args.specs)}
+    # DOWP step 2: statistics, one streamed pass per domain (cached per domain)
+    stats = {}
+    for n, s in zip(args.names, args.specs):
+        key = {"fingerprint": model.fingerprint, "domain": s, "tokens": args.tokens, "seed": args.seed,
+               "seq_len": args.seq_len, "n_windows": len(calib[n]), "dtype": args.dtype}
+        stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
+
+    # DOWP step 4: protection and budget
+    protect = super_neurons(stats, args.protect)
+    n_protected = int(protect.sum())
+    print(f"protected super neurons: {n_protected} "
+          f"({', '.join(f'L{l}:{int(c)}' for l, c in enumerate(protect.sum(1)) if c)})", file=sys.stderr)
+    keep = args.keep
+    sens = None
+    if args.alloc == "sensitivity":
+        probe = torch.cat([w[:2] for w in calib.values()])  # (2D, T) a little of every domain
+        sens = layer_sensitivity(model, probe, score_neurons(stats, model, "mixed"), args.keep, protect,
+                                 args.batch_size)
+        keep = allocate_keep(sens, args.keep)
+
+    # DOWP step 3 + 5: scores -> DSS-Experts; baselines at the same per-layer budget
+    experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protect, args.seed)
+    baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), keep, protect)
+                 for b in BASELINES if b != "general" or "general" in stats}
+    meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
+            "score": args.score, "contrast": args.contrast, "keep": args.keep, "alloc": args.alloc,
+            "keep_per_layer": keep if isinstance(keep, list) else [keep] * cfg.n_layer,
+            "protect": args.protect, "n_protected": n_protected, "seed": args.seed, "seq_len": args.seq_len,
+            "domain_specs": dict(zip(args.names, args.specs)),
+            "tokens": {n: int(stats[n]["count"]) for n in args.names},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    experts_path = out_dir / "experts.safetensors"
+    save_experts(experts_path, experts, meta, baselines, stats)
+    print(f"wrote {experts_path}: {len(experts)} experts, active fraction "
+          f"{active_fraction(next(iter(experts.values())), model):.3f}", file=sys.stderr)
+
+    # DOWP step 6: export
+    if args.export:
+        d = args.export_domain or args.names[0]
+        tok_dir = None
+        if args.model is None:
+            tok_dir = M.shared_dir(args.data_dir) / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+        elif Path(args.model).is_dir():
+            tok_dir = Path(args.model)
+        copied = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta})
+        print(f"exported expert {d} to {args.export} (tokenizer files: {', '.join(copied) or 'none'})",
+              file=sys.stderr)
+
+    if not args.no_report:
+        report(args, model, tok, stats, experts, baselines, protect, keep, sens, meta, out_dir)
+
+
+def report(args, model, tok, stats, experts, baselines, protect, keep, sens, meta, out_dir: Path):
+    """DOWP step 7: cross-domain perplexity matrix, expert overlap, protection ablation; markdown + JSON."""
+    names = args.names
+    heldout = {n: load_domain_tokens(s, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
+               for n, s in zip(args.names, args.specs)}
+    cache = RowCache(out_dir / "report.rows.json", {"fingerprint": model.fingerprint, "specs": args.specs,
+                                                    "heldout_tokens": args.heldout_tokens, "seq_len": args.seq_len})
+    bs = args.batch_size
+    systems = {f"expert:{d}": experts[d] for d in names}
+    systems["dense"] = [None] * model.config.n_layer
+    systems.update({f"baseline:{b}": idx for b, idx in baselines.items()})
+    if args.protect > 0:  # the protection ablation: random at the same budget without its super neurons
+        systems["baseline:random (unprotected)"] = select_neurons(score_random(model, args.seed), keep, None)
+    matrix = {r: cache.get(model, heldout, idx, bs, r) for r, idx in tqdm(systems.items(), desc="ppl matrix")}
+    fractions = {r: active_fraction(idx, model) for r, idx in systems.items()}
+
+    sweep = {}
+    for lam in args.sweep_contrast or []:
+        ex = build_experts(stats, model, names, "dowp", keep, lam, protect, args.seed)
+        sweep[str(lam)] = {d: cache.get(model, heldout, ex[d], bs, f"lam={lam} {d}") for d in names}
+
+    L = model.config.n_layer
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    jac = {f"{a}|{b}": [jaccard(experts[a][l], experts[b][l]) for l in range(L)] for a, b in pairs}
+    diag_ok = {d: all(matrix[f"expert:{d}"][d] < matrix[f"expert:{e}"][d] for e in names if e != d) for d in names}
+    vs = lambda b: {d: matrix[f"expert:{d}"][d] < matrix[f"baseline:{b}"][d] for d in names}
+    summary = {"diagonal_best": diag_ok, **{f"beats_{b}": vs(b) for b in baselines}}
+    result = {"meta": meta, "heldout_tokens": {d: int(w.numel()) for d, w in heldout.items()},
+              "matrix": matrix, "active_fraction": fractions, "summary": summary, "jaccard_per_layer": jac,
+              "protected_per_layer": protect.sum(1).tolist(), "n_protected": int(protect.sum()),
+              "contrast_sweep": sweep, "layer_sensitivity": sens.tolist() if sens is not None else None}
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out_dir / "report.json")
+
+    md = [f"# DOWP report: {meta['model']} (fingerprint {meta['fingerprint']})", "",
+          f"score `{meta['score']}` (contrast λ = {meta['contrast']}), keep {meta['keep']} ({meta['alloc']}), "
+          f"protect factor {meta['protect']} -> {result['n_protected']} super neurons always kept; "
+          f"calibration tokens {meta['tokens']}; held-out tokens {result['heldout_tokens']}.", "",
+          "## Held-out perplexity (rows: system, columns: held-out text; bold = best non-dense)", "",
+          matrix_markdown(matrix, names, fractions), ""]
+    md += ["## Summary", "", markdown_table(["check"] + names, [[k] + [("yes" if v[d] else "NO") for d in names]
+                                                              for k, v in summary.items()]), ""]
+    if sweep:
+        md += ["## Contrast sweep (diagonal and column means of the domain-expert block)", ""]
+        rows = []
+        for lam, per in sweep.items():
+            diag = [per[d][d] for d in names]
+            wins = sum(all(per[d][d] < per[e][d] for e in names if e != d) for d in names)
+            rows.append([lam] + diag + [math.exp(sum(map(math.log, diag)) / len(diag)), f"{wins}/{len(names)}"])
+        md += [markdown_table(["λ"] + [f"{d} on {d}" for d in names] + ["geo-mean", "diag best"], rows), ""]
+    md += ["## Expert overlap (Jaccard of kept sets, mean over layers)", ""]
+    md += [markdown_table([""] + names, [[a] + [1.0 if a == b else sum(jac.get(f"{a}|{b}", jac.get(f"{b}|{a}", [0])))
+                                                / L for b in names] for a in names]), ""]
+    per_layer = [sum(v[l] for v in jac.values()) / max(1, len(jac)) for l in range(L)]
+    md += ["Mean pairwise Jaccard per layer: " + " ".join(f"{v:.2f}" for v in per_layer), ""]
+    md += ["Protected neurons per layer: " + ", ".join(f"L{l}: {c}" for l, c in
+                                                        enumerate(result["protected_per_layer"]) if c), ""]
+    if args.plot:
+        md += ["![matrix](report.png)" if plot_matrix(matrix, names, out_dir / "report.png")
+               else "(--plot: matplotlib is not installed, no PNG written)", ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    M.run_cli(main)

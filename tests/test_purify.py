@@ -1,0 +1,289 @@
+"""Tests for purify.py: DOWP statistics, scores, neuron selection, the experts file, compact experts, HF export.
+
+Tiny random models (seeded) give exact checks: statistics equal a brute-force recomputation from stored
+activations, a masked FFN equals its materialized compact FFN, keep=1.0 is exactly the dense model, the experts
+file round-trips and a mismatched or corrupted file is refused, an exported expert loads in transformers with
+the same logits. Slow tests use the real SmolLM2-135M model with small token budgets (one model load, one
+statistics pass per domain for the whole module).
+
+    python -m pytest -q tests/test_purify.py
+    python -m pytest -q -m "not slow" tests/test_purify.py
+
+Shape legend: B batch, T time, C width, L layers, F FFN neurons, V vocab, k kept neurons.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import model as M  # noqa: E402
+import purify as P  # noqa: E402
+
+SMOL_HF_TOK = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+
+
+def tiny(arch="llama", seed=0, tie=True, n_ffn=48) -> M.Transformer:
+    torch.manual_seed(seed)
+    cfg = M.Config(arch=arch, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
+                   n_ffn=n_ffn, max_seq_len=64, tie_embeddings=tie, name=f"tiny-{arch}")
+    m = M.Transformer(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # non-trivial norm weights / biases so the export map is really exercised
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    m.fingerprint = M.fingerprint(m)
+    return m
+
+
+def windows(n=6, T=16, V=96, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))  # (N, T)
+
+
+class StoreAll(torch.nn.Module):
+    """Keeps every activation (brute force, O(tokens)): the oracle for the streamed statistics."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp, self.acts = mlp, []
+
+    def forward(self, x):
+        a = self.mlp.neurons(x)
+        self.acts.append(a.reshape(-1, a.shape[-1]).clone())
+        return self.mlp.project(a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stats_equal_brute_force(arch):
+    m, w = tiny(arch), windows()
+    stats = P.collect_stats(m, w, batch_size=4)  # two batches of unequal size: the streaming must add up
+    store = [StoreAll(b.mlp) for b in m.layers]
+    with torch.no_grad():
+        logits = m(w, mlps=store)
+        assert torch.equal(logits, m(w))  # recording FFNs compute exactly the dense FFN
+    for l, s in enumerate(store):
+        a = torch.cat(s.acts).double()  # (N*T, F)
+        rms = a.pow(2).mean(1, keepdim=True).sqrt()
+        assert int(stats["count"]) == a.shape[0] == w.numel()
+        torch.testing.assert_close(stats["mean_abs"][l].double(), a.abs().mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats["mean_sq"][l].double(), a.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats["max_abs"][l].double(), a.abs().amax(0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats["fire_rate"][l].double(), (a.abs() > P.FIRE_REL * rms).double().mean(0),
+                                   rtol=0, atol=1.5 / a.shape[0])  # at most a borderline token differs
+        torch.testing.assert_close(stats["down_norm"][l], m.layers[l].mlp.down.weight.norm(dim=0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_masked_equals_compact(arch):
+    m, w = tiny(arch), windows()
+    scores = P.score_random(m, seed=3)
+    idx = P.select_neurons(scores, 0.4)
+    assert all(len(i) == round(0.4 * 48) for i in idx)
+    compact = P.materialize(m, idx)
+    masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]
+    for c, k in zip(compact, idx):
+        assert c.n_neurons == len(k) and c.up.weight.shape == (len(k), 32)  # really smaller matmuls
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert (compact[0](x) - masked[0](x)).abs().max() <= 1e-5
+        assert (m(w, mlps=compact) - m(w, mlps=masked)).abs().max() <= 1e-5
+        assert (m(w, mlps=compact) - m(w)).abs().max() > 1e-3  # and purifying really changed the model
+
+
+def test_keep_one_is_exactly_dense():
+    m, w = tiny(), windows()
+    stats = {"a": P.collect_stats(m, w), "b": P.collect_stats(m, windows(seed=2))}
+    for method in P.SCORES:
+        s = P.score_neurons({**stats, "general": stats["a"]}, m, method, domain="a")
+        idx = P.select_neurons(s, 1.0)
+        assert all(torch.equal(i, torch.arange(48)) for i in idx)
+        with torch.no_grad():
+            assert torch.equal(m(w, mlps=P.materialize(m, idx)), m(w))
+    assert P.active_fraction(idx, m) == 1.0
+    assert P.active_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
+
+
+def test_select_neurons_budget_and_protection():
+    scores = torch.arange(30.0).view(3, 10)  # (L, F): neuron j scores j
+    protect = torch.zeros(3, 10, dtype=torch.bool)
+    protect[1, 0] = True  # the worst-scoring neuron of layer 1 is a super neuron
+    idx = P.select_neurons(scores, [0.3, 0.3, 0.5], protect)
+    assert idx[0].tolist() == [7, 8, 9]
+    assert idx[1].tolist() == [0, 8, 9]  # protected kept, inside the same budget
+    assert idx[2].tolist() == [5, 6, 7, 8, 9]
+    with pytest.raises(M.UserError, match="keep must be in"):
+        P.select_neurons(scores, 1.5)
+    with pytest.raises(M.UserError, match="exceed the budget"):
+        P.select_neurons(scores, 0.1, torch.ones(3, 10, dtype=torch.bool))
+
+
+def test_super_neurons_rule():
+    peak = torch.ones(2, 8)
+    peak[0, 3] = 200.0  # a massive activation
+    peak[1, 5] = 20.0  # large, but under the factor
+    stats = {"a": {"max_abs": peak}, "b": {"max_abs": torch.ones(2, 8)}}
+    sup = P.super_neurons(stats, 50.0)
+    assert sup.sum() == 1 and sup[0, 3]
+    assert P.super_neurons(stats, 0).sum() == 0
+
+
+def fake_stats(importance: torch.Tensor, count=100) -> dict:
+    """Stats whose Wanda importance is `importance` (L, F) (down norms = 1)."""
+    return {"mean_sq": importance ** 2, "mean_abs": importance, "fire_rate": torch.ones_like(importance),
+            "max_abs": importance, "down_norm": torch.ones_like(importance), "count": torch.tensor(count)}
+
+
+def test_dowp_contrast_rule():
+    # neuron 0: important everywhere; 1: only for code; 2: only for math; 3: weak everywhere
+    code = torch.tensor([[4.0, 3.0, 0.1, 0.5]])
+    math_ = torch.tensor([[4.0, 0.1, 3.0, 0.5]])
+    stats = {"code": fake_stats(code), "math": fake_stats(math_)}
+    s0 = P.score_dowp(stats, "code", contrast=0.0)
+    assert torch.argsort(s0, descending=True).tolist() == torch.argsort(code, descending=True).tolist()
+    for lam in (0.5, 1.0, 2.0):
+        kept = P.select_neurons(P.score_dowp(stats, "code", lam), 0.5)[0].tolist()
+        assert kept == [0, 1]  # shared-important kept, code-specific kept, math-only purified
+        kept = P.select_neurons(P.score_dowp(stats, "math", lam), 0.5)[0].tolist()
+        assert kept == [0, 2]
+    # with a large contrast the specific neuron outranks the shared one, but the shared one still beats
+    # the weak and the other-domain ones
+    s = P.score_dowp(stats, "code", 2.0)[0]
+    assert s[1] > s[0] > s[3] > s[2]
+    with pytest.raises(M.UserError, match="contrast"):
+        P.score_dowp(stats, "code", -1.0)
+    mixed = P.score_neurons(stats, tiny(n_ffn=4), "mixed")
+    torch.testing.assert_close(mixed, (0.5 * code ** 2 + 0.5 * math_ ** 2).sqrt())
+
+
+def test_experts_file_roundtrip_and_refusals(tmp_path):
+    m, w = tiny(), windows()
+    stats = {"general": P.collect_stats(m, w), "code": P.collect_stats(m, windows(seed=5))}
+    experts = {d: P.select_neurons(P.score_neurons(stats, m, "dowp", d), 0.5) for d in stats}
+    baselines = {b: P.baseline_indices(b, m, stats, 0.5) for b in P.BASELINES}
+    meta = {"fingerprint": m.fingerprint, "n_layer": 3, "n_ffn": 48, "score": "dowp", "keep": 0.5, "protect": 50.0}
+    path = tmp_path / "experts.safetensors"
+    P.save_experts(path, experts, meta, baselines, stats)
+    ex = P.load_experts(path, m)
+    assert ex.domains == ["general", "code"] and ex.meta["keep"] == 0.5
+    for d in stats:
+        assert all(torch.equal(a, b) for a, b in zip(ex.indices[d], experts[d]))
+        for k in P.STATS:
+            assert torch.equal(ex.stats[d][k], stats[d][k])
+    for b in P.BASELINES:
+        assert all(torch.equal(x, y) for x, y in zip(ex.baselines[b], baselines[b]))
+        # a baseline rebuilt from the saved statistics (at the file's keep) is the stored one
+        assert all(torch.equal(x, y) for x, y in zip(P.baseline_indices(b, m, path, 0.5), baselines[b]))
+    assert len(P.baseline_indices("mixed", m, ex, 0.25)[0]) == 12  # any keep
+    assert ex.active_fraction == 0.5
+    assert ex.mlps("code")[0].n_neurons == 24
+    assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("general"), experts["general"]))  # domain first
+    assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("baseline.general"), baselines["general"]))
+    with pytest.raises(M.UserError, match="no expert or baseline"):
+        ex.mlps("legal")
+
+    other = tiny(seed=1)  # same shapes, other weights -> other fingerprint
+    with pytest.raises(M.UserError, match="fingerprint"):
+        P.load_experts(path, other)
+    wide = tiny(n_ffn=64)
+    P.save_experts(tmp_path / "wide.safetensors", experts, {**meta, "fingerprint": wide.fingerprint})
+    with pytest.raises(M.UserError, match="neurons"):
+        P.load_experts(tmp_path / "wide.safetensors", wide)
+
+    raw = bytearray(path.read_bytes())
+    bad = tmp_path / "flipped.safetensors"
+    raw_flip = bytearray(raw)
+    raw_flip[-5] ^= 0x40  # one bit inside the tensor data
+    bad.write_bytes(bytes(raw_flip))
+    with pytest.raises(M.UserError, match="checksum|corrupt"):
+        P.load_experts(bad, m)
+    bad.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(M.UserError, match="truncated"):
+        P.load_experts(bad, m)
+    M.write_safetensors(bad, {"x": torch.zeros(3)}, {"hello": "world"})
+    with pytest.raises(M.UserError, match="not an experts file"):
+        P.load_experts(bad, m)
+    with pytest.raises(M.UserError, match="does not exist"):
+        P.load_experts(tmp_path / "missing.safetensors", m)
+    # an index set out of range, saved with a valid checksum, is refused by the range check
+    broken = {d: [i.clone() for i in v] for d, v in experts.items()}
+    broken["code"][1][-1] = 48
+    P.save_experts(bad, broken, meta)
+    with pytest.raises(M.UserError, match="code.1"):
+        P.load_experts(bad, m)
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_export_loads_in_transformers(tmp_path, arch, tie):
+    transformers = pytest.importorskip("transformers")
+    m, w = tiny(arch, tie=tie), windows()
+    idx = P.select_neurons(P.score_random(m, 7), 0.5)
+    out = tmp_path / "exp"
+    copied = P.export_hf(m, idx, out, SMOL_HF_TOK if SMOL_HF_TOK.exists() else None, {"domain": "x"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert hf.config.intermediate_size if arch == "llama" else hf.config.n_inner == 24
+    with torch.no_grad():
+        ours = m(w, mlps=P.materialize(m, idx))  # (N, T, V)
+        theirs = hf(w).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    if copied:  # our own loader reads the exported dir too
+        m2, _ = M.load_model(out)
+        with torch.no_grad():
+            assert (m2(w) - ours).abs().max() <= 1e-5
+    with pytest.raises(M.UserError, match="same number of kept neurons"):
+        P.export_hf(m, [idx[0], idx[1], idx[2][:5]], tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------- domain data (real files, no model)
+
+def test_domain_splits_disjoint_and_deterministic():
+    for d in P.BUILTIN_DOMAINS:
+        calib, held = P.domain_documents(d, "calib"), P.domain_documents(d, "heldout")
+        assert calib and held
+        assert not set(calib) & set(held), d
+    assert P.heldout_text("math") == P.heldout_text("math")
+    rows = P.read_jsonl(M.shared_dir() / "data" / "gsm8k" / "test.jsonl")
+    math_docs = set(P.domain_documents("math", "calib")) | set(P.domain_documents("math", "heldout"))
+    assert not math_docs & {P.gsm8k_text(r) for r in rows}  # GSM8K test (scored by evaluate.py) never used
+    buckets = [P.mmlu_bucket(r) for r in P.read_jsonl(M.shared_dir() / "data" / "mmlu" / "test.jsonl.gz")]
+    assert 0.15 < buckets.count("calib") / len(buckets) < 0.25 and 0.05 < buckets.count("heldout") / len(buckets) < 0.15
+
+
+class CharTok:
+    def encode(self, text, bos=False):
+        return [ord(c) % 96 for c in text]
+
+
+def test_user_domain_and_errors(tmp_path):
+    f = tmp_path / "legal.txt"
+    f.write_text("\n\n".join(f"Clause {i}: the party of the first part shall pay." for i in range(20)))
+    calib = P.load_domain_tokens(f"legal={f}", CharTok(), split="calib", n_tokens=256, seq_len=64, seed=1)
+    assert calib.shape == (4, 64)
+    assert torch.equal(calib, P.load_domain_tokens(f"legal={f}", CharTok(), split="calib", n_tokens=256,
+                                                   seq_len=64, seed=1))  # deterministic by seed
+    held = P.domain_documents(f"legal={f}", "heldout")
+    assert len(held) == 2 and not set(held) & set(P.domain_documents(f"legal={f}", "calib"))
+    j = tmp_path / "qa.jsonl"
+    j.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(10)))
+    assert P.domain_documents(f"qa={j}", "heldout") == ["doc 9"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(M.UserError, match="0 documents"):
+        P.domain_documents(f"e={empty}")
+    with pytest.raises(M.UserError, match="unknown domain"):
+        P.domain_documents("poetry")
+    with pytest.raises(M.UserError, match="does not exist"):
+        P.domain_documents(f"x={tmp_path / 'nope.txt'}")
+    with pytest.raises(M.UserError, match="bad domain name"):
+        P.parse_domain("Bad Name=x.txt")
+
+
+def test_cli_user_errors_are_one_line():
+    for argv in (["--domains", "poetry"], ["--keep", "0"], ["--domain", "x=/no/such/file.txt"]):
+        r = subprocess.run([sys.executable, str(REPO / "purify.py"), *argv], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
