@@ -1,0 +1,652 @@
+"""Tests for model.py: our from-scratch transformer, loaders, tokenizers and generation against oracles.
+
+Oracles (test-only imports): `transformers` (models and tokenizers), `gguf` (dequantization), `safetensors`.
+
+Tiny tests build small *random* models with transformers (seeded), save them with `save_pretrained` into a
+tmp dir and load them back with our `load_model`: logits must agree to 1e-4 in fp32, greedy decoding must be
+token-identical (ours with cache == ours without cache == transformers), and a left-padded batch must equal
+one-by-one generation. Slow tests (`-m slow`) use the real SmolLM2-135M-Instruct GGUF from ../shared/models.
+
+    python -m pytest -q tests/test_model.py                 # everything (about 2-3 min on 2 cores)
+    python -m pytest -q -m "not slow" tests/test_model.py   # tiny models only
+    FREE_MOE_PPL_TOKENS=300000 python -m pytest -q -s tests/test_model.py -k perplexity   # the full wikitext-2 test set
+
+Shape legend: B batch, T time, V vocab.
+"""
+import copy
+import dataclasses
+import gzip
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import model as M  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+SHARED = M.shared_dir()
+GPT2_TOK_DIR = SHARED / "models" / "gpt2-tokenizer"
+SMOL_DIR = SHARED / "models" / "smollm2-135m-instruct"
+SMOL_HF_TOK = SMOL_DIR / "hf_tokenizer"
+LLAMA3_TOK = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
+CORPORA = SHARED / "data" / "corpora"
+
+TOL = 1e-4  # max |delta logit| allowed against transformers in fp32
+GPT2_VOCAB = 50257  # tiny models use the GPT-2 tokenizer, so their vocab must cover it
+# Llama-3 long-context RoPE scaling with a small original context, so the test positions are affected by it
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+# ============================================================================ tiny random models vs transformers
+
+# name -> (family, config overrides, how to save: "safetensors" | "sharded" | "bin")
+TINY_CASES = {
+    "gpt2-tied": ("gpt2", {}, "safetensors"),
+    "llama-gqa-llama3rope-untied": ("llama", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE,
+                                                  tie_word_embeddings=False), "safetensors"),
+    "llama-mqa-tied-bin": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True), "bin"),
+    "qwen2-bias-untied-sharded": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False), "sharded"),
+    "qwen2-bias-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), "safetensors"),
+}
+
+
+def build_hf(family: str, overrides: dict, seed: int = 0):
+    """A 2-layer random transformers model. Every parameter (biases and norms included) is randomised,
+    because transformers initialises biases to 0 and norms to 1, which would hide a dropped bias or norm."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=GPT2_VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=128,
+                         **overrides)
+        hf = GPT2LMHeadModel(cfg)
+    else:
+        Cfg, Model = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        overrides = copy.deepcopy(overrides)  # transformers adds keys to the rope_scaling dict it is given
+        cfg = Cfg(vocab_size=GPT2_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  **overrides)
+        hf = Model(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            is_norm = "norm" in name or ".ln_" in name
+            if is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    hf.generation_config.eos_token_id = None  # never stop early: compare full 20-token runs
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def save_hf(hf, d: Path, how: str):
+    """save_pretrained writes safetensors (sharded when asked). transformers 5 no longer writes
+    pytorch_model.bin, so that case is the torch.save(state_dict) that older versions wrote."""
+    if how == "bin":
+        hf.save_pretrained(d)
+        (d / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), d / "pytorch_model.bin")
+    else:
+        hf.save_pretrained(d, **({"max_shard_size": "5MB"} if how == "sharded" else {}))
+    write_gpt2_tokenizer(d)
+
+
+def write_gpt2_tokenizer(d: Path):
+    """load_model(dir) wants a tokenizer: the GPT-2 files under HF's names, into the tmp dir only."""
+    shutil.copy(GPT2_TOK_DIR / "encoder.json", d / "vocab.json")
+    shutil.copy(GPT2_TOK_DIR / "vocab.bpe", d / "merges.txt")
+
+
+@pytest.fixture(scope="module", params=list(TINY_CASES))
+def tiny(request, tmp_path_factory):
+    family, overrides, how = TINY_CASES[request.param]
+    hf = build_hf(family, overrides)
+    d = tmp_path_factory.mktemp(request.param)
+    save_hf(hf, d, how)
+    ours, tok = M.load_model(d)
+    return dict(name=request.param, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
+
+
+def random_ids(B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, GPT2_VOCAB, (B, T), generator=g)  # (B, T)
+
+
+def test_tiny_case_exercises_its_format(tiny):
+    """Each case covers what its name says: the file layout, tying, GQA and biases."""
+    d, cfg, name, over = tiny["dir"], tiny["ours"].config, tiny["name"], tiny["overrides"]
+    files = {p.name for p in d.iterdir()}
+    if tiny["how"] == "sharded":
+        shards = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())
+        assert len(shards) > 1 and shards <= files and "model.safetensors" not in files
+    elif tiny["how"] == "bin":
+        assert "pytorch_model.bin" in files and not any(f.endswith(".safetensors") for f in files)
+    else:
+        assert "model.safetensors" in files
+    assert cfg.tie_embeddings == over.get("tie_word_embeddings", True)
+    assert (tiny["ours"].lm_head.weight is tiny["ours"].tok_emb.weight) == cfg.tie_embeddings
+    assert cfg.qkv_bias == name.startswith("qwen2")
+    if cfg.arch == "llama":
+        assert cfg.n_kv_head == over["num_key_value_heads"] < cfg.n_head  # grouped-query attention
+    assert cfg.rope_scaling == over.get("rope_scaling")
+
+
+def test_tiny_logits_match_transformers(tiny):
+    ids = random_ids(2, 48)  # (B, T)
+    with torch.no_grad():
+        ref = tiny["hf"](ids).logits  # (B, T, V)
+        got = tiny["ours"](ids)  # (B, T, V)
+    assert got.shape == ref.shape
+    diff = (got - ref).abs().max().item()
+    assert diff <= TOL, f"{tiny['name']}: max |delta logit| {diff:.2e} > {TOL}"
+
+
+def test_tiny_llama3_rope_scaling_matters(tiny):
+    """The Llama-3 case would fail without the scaling: otherwise the parity test above proves nothing about it."""
+    if "llama3rope" not in tiny["name"]:
+        pytest.skip("only the llama3 rope case")
+    plain = copy.deepcopy(tiny["ours"])
+    plain.inv_freq = M.rope_inv_freq(dataclasses.replace(plain.config, rope_scaling=None))
+    ids = random_ids(1, 48)
+    with torch.no_grad():
+        diff = (plain(ids) - tiny["hf"](ids).logits).abs().max().item()
+    assert diff > 100 * TOL, f"rope scaling made no difference ({diff:.2e}): the test positions do not exercise it"
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy decoding without a KV cache: recompute the whole forward for every new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_tiny_greedy_cache_nocache_and_transformers_agree(tiny):
+    prompt = random_ids(1, 6, seed=2)[0].tolist()
+    cached = M.generate(tiny["ours"], [prompt], 20, stop_ids=set())[0]
+    uncached = naive_greedy(tiny["ours"], prompt, 20)
+    with torch.no_grad():
+        ref = tiny["hf"].generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert len(cached) == 20
+    assert cached == uncached, f"{tiny['name']}: KV-cache decoding differs from full recompute"
+    assert cached == ref, f"{tiny['name']}: greedy tokens differ from transformers"
+
+
+def test_tiny_batched_left_padded_equals_one_by_one(tiny):
+    model = tiny["ours"]
+    prompts = [random_ids(1, n, seed=10 + n)[0].tolist() for n in (3, 11, 7, 1)]
+    batched = M.generate(model, prompts, 20, stop_ids=set())
+    single = [M.generate(model, [p], 20, stop_ids=set())[0] for p in prompts]
+    assert batched == single
+    # the padded forward itself: each row's real positions match its unpadded forward
+    T = max(map(len, prompts))
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)  # (B, T)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)  # (B, T)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
+    with torch.no_grad():
+        padded = model(idx, valid=valid)  # (B, T, V)
+        for b, p in enumerate(prompts):
+            alone = model(torch.tensor([p]))[0]  # (T_b, V)
+            diff = (padded[b, T - len(p):] - alone).abs().max().item()
+            assert diff <= 1e-5, f"row {b}: padded logits differ by {diff:.2e}"
+
+
+# ============================================================================ bad input
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    save_hf(build_hf("llama", dict(num_key_value_heads=2)), d, "safetensors")
+    return d
+
+
+@pytest.fixture
+def broken_dir(tiny_llama_dir, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, d)
+    return d
+
+
+def one_line_error(fn, *args) -> str:
+    with pytest.raises(M.UserError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg and "\n" not in msg, f"not one line: {msg!r}"
+    return msg
+
+
+def test_truncated_safetensors_names_file_and_tensor(broken_dir):
+    from safetensors import safe_open
+    f = broken_dir / "model.safetensors"
+    with safe_open(str(f), "pt") as s:
+        names = set(s.keys())
+    f.write_bytes(f.read_bytes()[:-1000])
+    msg = one_line_error(M.load_model, broken_dir)
+    assert str(f) in msg and "truncated" in msg
+    named = re.search(r"tensor (\S+)", msg)
+    assert named and named.group(1) in names, msg
+
+
+def test_truncated_safetensors_header(broken_dir):
+    f = broken_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    msg = one_line_error(M.load_model, broken_dir)
+    assert str(f) in msg and "truncated" in msg
+
+
+def test_unknown_model_type(broken_dir):
+    cfg = json.loads((broken_dir / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (broken_dir / "config.json").write_text(json.dumps(cfg))
+    msg = one_line_error(M.load_model, broken_dir)
+    assert "'bert'" in msg and "config.json" in msg and str(broken_dir) in msg
+
+
+def test_missing_tensor_named(broken_dir):
+    from safetensors.torch import load_file, save_file
+    f = broken_dir / "model.safetensors"
+    sd = load_file(str(f))
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    msg = one_line_error(M.load_model, broken_dir)
+    assert str(broken_dir) in msg and "missing" in msg and "layers.1.mlp.down" in msg
+
+
+def test_shape_mismatch_named(broken_dir):
+    from safetensors.torch import load_file, save_file
+    f = broken_dir / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    msg = one_line_error(M.load_model, broken_dir)
+    assert str(broken_dir) in msg and "layers.0.mlp.up" in msg and "(95, 64)" in msg and "(96, 64)" in msg
+
+
+@pytest.mark.slow
+def test_truncated_gguf_names_file_and_tensor(tmp_path):
+    src = M.default_model_path()
+    with open(src, "rb") as f:
+        head = f.read(6 << 20)  # metadata + tensor table fit in the first few MB; the data does not
+    for cut, needle in ((6 << 20, "tensor token_embd.weight"), (1000, "truncated GGUF")):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(head[:cut])
+        msg = one_line_error(M.load_model, bad)
+        assert str(bad) in msg and needle in msg, msg
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    assert "bad magic" in one_line_error(M.load_model, bad)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "model.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_bad_model_path_one_line_exit_2(tmp_path):
+    r = run_cli("--model", str(tmp_path / "no-such-model.gguf"), "--max-new-tokens", "2")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no-such-model.gguf" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_cli_generates_with_tiny_model(tiny_llama_dir):
+    r = run_cli("--model", str(tiny_llama_dir), "--prompt", "Hello", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello")
+
+
+def test_offline_hub_id_fails_in_one_line(monkeypatch, tmp_path):
+    def no_network(*a, **k):
+        raise urllib.error.URLError("network is unreachable (simulated)")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # so "someorg/somemodel" is not a local path
+    msg = one_line_error(M.load_model, "someorg/somemodel")
+    assert "someorg/somemodel" in msg and "offline" in msg
+    left = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert left == [], f"a failed download left files behind: {left}"
+
+
+# ============================================================================ sampling
+
+@pytest.fixture(scope="module")
+def small():
+    """A plain random model built from our own Config (no checkpoint), for the sampler tests."""
+    torch.manual_seed(0)
+    m = M.Transformer(M.Config(arch="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=48,
+                               max_seq_len=128))
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(0.15)  # tied head: logits with std about 1, so sampling is not just argmax
+    return m.eval()
+
+
+PROMPTS = [[5, 9, 2], [7, 1, 1, 3, 40, 12]]
+
+
+def test_top_k_1_equals_greedy(small):
+    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
+    assert M.generate(small, PROMPTS, 20, temperature=1.0, top_k=1, stop_ids=set(), seed=3) == greedy
+
+
+def test_tiny_top_p_equals_greedy(small):
+    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
+    assert M.generate(small, PROMPTS, 20, temperature=1.0, top_p=1e-9, stop_ids=set(), seed=3) == greedy
+
+
+def test_seeded_sampling_is_reproducible(small):
+    a = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
+    b = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
+    c = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=8)
+    assert a == b
+    assert a != c, "different seeds gave identical samples"
+    assert a != M.generate(small, PROMPTS, 20, stop_ids=set()), "sampling at temperature 1 equals greedy"
+
+
+def test_stop_ids_end_a_row(small):
+    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
+    stop = greedy[0][4]
+    first = greedy[0].index(stop)
+    out = M.generate(small, PROMPTS, 20, stop_ids={stop})
+    assert out[0] == greedy[0][:first]  # the stop token itself is not returned
+    assert stop not in out[1]
+
+
+def sample_many(logits_row, n=40000, seed=0, **kw):
+    logits = torch.tensor(logits_row).expand(n, -1)  # (n, V)
+    draws = M.sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.bincount(draws, minlength=len(logits_row)).float() / n  # (V,) empirical frequencies
+
+
+ROW = [2.0, 1.0, 0.0, -1.0, -3.0]
+
+
+def test_temperature_matches_softmax():
+    for t in (0.5, 1.0, 2.0):
+        freq = sample_many(ROW, temperature=t)
+        want = torch.softmax(torch.tensor(ROW) / t, -1)
+        assert (freq - want).abs().max() < 0.01, (t, freq, want)
+
+
+def test_top_k_keeps_k_best_renormalised():
+    freq = sample_many(ROW, temperature=1.0, top_k=2)
+    want = torch.softmax(torch.tensor(ROW[:2]), -1)
+    assert freq[2:].sum() == 0 and (freq[:2] - want).abs().max() < 0.01
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    probs = torch.softmax(torch.tensor(ROW), -1)  # about [.63, .23, .09, .03, .004]
+    for p in (0.5, 0.8, 0.95):
+        n_keep = int((probs.cumsum(0) < p).sum()) + 1  # smallest prefix with mass >= p
+        freq = sample_many(ROW, temperature=1.0, top_p=p)
+        want = probs[:n_keep] / probs[:n_keep].sum()
+        assert freq[n_keep:].sum() == 0, (p, freq)
+        assert (freq[:n_keep] - want).abs().max() < 0.01, (p, freq, want)
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(M.sample_next(logits, 0.0, top_k=5, top_p=0.5), logits.argmax(-1))
+
+
+# ============================================================================ real weights (SmolLM2-135M GGUF)
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return M.default_model_path()
+
+
+@pytest.fixture(scope="module")
+def gguf_read(gguf_path):
+    return M.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
+
+
+@pytest.fixture(scope="module")
+def real(gguf_path):
+    return M.load_model(gguf_path)  # (model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hf_real(gguf_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_smol_tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(SMOL_HF_TOK)
+
+
+RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
+               "The three primary colors are", "import numpy as np\n"]
+
+
+@pytest.mark.slow
+def test_real_model_loads(real):
+    model, tok = real
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_ffn, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 1536, 9, 3, 49152)
+    assert cfg.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
+    assert tok.n_vocab == 49152 and tok.eos_id == 2 and 2 in tok.stop_ids
+    assert re.fullmatch(r"[0-9a-f]{16}", model.fingerprint)
+
+
+@pytest.mark.slow
+def test_gguf_dequantization_bit_exact(gguf_path, gguf_read):
+    import gguf
+    _, ours = gguf_read
+    reader = gguf.GGUFReader(str(gguf_path))
+    assert len(reader.tensors) == len(ours) == 272
+    kinds = set()
+    for t in reader.tensors:
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        mine = ours[t.name].numpy()
+        kinds.add(t.tensor_type.name)
+        assert mine.shape == ref.reshape(mine.shape).shape and mine.size == ref.size, t.name
+        assert np.array_equal(mine.reshape(-1).view(np.uint32), ref.reshape(-1).view(np.uint32)), \
+            f"{t.name} ({t.tensor_type.name}) differs from gguf.quants.dequantize"
+    assert kinds == {"Q4_1", "Q8_0", "F32"}
+
+
+@pytest.mark.slow
+def test_real_logits_match_transformers_gguf(real, hf_real):
+    model, tok = real
+    worst = 0.0
+    for text in RAW_PROMPTS[:3]:
+        ids = torch.tensor([tok.encode(text)])  # (1, T)
+        with torch.no_grad():
+            diff = (model(ids) - hf_real(ids).logits).abs().max().item()
+        worst = max(worst, diff)
+    print(f"\nreal model: max |delta logit| vs transformers over 3 prompts = {worst:.3g}")
+    assert worst <= TOL
+
+
+@pytest.mark.slow
+def test_real_greedy_matches_transformers(real, hf_real):
+    """Raw prompts (no chat template), 16 new tokens: ours batched with left padding vs transformers one by one."""
+    model, tok = real
+    prompts = [tok.encode(p) for p in RAW_PROMPTS]
+    ours = M.generate(model, prompts, 16, stop_ids=set())
+    for p, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_real.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                   pad_token_id=tok.pad_id)[0, len(p):].tolist()
+        assert got == ref, f"{tok.decode(p)!r}: ours {tok.decode(got)!r} vs transformers {tok.decode(ref)!r}"
+
+
+@pytest.mark.slow
+def test_chat_template_and_paris(real, hf_smol_tok):
+    model, tok = real
+    question = "What is the capital of France?"
+    prompt = tok.chat_prompt(question)
+    ref = hf_smol_tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert prompt == ref
+    answer = M.generate_text(model, tok, [prompt], 24)[0]
+    print(f"\nchat answer: {answer!r}")
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_stop_string_cuts_text(real):
+    model, tok = real
+    prompt = "The capital of France is"
+    full = M.generate_text(model, tok, [prompt], 24)[0]
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = words[3]
+    cut = M.generate_text(model, tok, [prompt], 24, stop_strings=[stop])[0]
+    assert cut == full[:full.find(stop)]
+    n_full = len(M.generate(model, [tok.encode(prompt)], 24, tokenizer=tok)[0])
+    n_cut = len(M.generate(model, [tok.encode(prompt)], 24, stop_strings=[stop], tokenizer=tok)[0])
+    assert n_cut < n_full, "generation did not stop at the stop string"
+
+
+def wikitext_windows(tok, n_tokens: int, window: int) -> torch.Tensor:
+    text = gzip.open(CORPORA / "english_wikitext2_test.txt.gz", "rt", encoding="utf-8").read()
+    ids = torch.tensor(tok.encode(text))
+    n = min(n_tokens, len(ids)) // window
+    return ids[: n * window].view(n, window)  # (N, T) non-overlapping windows
+
+
+@pytest.mark.slow
+def test_wikitext2_perplexity(real, hf_real):
+    """Perplexity of the real model on held-out wikitext-2 test text (non-overlapping windows, every token but
+    the first of each window predicted). A small slice by default; FREE_MOE_PPL_TOKENS raises it."""
+    model, tok = real
+    window = 512
+    windows = wikitext_windows(tok, int(os.environ.get("FREE_MOE_PPL_TOKENS", 4 * window)), window)
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for i, x in enumerate(windows):
+            logits = model(x[None])[0]  # (T, V)
+            nll = F.cross_entropy(logits[:-1], x[1:], reduction="sum").item()
+            if i == 0:  # the same window through transformers: same loss
+                ref = F.cross_entropy(hf_real(x[None]).logits[0, :-1], x[1:], reduction="sum").item()
+                assert abs(nll - ref) / (window - 1) < 1e-4, (nll, ref)
+            nll_sum, count = nll_sum + nll, count + window - 1
+    ppl = math.exp(nll_sum / count)
+    print(f"\nwikitext-2 test perplexity: {ppl:.3f} ({count} predicted tokens, {len(windows)} windows of {window})")
+    # a model that had learned nothing would score ~49152 (uniform) and a unigram model several hundred
+    assert 1.0 < ppl < 100.0
+
+
+# ============================================================================ tokenizers vs transformers
+
+UNICODE = [
+    "Hello world, this is GPT-2!", "This is a test sentence.", "", " ", "  two  spaces  ", "\t\ttabs\tand\n\nnewlines\r\n",
+    "I'm, you're, we've, they'll, he'd, she's, IT'S, WE'LL", "numbers 1234567890 3.14159 1,000,000 1e-9",
+    "naïve café résumé Zürich São Paulo", "Ελληνικά και ∑ ∫ ∂ √ ∞ ≈ ≠", "日本語のテキスト、漢字とかな。", "中文分词测试：你好，世界！",
+    "한국어 텍스트", "Русский текст, ёлки-палки", "عربي: مرحبا بالعالم", "हिन्दी पाठ", "emoji 😀👍🏽👨‍👩‍👧‍👦 🇫🇷",
+    "zero\u200bwidth and combining e\u0301", "code: `x = f(a, b) ** 2  # comment`", "    indented\n        more",
+    "trailing spaces   \n", "\n\n\n", "a\u00a0nbsp", "$$\\frac{a}{b} = \\sqrt{x^2}$$", "<html><body>&amp;</body></html>",
+]
+
+
+def corpus_lines(name: str, n: int, stride: int = 1) -> list[str]:
+    with gzip.open(CORPORA / name, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return lines[::stride][:n]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """About 4000 lines of prose, code, math and unicode, plus multi-line blocks (newlines and indentation)."""
+    out = list(UNICODE)
+    out += corpus_lines("english_wikitext2_test.txt.gz", 700, stride=5)
+    out += corpus_lines("english_shakespeare.txt.gz", 500, stride=50)
+    out += corpus_lines("math_gsm8k_train.txt.gz", 500, stride=50)
+    out += corpus_lines("medical_medmcqa.txt.gz", 400, stride=10)
+    code = corpus_lines("code_python.txt.gz", 60000)
+    out += code[:40000:40]  # 1000 single lines of code
+    out += ["\n".join(code[i:i + 30]) for i in range(0, 6000, 100)]  # 60 blocks of 30 lines
+    with gzip.open(SHARED / "data" / "mmlu" / "test.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][::20]  # 703 questions with their choices, unicode kept
+    out += [r["question"] + "\n" + "\n".join(r["choices"]) for r in rows]
+    return out
+
+
+def assert_same_ids(ours: list[list[int]], ref: list[list[int]], texts: list[str], what: str):
+    bad = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
+    assert len(ours) == len(ref) == len(texts)
+    if bad:
+        i = bad[0]
+        pytest.fail(f"{what}: {len(bad)}/{len(texts)} texts differ; first {texts[i][:80]!r}: "
+                    f"ours {ours[i][:16]} vs reference {ref[i][:16]}")
+
+
+def assert_round_trip(tok, texts):
+    bad = [t for t in texts if tok.decode(tok.encode(t)) != t]
+    assert not bad, f"decode(encode(x)) != x for {len(bad)} texts, first {bad[0][:80]!r}"
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(gguf_path, gguf_read, hf_smol_tok, texts):
+    meta, _ = gguf_read
+    specials = ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "<repo_name>x<file_sep>y<|endoftext|>"]
+    all_texts = texts + specials
+    ref = hf_smol_tok(all_texts, add_special_tokens=False)["input_ids"]
+    from_gguf = M.Tokenizer.from_gguf_meta(meta, gguf_path)
+    tok_cfg = json.loads((SMOL_HF_TOK / "tokenizer_config.json").read_text())
+    from_json = M.Tokenizer.from_tokenizer_json(SMOL_HF_TOK / "tokenizer.json", tok_cfg)
+    for name, tok in (("GGUF tokenizer", from_gguf), ("tokenizer.json", from_json)):
+        assert_same_ids([tok.encode(t) for t in all_texts], ref, all_texts, f"SmolLM2 {name}")
+        assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+        assert_round_trip(tok, texts)
+    assert len(texts) > 3000
+
+
+@pytest.mark.slow
+def test_gpt2_tokenizer_matches_transformers(tmp_path, texts):
+    from transformers import GPT2Tokenizer
+    write_gpt2_tokenizer(tmp_path)
+    hf = GPT2Tokenizer.from_pretrained(tmp_path)
+    all_texts = texts + ["before<|endoftext|>after"]
+    ref = hf(all_texts, add_special_tokens=False)["input_ids"]
+    tok = M.Tokenizer.from_gpt2_files(GPT2_TOK_DIR / "encoder.json", GPT2_TOK_DIR / "vocab.bpe")
+    assert_same_ids([tok.encode(t) for t in all_texts], ref, all_texts, "GPT-2")
+    assert tok.encode("Hello world, this is GPT-2!") == [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 0]
+    assert_round_trip(tok, texts)
+
+
+@pytest.mark.slow
+def test_llama3_tokenizer_matches_transformers(texts):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    # Meta's special tokens, written out here independently of model.py
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+    specials += ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    specials += [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+    hf = TikTokenConverter(vocab_file=str(LLAMA3_TOK), extra_special_tokens=specials).converted()
+    all_texts = texts + ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]
+    ref = [e.ids for e in hf.encode_batch(all_texts, add_special_tokens=False)]
+    tok = M.Tokenizer.from_tiktoken_file(LLAMA3_TOK)
+    assert tok.n_vocab == hf.get_vocab_size() == 128256
+    assert_same_ids([tok.encode(t) for t in all_texts], ref, all_texts, "Llama-3")
+    # the expected value in Meta's llama3 repository (llama/test_tokenizer.py)
+    assert tok.encode("This is a test sentence.", bos=True) + [tok.eos_id] == \
+        [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert {tok.special["<|eot_id|>"], tok.eos_id} <= tok.stop_ids
+    assert_round_trip(tok, texts)
