@@ -1,0 +1,386 @@
+"""Tests for evaluate.py.
+
+Sandbox: every HumanEval canonical solution and MBPP reference passes, the bare prompts fail, and hostile programs
+(infinite loop, fork bomb, huge allocation, huge file, deleting files, network, killing the evaluator, exiting early)
+end as failures within the timeout without touching anything outside their temporary directory.
+Scoring: answer extraction, pass@k, prompt format (golden string), batched log-likelihood = a brute-force forward
+per choice on a tiny random model, resume after a SIGKILL gives byte-identical results.json, data errors are one line.
+Slow: the same machinery on the real SmolLM2-135M model.
+"""
+import gzip
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate as E  # noqa: E402
+import model as M  # noqa: E402
+
+DATA = E.data_root(None)
+HF_TOKENIZER = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer" / "tokenizer.json"
+
+
+# ----------------------------------------------------------------------------- prompts and parsing
+
+def test_mmlu_prompt_golden():
+    shot = {"subject": "high_school_physics", "question": " What is 1+1? ", "choices": ["1", "2", "3", "4"], "answer": 1}
+    doc = {"subject": "high_school_physics", "question": "Which is a vector?", "choices": ["mass", "speed", "velocity", "time"],
+           "answer": 2}
+    assert E.mmlu_prompt(doc, [shot]) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+        "Which is a vector?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:")
+    assert E.mmlu_cloze_prompt(doc, [shot]) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "What is 1+1?\nAnswer: 2\n\nWhich is a vector?\nAnswer:")
+
+
+def test_mmlu_categories_cover_the_data():
+    subjects = {d["subject"] for d in E.load_mmlu(DATA, "test")}
+    assert subjects == set(E.MMLU_SUBJECT_CATEGORY) and len(subjects) == 57
+    assert [len(v) for v in E.MMLU_CATEGORIES.values()] == [19, 13, 12, 13]
+
+
+def test_gsm8k_prompt_and_reference():
+    train = E.load_gsm8k(DATA, "train")
+    p = E.gsm8k_prompt({"question": "Q?"}, train[:1])
+    assert p.startswith("Question: Natalia sold clips") and "<<" not in p and p.endswith("\n\nQuestion: Q?\nAnswer:")
+    assert E.gsm8k_reference(train[0]) == "72"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("#### 1,234", "1234"),
+    ("She pays $1,234.00 in total.", "1234"),
+    ("The temperature is -5 degrees", "-5"),
+    ("so 12-3 = 9", "9"),
+    ("12-3", "3"),
+    ("It weighs 3.50 kg", "3.5"),
+    ("He has 5 apples and 7 pears, 12 fruits.", "12"),
+    ("He earns 10% of 50, which is 5.", "5"),
+    ("#### 42\nQuestion: what about 7?", "42"),
+    ("first 18 then #### 20 dollars and 30", "20"),
+    ("#### -3", "-3"),
+    ("x = -0.25", "-0.25"),
+    ("1,000,000 people came", "1000000"),
+    ("The answer is 7.", "7"),
+    ("Answer: 0.0", "0"),
+    ("costs $.5 each", "0.5"),
+    ("The answer is (-4)", "-4"),
+    ("#### no number, but 8 earlier", "8"),
+    ("no numbers at all", None),
+    ("", None),
+])
+def test_gsm8k_answer_extraction(text, expected):
+    assert E.extract_gsm8k_answer(text) == expected
+
+
+def test_pass_at_k():
+    assert E.pass_at_k(10, 0, 1) == 0.0 and E.pass_at_k(10, 10, 5) == 1.0
+    for n, c, k in [(5, 2, 1), (10, 3, 5), (20, 1, 10), (7, 6, 2)]:
+        assert E.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+
+
+def test_select_is_seeded_and_prefix_stable():
+    items = list(range(100))
+    a, b = E.select(items, 10, 0), E.select(items, 20, 0)
+    assert a == E.select(items, 10, 0) and set(a) <= set(b) and a == sorted(a) and a != E.select(items, 10, 1)
+    assert E.select(items, None, 0) == items
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_mean():
+    x = (torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.3).double().numpy()
+    ones = x * 0 + 1
+    lo, hi = E.bootstrap(x, ones, seed=0)
+    assert lo < x.mean() < hi and [lo, hi] == E.bootstrap(x, ones, seed=0)
+    dlo, dhi = E.bootstrap(x, ones, seed=0, ref=(x, ones))
+    assert dlo == dhi == 0.0
+
+
+# ----------------------------------------------------------------------------- sandbox
+
+def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail():
+    problems = E.load_humaneval(DATA)
+    good = E.run_many([E.humaneval_program(p, p["canonical_solution"]) for p in problems], timeout=10)
+    bare = E.run_many([E.humaneval_program(p, "") for p in problems], timeout=10)
+    assert [p["task_id"] for p, r in zip(problems, good) if not r.passed] == []
+    assert [p["task_id"] for p, r in zip(problems, bare) if r.passed] == []
+    assert len(problems) == 164
+
+
+@pytest.mark.slow
+def test_mbpp_reference_code_passes_and_no_code_fails():
+    """The test split (task ids 11-510); `python -c` over all 974 also passes but doubles the time."""
+    docs = [d for d in E.load_mbpp(DATA) if 11 <= d["task_id"] <= 510]
+    good = E.run_many([E.mbpp_program(d, d["code"]) for d in docs], timeout=10)
+    bare = E.run_many([E.mbpp_program(d, "") for d in docs], timeout=10)
+    assert [d["task_id"] for d, r in zip(docs, good) if not r.passed] == []
+    assert [d["task_id"] for d, r in zip(docs, bare) if r.passed] == []
+    assert len(docs) == 500
+
+
+def _processes_of(uid):
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                for line in (d / "status").read_text().splitlines():
+                    if line.startswith("Uid:") and int(line.split()[1]) == uid:
+                        pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def protected(tmp_path):
+    """A directory outside the sandbox with a file the hostile programs try to delete or overwrite."""
+    d = tmp_path / "protected"
+    d.mkdir()
+    (d / "keep.txt").write_text("precious")
+    os.chmod(d, 0o755)
+    return d
+
+
+def _hostile_programs(protected, port):
+    return {
+        "infinite_loop": "while True:\n    pass",
+        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "alloc_50GB": "x = bytearray(50 * 2**30)\nx[-1] = 1",
+        "write_10GB_file": "with open('big.bin', 'wb') as f:\n    for _ in range(10 * 1024):\n        f.write(b'x' * 2**20)",
+        "delete_outside": (f"import os, shutil\nos.remove({str(protected / 'keep.txt')!r})\n"
+                           f"shutil.rmtree({str(protected)!r})"),
+        "write_outside": f"open({str(protected / 'keep.txt')!r}, 'w').write('gone')",
+        "socket_to_localhost": (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                                "s.sendall(b'hello')"),
+        "kill_parent": f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)\nos.kill(os.getppid(), signal.SIGKILL)",
+        "kill_all": "import os, signal\nos.kill(-1, signal.SIGKILL)",
+        "exit_before_tests": "import sys\nsys.exit(0)\nassert False",
+    }
+
+
+HOSTILE = ["infinite_loop", "fork_bomb", "alloc_50GB", "write_10GB_file", "delete_outside", "write_outside",
+           "socket_to_localhost", "kill_parent", "kill_all", "exit_before_tests"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_program_fails_safely(name, protected):
+    cfg = E.sandbox_config()
+    if name == "fork_bomb" and not (cfg.drop_uid or os.geteuid() != 0):
+        pytest.skip("RLIMIT_NPROC does not bind root: never run a fork bomb without the uid drop")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    source = _hostile_programs(protected, port)[name] + "\n\nassert True  # the 'tests'"
+    before = sorted(os.listdir(protected))
+    t0 = time.time()
+    res = E.run_sandboxed(source, timeout=3, memory_mb=1024)
+    elapsed = time.time() - t0
+    assert not res.passed, (name, res)
+    assert elapsed < 3 + 5, elapsed
+    assert sorted(os.listdir(protected)) == before and (protected / "keep.txt").read_text() == "precious"
+    with pytest.raises(socket.timeout):  # nobody connected to our listening socket
+        server.accept()
+    server.close()
+    if res.uid is not None:  # nothing of the sandbox survives (fork bomb children included); SIGKILLed
+        deadline = time.time() + 5  # processes may take a moment to be reaped
+        while _processes_of(res.uid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _processes_of(res.uid) == []
+    assert E.run_sandboxed("print('still fine')").passed  # and the evaluator carries on
+
+
+def test_sandbox_needs_the_marker_after_the_tests():
+    assert E.run_sandboxed("assert 1 + 1 == 2").passed
+    assert not E.run_sandboxed("assert 1 + 1 == 3").passed
+    assert not E.run_sandboxed("import os\nos._exit(0)").passed
+    r = E.run_sandboxed("import time\ntime.sleep(30)", timeout=1)
+    assert r.status == "timeout"
+
+
+# ----------------------------------------------------------------------------- data errors
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_help():
+    r = _run_cli("--help")
+    assert r.returncode == 0 and "--systems" in r.stdout and "purify" in r.stdout
+
+
+def _broken_data(tmp_path, case):
+    d = tmp_path / "data"
+    (d / "mmlu").mkdir(parents=True)
+    good = (DATA / "mmlu" / "dev.jsonl.gz").read_bytes()
+    (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
+    test = d / "mmlu" / "test.jsonl.gz"
+    if case == "truncated_gzip":
+        test.write_bytes(good[: len(good) // 2])
+    elif case == "bad_json":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q"\n'))
+    elif case == "missing_field":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q", "choices": ["a","b","c","d"]}\n'))
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated_gzip", "bad_json", "missing_field"])
+def test_corrupt_or_missing_data_is_a_one_line_user_error(tmp_path, case):
+    args = E.parse_args(["--data-dir", str(_broken_data(tmp_path, case)), "--tasks", "mmlu"])
+    with pytest.raises(M.UserError) as e:
+        E.check_data(args)
+    assert "test.jsonl.gz" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_data_cli_exits_2_without_traceback(tmp_path):
+    root = _broken_data(tmp_path, "truncated_gzip")
+    r = _run_cli("--data-dir", str(root), "--tasks", "mmlu", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unknown_or_unbuilt_system_is_a_user_error():
+    args = E.parse_args(["--systems", "random"])
+    with pytest.raises(M.UserError, match="needs --experts FILE"):
+        E.build_systems(args, None)
+    with pytest.raises(M.UserError, match="unknown system"):
+        E.build_systems(E.parse_args(["--systems", "sparse"]), None)
+
+
+# ----------------------------------------------------------------------------- tiny model: scoring and resume
+
+def tiny_model_and_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    tok = M.Tokenizer.from_tokenizer_json(HF_TOKENIZER)
+    cfg = M.Config(arch="llama", vocab_size=tok.n_vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64,
+                   max_seq_len=4096, name="tiny")  # MMLU 5-shot prompts reach ~2.3k tokens
+    model = M.Transformer(cfg).eval().requires_grad_(False)
+    model.fingerprint = M.fingerprint(model)
+    return model, tok
+
+
+@torch.no_grad()
+def brute_loglik(model, ctx, cont):
+    logits = model(torch.tensor([ctx + cont]))[0]  # (T, V), one unpadded forward per choice
+    logp = F.log_softmax(logits[len(ctx) - 1:-1].float(), -1)
+    return logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+
+
+def test_mmlu_scoring_equals_brute_force_per_choice_forward():
+    model, tok = tiny_model_and_tokenizer()
+    # 2 shots: prompts of unequal lengths (some > 1000 tokens), so several padded forwards of mixed rows
+    args = E.parse_args(["--limit", "5", "--mmlu-shots", "2", "--batch-tokens", "1500"])
+    rt = E.Runtime(model, tok, args, DATA)
+    task = E.prepare_mmlu(rt)
+    recs = E.run_mmlu(rt, E.System("dense"), task.items)
+    for it, rec in zip(task.items, recs):
+        ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
+        letters = [brute_loglik(model, ctx, tok.encode(f" {L}")) for L in "ABCD"]
+        clozes = [brute_loglik(model, cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
+        assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-4)
+        assert rec["loglik_cloze"] == pytest.approx(clozes, abs=1e-4)
+        assert rec["prediction"] == "ABCD"[max(range(4), key=letters.__getitem__)]
+
+
+def tiny_args(out):
+    return E.parse_args(["--tasks", "mmlu", "gsm8k", "humaneval", "ppl", "--limit", "4", "--batch-size", "2",
+                         "--gsm8k-shots", "2", "--gsm8k-max-tokens", "6", "--code-max-tokens", "6",
+                         "--ppl-len", "64", "--mmlu-shots", "1", "--timeout", "5", "--out", str(out)])
+
+
+def run_tiny(out, kill_after_batches=None):
+    """A full evaluation on the tiny model; optionally SIGKILLs its own process after some batches."""
+    model, tok = tiny_model_and_tokenizer()
+    if kill_after_batches is not None:
+        count = [0]
+        for name, prep in list(E.PREPARE.items()):
+            def wrapped(rt, prep=prep):
+                task = prep(rt)
+                inner = task.run_batch
+
+                def run_batch(*a):
+                    if count[0] == kill_after_batches:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    count[0] += 1
+                    return inner(*a)
+                task.run_batch = run_batch
+                return task
+            E.PREPARE[name] = wrapped
+    return E.run(tiny_args(out), model, tok)
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_tiny(whole)
+    for kill_after in (3, 9):  # killed in mmlu, then again in a later task
+        code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_evaluate as T; " \
+               f"T.run_tiny({str(resumed)!r}, kill_after_batches={kill_after})"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    # a line cut in the middle of a write, as a kill during f.write would leave it
+    with open(resumed / "items" / "dense" / "gsm8k.jsonl", "a") as f:
+        f.write('{"id": "12", "correct": 1')
+    run_tiny(resumed)
+    assert (resumed / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+    for path in (resumed / "items" / "dense").glob("*.jsonl"):
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines()[1:]]
+        assert len(ids) == len(set(ids)) and len(ids) == len(
+            [json.loads(line) for line in (whole / "items" / "dense" / path.name).read_text().splitlines()[1:]])
+    result = json.loads((whole / "results.json").read_text())
+    assert set(result["systems"]["dense"]["tasks"]) == {"mmlu", "mmlu_cloze", "gsm8k", "humaneval", "bpb_general",
+                                                         "bpb_code", "bpb_math", "bpb_knowledge", "integrated"}
+    assert result["settings"]["n_items"] == {"mmlu": 4, "gsm8k": 4, "humaneval": 4, "ppl": 16}
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    model, tok = tiny_model_and_tokenizer()
+    args = E.parse_args(["--tasks", "gsm8k", "--limit", "1", "--gsm8k-max-tokens", "2", "--gsm8k-shots", "0",
+                         "--out", str(tmp_path)])
+    E.run(args, model, tok)
+    args.gsm8k_max_tokens = 3
+    with pytest.raises(M.UserError, match="other settings"):
+        E.run(args, model, tok)
+
+
+# ----------------------------------------------------------------------------- real model
+
+@pytest.fixture(scope="module")
+def real():
+    return M.load_model()
+
+
+@pytest.mark.slow
+def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
+    model, tok = real
+    args = E.parse_args(["--limit", "2", "--mmlu-shots", "0"])  # short prompts: this CPU is slow
+    rt = E.Runtime(model, tok, args, DATA)
+    task = E.prepare_mmlu(rt)
+    recs = E.run_mmlu(rt, E.System("dense"), task.items)
+    for it, rec in zip(task.items, recs):
+        letters = [brute_loglik(model, tok.encode(it["prompt"]), tok.encode(f" {L}")) for L in "ABCD"]
+        assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-3)
+    # greedy batched generation equals generating each prompt alone (left padding is invisible)
+    prompts = ["def add(a, b):\n", "Question: What is 2 + 3?\nAnswer:"]
+    batched, _ = E.complete(rt, prompts, E.GSM8K_STOPS, 8)
+    single = [E.complete(rt, [p], E.GSM8K_STOPS, 8)[0][0] for p in prompts]
+    assert batched == single
+    # a short end-to-end run through the CLI code path
+    args = E.parse_args(["--tasks", "gsm8k", "ppl", "--limit", "1", "--gsm8k-shots", "0", "--gsm8k-max-tokens", "16",
+                         "--ppl-len", "256", "--ppl-domains", "general", "--out", str(tmp_path)])
+    result = E.run(args, model, tok)
+    bpb = result["systems"]["dense"]["tasks"]["bpb_general"]["value"]
+    assert 0.3 < bpb < 3.0, bpb  # a trained model compresses English text to roughly 1 bit per byte
