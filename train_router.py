@@ -1,0 +1,423 @@
+"""train_router.py — train the Free-MoE router (and nothing else: the LLM stays frozen, "tuning-free").
+
+Pipeline position: the third stage
+    model.py  ->  purify.py (DOWP, DSS-Experts)  ->  train_router.py / router.py  ->  evaluate.py
+
+What goes in:  a model (--model, default SmolLM2-135M-Instruct), the experts file from purify.py (--experts) and the
+               domain data of purify.py (calibration split for training, the canonical held-out split for metrics).
+What comes out (--out, default runs/router.safetensors, plus beside it):
+    router.safetensors     the router parameters; metadata = model fingerprint, experts identity, config, hyper-params
+    router.json / .md      level 1 held-out accuracy + confusion matrix, level 2 gates, active fraction and perplexity
+    l1_features.*.safetensors   cached pooled early-layer features (a re-run with the same settings skips that pass)
+
+    python train_router.py --experts experts/experts.safetensors --out runs/router.safetensors
+    python train_router.py --experts experts/experts.safetensors --lam 0.3 --l2-steps 8 --out runs/r_lam03.safetensors
+
+Training choices, all in one place:
+    Level 1 (domain head). Data: per domain, random windows of 16..256 tokens (log-uniform length, so short prompts are
+        as common as long ones) cut from the calibration split, plus short question-style snippets made from the
+        calibration documents (a GSM8K question, an MMLU question with options, a `def` line with its docstring, a
+        few Wikipedia sentences; code also gets MBPP train-split task texts 601..974), a fifth of them wrapped in the
+        chat template. Features are computed once (truncated forward, router.prompt_features) and cached; the head
+        is then trained on them with cross-entropy, AdamW (lr 3e-3, weight decay 0.01), batch 64, label smoothing
+        0.05. Held-out split "heldout": windows and snippets from purify's held-out documents, plus benchmark-style
+        prompts never used in training: MMLU held-out-bucket questions (knowledge), GSM8K test questions (math) and
+        HumanEval prompts (code).
+    Level 2 (per-layer gates). Loss = KL(dense || routed) per token + lam * active FFN fraction, on calibration
+        windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an expert is safe,
+        independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
+        (router.MixedMLP, passed through mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
+        "st" (default) uses the hard 0/1 gate in the forward pass and the sigmoid's gradient (straight-through), so
+        training sees the same model inference runs; "soft" uses the relaxed g. The dense teacher's log-probs are
+        computed once per batch and reused across epochs. AdamW on the gate logits only, lr 0.2, no weight decay.
+    The threshold (default 0.5) and fallback (default dense) are stored in the checkpoint; both can be overridden at
+    load time (router.load_router(..., threshold=, fallback=, budget=)).
+
+Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k kept neurons, N prompts, V vocab.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+import purify
+import router as R
+
+
+# ----------------------------------------------------------------------------- level 1 data
+
+def random_windows(windows: torch.Tensor, n: int, rng: random.Random, lo: int = 16, hi: int = 256) -> list[list[int]]:
+    """n random sub-windows of log-uniform length in [lo, hi] from token windows (N, T)."""
+    out = []
+    for _ in range(n):
+        row = windows[rng.randrange(len(windows))].tolist()
+        length = min(len(row), int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+        start = rng.randrange(len(row) - length + 1)
+        out.append(row[start:start + length])
+    return out
+
+
+def question_snippet(domain: str, doc: str, rng: random.Random) -> str | None:
+    """A short, question-style prompt cut from one document of a built-in domain (None if the document has none)."""
+    if domain == "math":  # "Question: ...\nAnswer: ..." -> the question, as a prompt or bare
+        q = doc.split("\nAnswer:")[0].removeprefix("Question: ").strip()
+        return rng.choice([f"Question: {q}\nAnswer:", q])
+    if domain == "knowledge":  # question + options + "Answer: X. text" -> without the answer, or the question alone
+        body = doc.rsplit("\nAnswer:", 1)[0]
+        return rng.choice([body + "\nAnswer:", body.split("\nA. ")[0]])
+    if domain == "code":  # a def line with its docstring, or a few lines of code
+        defs = re.findall(r'(?m)^[ \t]*def [^\n]*:\n[ \t]*(?:"""|\'\'\')[\s\S]{0,300}?(?:"""|\'\'\')', doc)
+        if defs and rng.random() < 0.7:
+            return rng.choice(defs)
+        lines = [ln for ln in doc.split("\n") if ln.strip() and not ln.startswith("# =====")]
+        if not lines:
+            return None
+        i = rng.randrange(len(lines))
+        return "\n".join(lines[i:i + rng.randint(1, 6)])
+    # general and user domains: one to three sentences of running text
+    sents = [s for s in re.split(r"(?<=[.!?])\s+", doc.replace("\n", " ")) if len(s.split()) > 3 and "=" not in s]
+    if not sents:
+        return None
+    i = rng.randrange(len(sents))
+    return " ".join(sents[i:i + rng.randint(1, 3)])
+
+
+def domain_snippets(domain: str, split: str, n: int, data_dir, rng: random.Random) -> list[str]:
+    docs = purify.domain_documents(domain, split, data_dir)
+    out, tries = [], 0
+    while len(out) < n and tries < 20 * n:
+        tries += 1
+        s = question_snippet(domain, rng.choice(docs), rng)
+        if s and s.strip():
+            out.append(s.strip()[:1500])
+    return out
+
+
+def mbpp_texts(data_dir, lo: int, hi: int) -> list[str]:
+    """MBPP task texts with task_id in [lo, hi] (601..974 is MBPP's train split; evaluate.py scores 11..510)."""
+    rows = purify.read_jsonl(M.shared_dir(data_dir) / "data" / "mbpp" / "mbpp.jsonl")
+    return [r["text"] for r in rows if lo <= int(r["task_id"]) <= hi]
+
+
+def benchmark_prompts(domain: str, n: int, data_dir, rng: random.Random) -> list[str]:
+    """Held-out, benchmark-style prompts (never used in training): MMLU held-out bucket, GSM8K test, HumanEval."""
+    root = M.shared_dir(data_dir) / "data"
+    if domain == "knowledge":
+        rows = [r for r in purify.read_jsonl(root / "mmlu" / "test.jsonl.gz") if purify.mmlu_bucket(r) == "heldout"]
+        texts = []
+        for r in rows:
+            subj = r["subject"].replace("_", " ")
+            opts = "".join(f"\n{purify.LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
+            texts.append(f"The following are multiple choice questions (with answers) about {subj}.\n\n"
+                         f"{r['question'].strip()}{opts}\nAnswer:")
+    elif domain == "math":
+        texts = [f"Question: {r['question']}\nAnswer:" for r in purify.read_jsonl(root / "gsm8k" / "test.jsonl")]
+    elif domain == "code":
+        with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+            texts = [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+    else:
+        return []
+    return rng.sample(texts, min(n, len(texts)))
+
+
+def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippets: int, n_bench: int, seed: int):
+    """Domain-labelled prompts (token ids) and labels for level 1; `split` is "calib" (train) or "heldout"."""
+    rng = random.Random(f"{seed}-{split}")
+    prompts, labels, sources = [], [], []
+    for label, d in enumerate(domains):
+        windows = purify.load_domain_tokens(d, tok, data_dir, split, n_tokens=max(256, n_windows * 64), seed=seed,
+                                            seq_len=256)  # (N, 256)
+        items = [("window", p) for p in random_windows(windows, n_windows, rng)]
+        texts = domain_snippets(d, split, n_snippets, data_dir, rng)
+        if d == "code" and split == "calib":
+            texts += rng.sample(mbpp_texts(data_dir, 601, 974), min(n_snippets // 2, 374))
+        for t in texts:  # a fifth in the chat template: instruct-model prompts look like that
+            t = tok.chat_prompt(t) if rng.random() < 0.2 else t
+            items.append(("snippet", tok.encode(t)))
+        if split == "heldout":
+            items += [(f"bench", tok.encode(t)) for t in benchmark_prompts(d, n_bench, data_dir, rng)]
+        for src, p in items:
+            if p:
+                prompts.append(p)
+                labels.append(label)
+                sources.append(src)
+    return prompts, torch.tensor(labels), sources
+
+
+def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, tag: str):
+    """router.prompt_features, cached on disk by a hash of everything that determines them."""
+    h = hashlib.sha256(json.dumps([model.fingerprint, route_layer, max_tokens, prompts]).encode()).hexdigest()[:16]
+    path = cache_dir / f"l1_features.{tag}.{h}.safetensors"
+    if path.exists():
+        return M.read_safetensors(path)["feats"].clone()
+    feats = R.prompt_features(model, prompts, route_layer, max_tokens, progress=True)  # (N, C)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    M.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint})
+    return feats
+
+
+# ----------------------------------------------------------------------------- level 1 training
+
+def train_level1(router: R.Router, feats, labels, val_feats, val_labels, epochs: int, lr: float, seed: int,
+                 log=print):
+    """Cross-entropy on cached features; one metric line per epoch on the named held-out split."""
+    router.feat_mean.copy_(feats.mean(0))
+    router.feat_std.copy_(feats.std(0).clamp(min=1e-4))  # standardise: residual dims differ by orders of magnitude
+    params = list(router.head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        router.train()
+        perm = torch.randperm(len(feats), generator=g)
+        total, correct = 0.0, 0
+        for i in range(0, len(feats), 64):
+            b = perm[i:i + 64]
+            logits = router.domain_logits(feats[b])  # (B, D)
+            loss = F.cross_entropy(logits, labels[b], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+            correct += int((logits.argmax(-1) == labels[b]).sum())
+        router.eval()
+        with torch.no_grad():
+            vl = router.domain_logits(val_feats)
+            vloss, vacc = float(F.cross_entropy(vl, val_labels)), float((vl.argmax(-1) == val_labels).float().mean())
+        if epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1:
+            log(f"level1 epoch {epoch + 1:3d} | train loss {total / len(feats):.4f} acc {correct / len(feats):.3f} "
+                f"| heldout loss {vloss:.4f} acc {vacc:.3f}")
+    return vacc
+
+
+def confusion(pred, labels, D: int) -> torch.Tensor:
+    m = torch.zeros(D, D, dtype=torch.long)  # rows = true domain, columns = predicted
+    for t, p in zip(labels.tolist(), pred.tolist()):
+        m[t, p] += 1
+    return m
+
+
+def confusion_markdown(m: torch.Tensor, domains: list[str]) -> str:
+    lines = ["| true \\ predicted | " + " | ".join(domains) + " | recall |", "|---" * (len(domains) + 2) + "|"]
+    for i, d in enumerate(domains):
+        row = m[i].tolist()
+        lines.append(f"| {d} | " + " | ".join(map(str, row)) + f" | {row[i] / max(1, sum(row)):.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- level 2 training
+
+def gumbel_sigmoid(logits, tau: float, relax: str, generator):
+    """Relaxed Bernoulli gate (L,): sigmoid((logit + logistic noise) / tau); "st" = hard forward, soft gradient."""
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    if relax == "soft":
+        return soft
+    hard = (soft > 0.5).float()
+    return hard + soft - soft.detach()
+
+
+def expected_fraction(g, kept: torch.Tensor, n_ffn: int):
+    """Active FFN fraction for gates g (L,): layer l costs k_l neurons with the expert, F without."""
+    return (g * kept + (1 - g) * n_ffn).sum() / (len(kept) * n_ffn)
+
+
+def kl_dense_routed(dense_logp, routed_logits):
+    """KL(dense || routed) averaged over tokens; dense_logp (B, T, V) log-probs, routed_logits (B, T, V)."""
+    logq = routed_logits.float().log_softmax(-1)
+    return (dense_logp.exp() * (dense_logp - logq)).sum(-1).mean()
+
+
+def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], lam: float, epochs: int, lr: float, tau: float,
+                 relax: str, batch_size: int, seed: int, log=print):
+    """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen."""
+    model, router = moe.model, moe.router
+    domains, Fn = router.cfg.domains, model.config.n_ffn
+    mixers = {d: [R.MixedMLP(moe.expert_mlp((d,), l), blk.mlp) for l, blk in enumerate(model.layers)] for d in calib}
+    kept = {d: torch.tensor(moe._kept((d,)), dtype=torch.float32) for d in calib}  # (L,)
+    batches = [(d, calib[d][i:i + batch_size]) for d in calib for i in range(0, len(calib[d]), batch_size)]
+    teacher: dict[int, torch.Tensor] = {}  # dense log-probs per batch, computed once
+    opt = torch.optim.AdamW([router.gate_logits], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    order = list(range(len(batches)))
+    for epoch in range(epochs):
+        random.Random(seed + epoch).shuffle(order)
+        kl_sum, frac_sum = 0.0, 0.0
+        for bi in tqdm(order, desc=f"level2 epoch {epoch + 1}", leave=False):
+            d, x = batches[bi]
+            if bi not in teacher:
+                with torch.no_grad():
+                    teacher[bi] = model(x).log_softmax(-1).to(torch.bfloat16)  # (B, T, V)
+            row = domains.index(d)
+            gates = gumbel_sigmoid(router.gate_logits[row], tau, relax, g)  # (L,)
+            for l, mix in enumerate(mixers[d]):
+                mix.g = gates[l]
+            kl = kl_dense_routed(teacher[bi].float(), model(x, mlps=mixers[d]))
+            frac = expected_fraction(gates, kept[d], Fn)
+            loss = kl + lam * frac
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            kl_sum, frac_sum = kl_sum + float(kl), frac_sum + float(frac)
+        hard = {d: moe.decision_for((d,)) for d in calib}
+        log(f"level2 epoch {epoch + 1:3d} | kl {kl_sum / len(order):.4f} | sampled frac {frac_sum / len(order):.3f} | "
+            + " ".join(f"{d}: {sum(h.use_expert)}/{len(h.use_expert)} layers, frac {h.active_fraction:.3f}"
+                       for d, h in hard.items()))
+    for mixes in mixers.values():  # drop the graph references held by the gates
+        for mix in mixes:
+            mix.g = torch.tensor(0.0)
+
+
+@torch.no_grad()
+def level2_heldout(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], batch_size: int) -> dict:
+    """Per domain, on held-out windows routed to that domain (oracle): dense vs gated-expert vs full-expert ppl."""
+    out = {}
+    for d, w in heldout.items():
+        gated = moe.decision_for((d,))
+        full = moe.decision_for((d,), use_expert=(True,) * moe.model.config.n_layer)
+        out[d] = {"dense_ppl": purify.perplexity(moe.model, w, None, batch_size),
+                  "gated_ppl": purify.perplexity(moe.model, w, moe.mlps_for(gated), batch_size),
+                  "gated_fraction": gated.active_fraction, "gated_layers": [int(u) for u in gated.use_expert],
+                  "expert_ppl": purify.perplexity(moe.model, w, moe.mlps_for(full), batch_size),
+                  "expert_fraction": full.active_fraction}
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the Free-MoE router (level 1 domain head, level 2 layer gates); "
+                                            "the LLM stays frozen.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    M.add_common_args(p)
+    p.set_defaults(out="runs/router.safetensors")
+    p.add_argument("--experts", required=True, help="experts file from purify.py")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g = p.add_argument_group("router")
+    g.add_argument("--route-layer", type=int, default=None, help="level 1 reads the stream entering this layer "
+                                                                 "(default L//4)")
+    g.add_argument("--hidden", type=int, default=128, help="domain head hidden width (0 = linear)")
+    g.add_argument("--threshold", type=float, default=0.5, help="confidence below which a request falls back")
+    g.add_argument("--fallback", choices=["dense", "top2"], default="dense")
+    g = p.add_argument_group("level 1")
+    g.add_argument("--l1-windows", type=int, default=200, help="training windows (16..256 tokens) per domain")
+    g.add_argument("--l1-snippets", type=int, default=120, help="training question-style snippets per domain")
+    g.add_argument("--l1-heldout", type=int, default=40, help="held-out windows, snippets and benchmark prompts "
+                                                              "(each) per domain")
+    g.add_argument("--l1-epochs", type=int, default=60)
+    g.add_argument("--l1-lr", type=float, default=3e-3)
+    g = p.add_argument_group("level 2")
+    g.add_argument("--lam", type=float, default=1.0, help="weight of the active-fraction penalty")
+    g.add_argument("--l2-windows", type=int, default=8, help="calibration windows per domain")
+    g.add_argument("--l2-len", type=int, default=64, help="tokens per level 2 window")
+    g.add_argument("--l2-batch", type=int, default=2)
+    g.add_argument("--l2-epochs", type=int, default=3)
+    g.add_argument("--l2-lr", type=float, default=0.2)
+    g.add_argument("--tau", type=float, default=1.0, help="Gumbel-sigmoid temperature")
+    g.add_argument("--relax", choices=["st", "soft"], default="st", help="straight-through hard gates or soft mix")
+    g.add_argument("--l2-heldout", type=int, default=4, help="held-out windows per domain for the level 2 report")
+    g.add_argument("--skip-level2", action="store_true", help="train level 1 only (gates stay undecided = dense)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    model.requires_grad_(False)  # tuning-free: only router parameters ever get gradients
+    experts = purify.load_experts(args.experts, model)
+    domains = list(experts.domains)
+    cfg = R.RouterConfig(domains=domains, n_layer=model.config.n_layer, n_embd=model.config.n_embd,
+                         route_layer=R.default_route_layer(model.config.n_layer) if args.route_layer is None
+                         else args.route_layer, hidden=args.hidden, threshold=args.threshold, fallback=args.fallback)
+    router = R.Router(cfg)
+    moe = R.FreeMoE(model, experts, router)
+    n_model, n_router = model.num_params(), router.num_params()
+    print(f"router: {n_router} params = {100 * n_router / n_model:.4f}% of the model's {n_model}; "
+          f"level 1 reads layer {cfg.route_layer}/{cfg.n_layer}", file=sys.stderr)
+    specs = experts.meta.get("domain_specs", {})
+    spec = lambda d: specs.get(d, d)  # user domains are stored as NAME=path
+
+    # Level 1: prompts -> cached pooled features -> domain head
+    t0 = time.perf_counter()
+    tr_p, tr_y, _ = level1_prompts([spec(d) for d in domains], tok, args.data_dir, "calib", args.l1_windows,
+                                   args.l1_snippets, 0, args.seed)
+    va_p, va_y, va_src = level1_prompts([spec(d) for d in domains], tok, args.data_dir, "heldout", args.l1_heldout,
+                                        args.l1_heldout, args.l1_heldout, args.seed)
+    tr_f = cached_features(model, tr_p, cfg.route_layer, cfg.max_route_tokens, out.parent, "calib")
+    va_f = cached_features(model, va_p, cfg.route_layer, cfg.max_route_tokens, out.parent, "heldout")
+    t_feat = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acc = train_level1(router, tr_f, tr_y, va_f, va_y, args.l1_epochs, args.l1_lr, args.seed,
+                       log=lambda s: print(s, file=sys.stderr))
+    t_l1 = time.perf_counter() - t0
+    with torch.no_grad():
+        probs = router.domain_probs(va_f)  # (N, D)
+    pred = probs.argmax(-1)
+    conf = confusion(pred, va_y, len(domains))
+    by_source = {s: float((pred[idx] == va_y[idx]).float().mean())
+                 for s in sorted(set(va_src)) for idx in [torch.tensor([i for i, x in enumerate(va_src) if x == s])]}
+    fallback = float((probs.max(-1).values < cfg.threshold).float().mean())
+    print(f"level 1 held-out accuracy {acc:.3f} on {len(va_y)} prompts ({len(tr_y)} training prompts); "
+          f"by source {json.dumps({k: round(v, 3) for k, v in by_source.items()})}; "
+          f"below threshold {fallback:.3f}", file=sys.stderr)
+
+    # Level 2: per-layer gates with KL(dense || routed) + lam * active fraction
+    t0 = time.perf_counter()
+    l2 = {}
+    if not args.skip_level2:
+        calib = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.l2_len,
+                                              args.seed + 1, args.l2_len) for d in domains}
+        train_level2(moe, calib, args.lam, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
+                     args.seed, log=lambda s: print(s, file=sys.stderr))
+        t_l2 = time.perf_counter() - t0
+        heldout = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
+                   for d in domains}
+        l2 = level2_heldout(moe, heldout, batch_size=4)
+    else:
+        with torch.no_grad():
+            router.gate_logits.fill_(-1.0)  # level 1 only: every layer stays dense
+        t_l2 = 0.0
+
+    hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    R.save_router(out, router, model, experts, hparams)
+    report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
+              "experts_identity": R.experts_identity(experts), "router_params": n_router, "model_params": n_model,
+              "level1": {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
+                         "below_threshold": fallback, "confusion": conf.tolist(), "domains": domains},
+              "level2": l2, "hparams": hparams,
+              "seconds": {"level1_features": t_feat, "level1_train": t_l1, "level2_train": t_l2,
+                          "total": time.perf_counter() - t_start}}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    md = [f"# router {out.name}", "", f"router params: {n_router} ({100 * n_router / n_model:.4f}% of the model)", "",
+          f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "", confusion_markdown(conf, domains),
+          "", "by source: " + ", ".join(f"{k} {v:.3f}" for k, v in by_source.items()), ""]
+    if l2:
+        md += [f"## level 2 (lam {args.lam}): held-out perplexity with the true domain's expert", "",
+               "| domain | dense | gated expert | gated frac | full expert | full frac |", "|---|---|---|---|---|---|"]
+        md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_fraction']:.3f} | "
+               f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]
+    md += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items())]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"wrote {out} (+ .json, .md)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    M.run_cli(main)
