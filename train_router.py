@@ -133,14 +133,16 @@ def benchmark_prompts(domain: str, n: int, data_dir, rng: random.Random) -> list
     return rng.sample(texts, min(n, len(texts)))
 
 
-def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippets: int, n_bench: int, seed: int):
-    """Domain-labelled prompts (token ids) and labels for level 1; `split` is "calib" (train) or "heldout"."""
+def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippets: int, n_bench: int, seed: int,
+                   max_len: int = 256):
+    """Domain-labelled prompts (token ids), labels (N,) and each prompt's source ("window", "snippet", "bench") for
+    level 1; `split` is "calib" (train) or "heldout". Windows are 16..max_len tokens."""
     rng = random.Random(f"{seed}-{split}")
     prompts, labels, sources = [], [], []
     for label, d in enumerate(domains):
         windows = purify.load_domain_tokens(d, tok, data_dir, split, n_tokens=max(256, n_windows * 64), seed=seed,
                                             seq_len=256)  # (N, 256)
-        items = [("window", p) for p in random_windows(windows, n_windows, rng)]
+        items = [("window", p) for p in random_windows(windows, n_windows, rng, hi=max_len)]
         texts = domain_snippets(d, split, n_snippets, data_dir, rng)
         if d == "code" and split == "calib":
             texts += rng.sample(mbpp_texts(data_dir, 601, 974), min(n_snippets // 2, 374))
@@ -148,7 +150,7 @@ def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippet
             t = tok.chat_prompt(t) if rng.random() < 0.2 else t
             items.append(("snippet", tok.encode(t)))
         if split == "heldout":
-            items += [(f"bench", tok.encode(t)) for t in benchmark_prompts(d, n_bench, data_dir, rng)]
+            items += [("bench", tok.encode(t)) for t in benchmark_prompts(d, n_bench, data_dir, rng)]
         for src, p in items:
             if p:
                 prompts.append(p)
@@ -270,7 +272,7 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], lam: float, epo
             opt.zero_grad()
             loss.backward()
             opt.step()
-            kl_sum, frac_sum = kl_sum + float(kl), frac_sum + float(frac)
+            kl_sum, frac_sum = kl_sum + kl.item(), frac_sum + frac.item()
         hard = {d: moe.decision_for((d,)) for d in calib}
         log(f"level2 epoch {epoch + 1:3d} | kl {kl_sum / len(order):.4f} | sampled frac {frac_sum / len(order):.3f} | "
             + " ".join(f"{d}: {sum(h.use_expert)}/{len(h.use_expert)} layers, frac {h.active_fraction:.3f}"
@@ -293,6 +295,65 @@ def level2_heldout(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], batch_size:
                   "expert_ppl": purify.perplexity(moe.model, w, moe.mlps_for(full), batch_size),
                   "expert_fraction": full.active_fraction}
     return out
+
+
+# ----------------------------------------------------------------------------- comparison (README figures)
+
+def decode_speed(model, prompt: list[int], mlps, n_new: int, repeats: int = 2) -> float:
+    """Greedy decode tokens/s with the given FFNs (stop tokens disabled so every run makes n_new tokens)."""
+    best = 0.0
+    for _ in range(repeats):  # best of a few: the machine is shared, the minimum time is the least disturbed
+        t0 = time.perf_counter()
+        M.generate(model, [prompt], n_new, mlps=mlps, stop_ids=set())
+        best = max(best, n_new / (time.perf_counter() - t0))
+    return best
+
+
+@torch.no_grad()
+def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], speed_prompts: dict[str, list[int]],
+                    n_new: int, batch_size: int = 4) -> dict:
+    """Held-out perplexity per domain and decode tokens/s for dense, Free-MoE (routed on each window), the
+    oracle-domain expert (true domain, same level 2 gates) and `mixed` pruning at Free-MoE's mean active fraction."""
+    model = moe.model
+    res = {"dense": {}, "freemoe": {}, "oracle": {}, "mixed": {}}
+    fracs, hits = [], []
+    for d, w in heldout.items():
+        res["dense"][d] = purify.perplexity(model, w, None, batch_size)
+        nll, decs = moe.score(w, batch_size)
+        res["freemoe"][d] = math.exp(float(nll.mean()))
+        fracs += [x.active_fraction for x in decs]
+        hits += [x.domains == (d,) for x in decs]
+        res["oracle"][d] = purify.perplexity(model, w, moe.mlps_for(moe.decision_for((d,))), batch_size)
+    frac = sum(fracs) / len(fracs)
+    stats = experts.stats if getattr(experts, "stats", None) else None
+    if stats:
+        mixed_idx = purify.baseline_indices("mixed", model, experts, frac)
+    else:  # no statistics in the file: the stored mixed baseline at the file's keep
+        mixed_idx = experts.baselines["mixed"]
+    mixed = purify.materialize(model, mixed_idx)
+    for d, w in heldout.items():
+        res["mixed"][d] = purify.perplexity(model, w, mixed, batch_size)
+    mlps_by_domain = {d: moe.mlps_for(moe.route([p])[0]) for d, p in speed_prompts.items()}
+    speed = {"dense": [], "freemoe": [], "oracle": [], "mixed": []}
+    for d, p in speed_prompts.items():
+        speed["dense"].append(decode_speed(model, p, None, n_new))
+        speed["freemoe"].append(decode_speed(model, p, mlps_by_domain[d], n_new))
+        speed["oracle"].append(decode_speed(model, p, moe.mlps_for(moe.decision_for((d,))), n_new))
+        speed["mixed"].append(decode_speed(model, p, mixed, n_new))
+    fractions = {"dense": 1.0, "freemoe": frac,
+                 "oracle": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
+                 "mixed": purify.active_fraction(mixed_idx, model)}
+    return {"ppl": res, "fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
+            "freemoe_routing_accuracy": sum(hits) / len(hits)}
+
+
+def compare_markdown(c: dict, domains: list[str]) -> str:
+    lines = ["| system | " + " | ".join(f"{d} ppl" for d in domains) + " | active FFN fraction | decode tok/s |",
+             "|---" * (len(domains) + 3) + "|"]
+    for s, row in c["ppl"].items():
+        lines.append(f"| {s} | " + " | ".join(f"{row[d]:.2f}" for d in domains)
+                     + f" | {c['fraction'][s]:.3f} | {c['tokens_per_s'][s]:.1f} |")
+    return "\n".join(lines) + f"\n\nFree-MoE routed {100 * c['freemoe_routing_accuracy']:.1f}% of the windows to their domain."
 
 
 # ----------------------------------------------------------------------------- main
@@ -328,7 +389,12 @@ def parse_args(argv=None):
     g.add_argument("--tau", type=float, default=1.0, help="Gumbel-sigmoid temperature")
     g.add_argument("--relax", choices=["st", "soft"], default="st", help="straight-through hard gates or soft mix")
     g.add_argument("--l2-heldout", type=int, default=4, help="held-out windows per domain for the level 2 report")
-    g.add_argument("--skip-level2", action="store_true", help="train level 1 only (gates stay undecided = dense)")
+    g.add_argument("--skip-level2", action="store_true", help="train level 1 only (every layer stays dense)")
+    g = p.add_argument_group("comparison (README figures)")
+    g.add_argument("--compare", action="store_true", help="after training: held-out ppl per domain and decode "
+                                                          "tokens/s for dense, freemoe, oracle and mixed")
+    g.add_argument("--compare-windows", type=int, default=4, help="held-out windows of 256 tokens per domain")
+    g.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode-speed run")
     return p.parse_args(argv)
 
 
@@ -397,13 +463,21 @@ def main(argv=None):
 
     hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
     R.save_router(out, router, model, experts, hparams)
+    t_train = time.perf_counter() - t_start
+    comparison = None
+    if args.compare:
+        heldout = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.compare_windows * 256, 0,
+                                                256) for d in domains}
+        speed_prompts = {d: w[-1, :48].tolist() for d, w in heldout.items()}  # (48,) a short real prompt per domain
+        comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
     report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
               "experts_identity": R.experts_identity(experts), "router_params": n_router, "model_params": n_model,
               "level1": {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
                          "below_threshold": fallback, "confusion": conf.tolist(), "domains": domains},
               "level2": l2, "hparams": hparams,
               "seconds": {"level1_features": t_feat, "level1_train": t_l1, "level2_train": t_l2,
-                          "total": time.perf_counter() - t_start}}
+                          "train_total": t_train, "total": time.perf_counter() - t_start},
+              "comparison": comparison}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = [f"# router {out.name}", "", f"router params: {n_router} ({100 * n_router / n_model:.4f}% of the model)", "",
           f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "", confusion_markdown(conf, domains),
@@ -413,6 +487,9 @@ def main(argv=None):
                "| domain | dense | gated expert | gated frac | full expert | full frac |", "|---|---|---|---|---|---|"]
         md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_fraction']:.3f} | "
                f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]
+    if comparison:
+        md += ["", f"## held-out perplexity and decode speed ({args.compare_windows} x 256 tokens per domain)", "",
+               compare_markdown(comparison, domains)]
     md += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

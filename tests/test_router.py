@@ -4,6 +4,7 @@ Fast, exact checks on tiny random models with hand-made DSS-Expert index sets; s
 SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the lambda sweep of level 2).
 """
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,3 +205,119 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     M.write_safetensors(bad, {"x": torch.zeros(1)}, {"format": "something"})
     with pytest.raises(M.UserError, match="not a router file"):
         R.load_router(bad, m, ex)
+
+
+def test_level2_training_changes_only_gate_logits():
+    import train_router as TR
+    m = tiny_model()
+    m.requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    moe = tiny_moe(m, tiny_experts(m))
+    head_before = {k: v.clone() for k, v in moe.router.head.state_dict().items()}
+    calib = {"math": ids(4, 16, seed=3), "code": ids(4, 16, seed=4)}
+    logs = []
+    TR.train_level2(moe, calib, lam=1.0, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0, log=logs.append)
+    assert len(logs) == 2 and logs[0].startswith("level2 epoch   1 | kl ")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # the LLM is frozen
+    assert all(torch.equal(v, head_before[k]) for k, v in moe.router.head.state_dict().items())
+    g = moe.router.gate_logits.detach()
+    rows = [DOMAINS.index(d) for d in calib]
+    assert g[rows].abs().sum() > 0  # trained domains moved
+    assert g[[DOMAINS.index("general"), DOMAINS.index("knowledge")]].abs().sum() == 0  # untrained stay at init
+
+
+def test_level1_training_learns_separable_features():
+    import train_router as TR
+    torch.manual_seed(0)
+    centers = torch.randn(4, 64) * 3
+    y = torch.arange(4).repeat(50)
+    feats = centers[y] + torch.randn(200, 64)
+    cfg = R.RouterConfig(domains=DOMAINS, n_layer=4, n_embd=64, route_layer=1, hidden=16)
+    r = R.Router(cfg)
+    logs = []
+    acc = TR.train_level1(r, feats[:160], y[:160], feats[160:], y[160:], epochs=20, lr=3e-3, seed=0, log=logs.append)
+    assert acc == 1.0 and "heldout loss" in logs[-1]
+    conf = TR.confusion(r.domain_probs(feats[160:]).argmax(-1), y[160:], 4)
+    assert torch.equal(conf, torch.diag(torch.bincount(y[160:], minlength=4)))
+
+
+# ----------------------------------------------------------------------------- real model (slow, kept cheap)
+
+@pytest.fixture(scope="module")
+def real():
+    torch.set_num_threads(2)
+    try:
+        m, tok = M.load_model()
+    except M.UserError as e:
+        pytest.skip(f"real model not available: {e}")
+    m.requires_grad_(False)
+    return m, tok
+
+
+@pytest.mark.slow
+def test_level1_accuracy_on_heldout_domain_prompts(real, tmp_path):
+    """Level 1 on the real model: >= 90% on held-out windows, snippets and benchmark prompts
+    (MMLU -> knowledge, GSM8K -> math, HumanEval -> code); confusion matrix printed and saved."""
+    import train_router as TR
+    m, tok = real
+    tr_p, tr_y, _ = TR.level1_prompts(DOMAINS, tok, None, "calib", 40, 30, 0, seed=0, max_len=128)
+    va_p, va_y, va_src = TR.level1_prompts(DOMAINS, tok, None, "heldout", 12, 12, 16, seed=0, max_len=128)
+    cfg = R.RouterConfig(domains=DOMAINS, n_layer=m.config.n_layer, n_embd=m.config.n_embd,
+                         route_layer=R.default_route_layer(m.config.n_layer))
+    tr_f = R.prompt_features(m, tr_p, cfg.route_layer)
+    va_f = R.prompt_features(m, va_p, cfg.route_layer)
+    torch.manual_seed(0)
+    router = R.Router(cfg)
+    acc = TR.train_level1(router, tr_f, tr_y, va_f, va_y, epochs=60, lr=3e-3, seed=0)
+    with torch.no_grad():
+        pred = router.domain_probs(va_f).argmax(-1)
+    conf = TR.confusion(pred, va_y, len(DOMAINS))
+    table = TR.confusion_markdown(conf, DOMAINS)
+    bench = torch.tensor([s == "bench" for s in va_src])
+    bench_acc = float((pred[bench] == va_y[bench]).float().mean())
+    print(f"\nlevel 1 held-out accuracy {acc:.3f} ({len(va_y)} prompts; benchmark prompts {bench_acc:.3f})\n{table}")
+    out = Path(__file__).resolve().parents[1] / "results"
+    out.mkdir(exist_ok=True)
+    (out / "router_level1_confusion.md").write_text(f"held-out accuracy {acc:.3f}, benchmark prompts {bench_acc:.3f}"
+                                                     f"\n\n{table}\n")
+    (out / "router_level1_confusion.json").write_text(json.dumps({"domains": DOMAINS, "confusion": conf.tolist(),
+                                                                  "accuracy": acc, "bench_accuracy": bench_acc}))
+    assert acc >= 0.9 and bench_acc >= 0.9
+    assert int(conf.sum()) == len(va_y)
+
+
+def magnitude_experts(m, keep=0.5):
+    """Cheap stand-in experts for the lambda sweep (no statistics pass): the neurons with the largest weight norms."""
+    up = torch.stack([torch.cat(blk.mlp.up_weights(), 1).norm(dim=1) for blk in m.layers])  # (L, F)
+    down = torch.stack([blk.mlp.down_weight().norm(dim=0) for blk in m.layers])  # (L, F)
+    k = int(keep * m.config.n_ffn)
+    idx = [s.topk(k).indices.sort().values for s in up * down]
+    return SimpleNamespace(domains=list(DOMAINS), indices={d: idx for d in DOMAINS}, meta={})
+
+
+@pytest.mark.slow
+def test_lambda_sweep_lowers_active_fraction(real):
+    """Level 2 on the real model: a larger budget penalty gives a smaller (never larger) active fraction;
+    the perplexity cost of each point is reported."""
+    import purify
+    import train_router as TR
+    m, tok = real
+    experts = magnitude_experts(m)
+    calib = {"math": purify.load_domain_tokens("math", tok, None, "calib", 4 * 48, 1, 48)}  # (4, 48)
+    heldout = purify.load_domain_tokens("math", tok, None, "heldout", 2 * 128, 0, 128)  # (2, 128)
+    dense_ppl = purify.perplexity(m, heldout)
+    rows = []
+    for lam in (0.0, 0.3, 3.0):
+        cfg = R.RouterConfig(domains=DOMAINS, n_layer=m.config.n_layer, n_embd=m.config.n_embd, route_layer=7)
+        moe = R.FreeMoE(m, experts, R.Router(cfg))
+        TR.train_level2(moe, calib, lam, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0,
+                        log=lambda s: None)
+        dec = moe.decision_for(("math",))
+        ppl = purify.perplexity(m, heldout, moe.mlps_for(dec))
+        rows.append((lam, dec.active_fraction, ppl))
+    print("\n| lam | active FFN fraction | held-out math ppl | dense ppl |\n|---|---|---|---|")
+    for lam, frac, ppl in rows:
+        print(f"| {lam} | {frac:.3f} | {ppl:.2f} | {dense_ppl:.2f} |")
+    fracs = [r[1] for r in rows]
+    assert fracs[0] >= fracs[1] >= fracs[2] and fracs[0] > fracs[2]
+    assert all(math.isfinite(r[2]) for r in rows)
