@@ -22,11 +22,12 @@ Tasks (every system sees the same items: --limit picks a seeded, prefix-stable s
     mmlu       k-shot (dev split) in the lm-evaluation-harness format, scored by the log-likelihood of
                " A".." D"; also a cloze variant (log-likelihood of the answer text, normalised per byte) because
                small models sit at chance on letters. Reported: accuracy, per subject, per category, macro.
+               Only the test items of purify.py's "eval" bucket (70%): the other 30% calibrate or validate experts.
     gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
                number after "####" or else the last number; exact match after normalising "," "$" and ".0".
     humaneval  greedy completion with the usual stop sequences; pass@1 (pass@k, unbiased, with --samples n).
     mbpp       3-shot "[BEGIN] ... [DONE]" prompts on the test split (task ids 11-510), same scoring.
-    ppl        perplexity and bits per byte on the held-out text of each domain (general, code, math,
+    ppl        perplexity and bits per byte on purify.py's held-out split of each domain (general, code, math,
                knowledge), in non-overlapping windows of --ppl-len tokens.
     integrated the paper's mixed-domain setting: all selected accuracy items of the tasks above pooled into one
                number. Every system picks its FFNs per prompt, so the pooled score over the union is the
@@ -37,7 +38,8 @@ Systems (all at the same active FFN fraction as freemoe, except dense):
     freemoe    router + DSS-Experts              oracle     the expert of the item's true domain
     mixed      one expert purified on all domains general    the general-domain expert for every item
     random     random neurons                    magnitude  neurons with the largest weight norms
-    The non-dense systems come from purify.py / router.py through `build_systems` (a marked seam).
+    The non-dense systems load the experts file of purify.py (and train_router.py's router) in `build_systems`;
+    each row reports the active FFN fraction it actually ran at, averaged over items.
 
 Code execution (`run_sandboxed`): each program runs in a fresh process, never in the evaluator:
     - its own temporary working directory, deleted afterwards; a minimal environment; python -I (isolated)
@@ -83,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import purify
 from model import UserError, add_common_args, generate, load_model, resolve_device, resolve_dtype, run_cli, shared_dir
 
 ALL_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "ppl")
@@ -123,9 +126,8 @@ MBPP_STOPS = ["[DONE]", "\n[BEGIN]"] + END_MARKERS
 # ----------------------------------------------------------------------------- data
 
 def data_root(data_dir: str | None) -> Path:
-    """The benchmark folder: <shared>/data, or --data-dir itself when it holds the task folders directly."""
-    root = shared_dir(data_dir)
-    return root / "data" if (root / "data").is_dir() else root
+    """The benchmark folder: <shared>/data, where <shared> is --data-dir, $FREE_MOE_SHARED or ../shared."""
+    return shared_dir(data_dir) / "data"
 
 
 def _open_text(path: Path):
@@ -195,34 +197,14 @@ def load_mbpp(root: Path) -> list[dict]:
     return read_jsonl(root / "mbpp" / "mbpp.jsonl", ("task_id", "text", "code", "test_list"))
 
 
-def heldout_text(domain: str, root: Path) -> str:
-    """The held-out text of a domain for perplexity.
-
-    Fallback definition until purify.py exports its canonical split (then `ppl_text` prefers purify's):
-    general = WikiText-2 test; code = the last 10% of the Python corpus (from the first line break after the
-    90% mark); math = GSM8K test questions with worked answers; knowledge = MMLU test questions with the answer.
-    """
-    if domain == "general":
-        return read_text(root / "corpora" / "english_wikitext2_test.txt.gz")
-    if domain == "code":
-        text = read_text(root / "corpora" / "code_python.txt.gz")
-        cut = text.find("\n", int(len(text) * 0.9)) + 1
-        return text[cut:]
-    if domain == "math":
-        return "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in load_gsm8k(root, "test"))
-    if domain == "knowledge":
-        return "".join(mmlu_question(r) + f" {LETTERS[r['answer']]}\n\n" for r in load_mmlu(root, "test"))
-    raise UserError(f"unknown perplexity domain {domain!r} (expected one of {', '.join(PPL_DOMAINS)})")
-
-
+@lru_cache(maxsize=None)
 def ppl_text(domain: str, root: Path) -> str:
-    try:  # the canonical split, once purify.py exports one
-        import purify
-        if hasattr(purify, "heldout_text"):
-            return purify.heldout_text(domain, root)
-    except ImportError:
-        pass
-    return heldout_text(domain, root)
+    """The held-out text of a domain: purify.py's canonical split, never seen while purifying (general = WikiText-2
+    test articles, code = the last 10% of the Python files, math = GSM8K train problems after the math corpus,
+    knowledge = MMLU test items of the held-out bucket)."""
+    if domain not in PPL_DOMAINS:
+        raise UserError(f"unknown perplexity domain {domain!r} (expected one of {', '.join(PPL_DOMAINS)})")
+    return purify.heldout_text(domain, root)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -540,24 +522,23 @@ def complete(rt: "Runtime", prompts: list[str], stops: list[str], max_new_tokens
 
 @dataclass
 class System:
-    """One way of running the model. `mlps(prompts, domain)` gives the per-layer FFNs for a batch of prompts
-    (token ids) from a task of `domain`, or None for the dense FFNs; per_prompt systems (a router choosing
-    per input) are called with one prompt at a time."""
+    """One way of running the model. `pick(prompts, domain)` gives (per-layer FFNs for model(..., mlps=), active
+    FFN fraction) for a batch of prompts (token ids) from a task of `domain`; (None, 1.0) is the dense model.
+    per_prompt systems (a router deciding per input) are called with one prompt at a time."""
     name: str
-    active_fraction: float = 1.0  # fraction of FFN neurons used per token
-    mlps: Callable[[list[list[int]], str], list | None] = lambda prompts, domain: None
+    pick: Callable[[list[list[int]], str], tuple[list | None, float]] = lambda prompts, domain: (None, 1.0)
     per_prompt: bool = False
 
 
-def build_systems(args, model) -> list[System]:
-    """dense is always available; the others need the artifacts of the earlier pipeline stages.
+# system name -> what it runs from the experts file (purify.py names the general-text Wanda baseline
+# "baseline.general", because "general" is also the general-domain expert)
+BASELINE_OF = {"general": "baseline.general", "mixed": "mixed", "random": "random", "magnitude": "magnitude"}
 
-    SEAM (purify.py / router.py are being written): the expected interface, to confirm with their authors:
-        purify.load_experts(path, model) -> obj with .mlps(name) -> list of L MLPs for a domain or a baseline
-            ("general", "mixed", "random", "magnitude", a domain name) and .active_fraction
-        router.load_router(path, model, experts) -> obj with .mlps(prompt_ids: list[int]) -> list of L MLPs
-    """
-    systems = []
+
+def build_systems(args, model) -> list[System]:
+    """dense needs nothing; the others need the experts file of purify.py, freemoe also the router of
+    train_router.py. Each row reports the active FFN fraction it actually ran at (averaged over items)."""
+    systems, experts = [], None
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
@@ -568,23 +549,23 @@ def build_systems(args, model) -> list[System]:
             raise UserError(f"system {name} needs --experts FILE (run purify.py first)")
         if name == "freemoe" and not args.router:
             raise UserError("system freemoe needs --router FILE (run train_router.py first)")
-        try:
-            import purify
-        except ImportError:
-            raise UserError(f"system {name} needs purify.py, which is not in this checkout") from None
-        if not hasattr(purify, "load_experts"):
-            raise UserError(f"system {name}: purify.py has no load_experts(); evaluate.build_systems needs updating")
-        experts = purify.load_experts(args.experts, model)
-        frac = float(experts.active_fraction)
+        experts = experts or purify.load_experts(args.experts, model)
         if name == "freemoe":
-            import router as router_mod
-            rtr = router_mod.load_router(args.router, model, experts)
-            systems.append(System(name, frac, lambda prompts, domain, r=rtr: r.mlps(prompts[0]), per_prompt=True))
+            import router  # only this system needs it
+            moe = router.load_router(args.router, model, experts)
+
+            def pick(prompts, domain, moe=moe):
+                decision = moe.route(prompts)[0]  # level 1 + level 2 routing on the prompt itself
+                return moe.mlps_for(decision), decision.active_fraction
+            systems.append(System(name, pick, per_prompt=True))
         elif name == "oracle":
-            systems.append(System(name, frac, lambda prompts, domain, e=experts: e.mlps(domain)))
+            def pick(prompts, domain, e=experts):
+                return e.mlps(domain), purify.active_fraction(e.index_sets(domain), model)
+            systems.append(System(name, pick))
         else:
-            mlps = experts.mlps(name)
-            systems.append(System(name, frac, lambda prompts, domain, m=mlps: m))
+            key = BASELINE_OF[name]
+            mlps, frac = experts.mlps(key), purify.active_fraction(experts.index_sets(key), model)
+            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f)))
     return systems
 
 
@@ -620,10 +601,13 @@ def prepare_mmlu(rt: Runtime) -> Task:
     test, counter = [], {}
     for d in load_mmlu(rt.root, "test"):
         i = counter[d["subject"]] = counter.get(d["subject"], -1) + 1
+        if purify.mmlu_bucket(d) != "eval":  # purify.py calibrates on 20% of MMLU test and holds out 10%
+            continue
         shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
         test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
                      "cloze": mmlu_cloze_prompt(d, shots)})
-    return Task("mmlu", "knowledge", select(test, rt.args.limit, rt.args.seed), {"shots": k}, run_mmlu)
+    return Task("mmlu", "knowledge", select(test, rt.args.limit, rt.args.seed), {"shots": k, "items": "eval bucket"},
+                run_mmlu)
 
 
 def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
@@ -632,7 +616,7 @@ def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
         ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
         reqs += [(ctx, tok.encode(f" {L}")) for L in LETTERS]
         reqs += [(cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
-    mlps = system.mlps([tok.encode(it["prompt"]) for it in items], "knowledge")
+    mlps, frac = system.pick([tok.encode(it["prompt"]) for it in items], "knowledge")
     ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
     records = []
     for j, it in enumerate(items):
@@ -643,7 +627,7 @@ def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
         records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "subject": it["doc"]["subject"],
                         "prediction": LETTERS[int(np.argmax(letters))], "reference": LETTERS[ans],
                         "correct": float(np.argmax(letters) == ans), "correct_cloze": float(np.argmax(norm) == ans),
-                        "loglik_letters": letters, "loglik_cloze": cloze,
+                        "loglik_letters": letters, "loglik_cloze": cloze, "active_fraction": frac,
                         "tokens": len(reqs[8 * j][0]) + len(reqs[8 * j + 4][0]) + 4})
     return records
 
@@ -659,13 +643,14 @@ def prepare_gsm8k(rt: Runtime) -> Task:
 
 def run_gsm8k(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
     prompts = [it["prompt"] for it in items]
-    mlps = system.mlps([rt.tokenizer.encode(p) for p in prompts], "math")
+    mlps, frac = system.pick([rt.tokenizer.encode(p) for p in prompts], "math")
     texts, n_tok = complete(rt, prompts, GSM8K_STOPS, rt.args.gsm8k_max_tokens, mlps)
     records = []
     for it, text in zip(items, texts):
         pred, ref = extract_gsm8k_answer(text), gsm8k_reference(it["doc"])
         records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "prediction": pred, "reference": ref,
-                        "correct": float(pred == ref), "completion": text, "tokens": n_tok / len(items)})
+                        "correct": float(pred == ref), "completion": text, "tokens": n_tok / len(items),
+                        "active_fraction": frac})
     return records
 
 
@@ -691,7 +676,7 @@ def _run_code(rt, system, items, stops, to_program) -> list[dict]:
     a = rt.args
     n, temperature = a.samples, (a.temperature if a.samples > 1 else 0.0)
     prompts = [it["prompt"] for it in items]
-    mlps = system.mlps([rt.tokenizer.encode(p) for p in prompts], "code")
+    mlps, frac = system.pick([rt.tokenizer.encode(p) for p in prompts], "code")
     samples, n_tok = [[] for _ in items], 0
     for s in range(n):  # sample s of every item in one batch; seeded so a re-run draws the same samples
         texts, t = complete(rt, prompts, stops, a.code_max_tokens, mlps, temperature, seed=a.seed + s if n > 1 else None)
@@ -707,7 +692,7 @@ def _run_code(rt, system, items, stops, to_program) -> list[dict]:
         records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "prediction": samples[j][0],
                         "reference": it["doc"].get("entry_point", it["doc"].get("code", "")),
                         "statuses": [r.status for r in res], "n": n, "c": c, "correct": c / n,
-                        "tokens": n_tok / len(items)})
+                        "tokens": n_tok / len(items), "active_fraction": frac})
     return records
 
 
@@ -735,14 +720,14 @@ def run_ppl(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
     records = []
     for domain in sorted({it["domain"] for it in items}):  # one domain per forward (matters for the oracle)
         group = [it for it in items if it["domain"] == domain]
-        mlps = system.mlps([it["prompt"] for it in group], domain)
+        mlps, frac = system.pick([it["prompt"] for it in group], domain)
         reqs = [(it["prompt"][:1], it["prompt"][1:]) for it in group]
         ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
         for it, x in zip(group, ll):
             n_bytes = len(rt.tokenizer.decode(it["prompt"][1:]).encode("utf-8"))
             records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "domain": domain,
                             "nll": -x, "scored_tokens": len(it["prompt"]) - 1, "bytes": n_bytes,
-                            "tokens": len(it["prompt"])})
+                            "tokens": len(it["prompt"]), "active_fraction": frac})
     return records
 
 
@@ -899,10 +884,11 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
               "systems": {}}
     for s in systems:
         cols[s.name] = {}
-        entry = {"active_fraction": round(s.active_fraction, 6), "tasks": {}, "details": {}}
-        pooled = []
+        entry = {"tasks": {}, "details": {}}
+        pooled, fractions = [], []
         for t in tasks:
             recs = [records[s.name, t.name][it["id"]] for it in t.items]
+            fractions += [r["active_fraction"] for r in recs]
             cols[s.name].update(columns_of(t, recs))
             entry["details"][t.name] = task_details(t, recs)
             if t.name != "ppl":  # the integrated set pools accuracy items (MMLU by letters)
@@ -911,6 +897,7 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
             random.Random(args.seed).shuffle(pooled)  # the mixed-domain order (a mean does not depend on it)
             v = np.array([c for _, c in pooled])
             cols[s.name]["integrated"] = (v, np.ones(len(v)))
+        entry["active_fraction"] = round(float(np.mean(fractions)), 6)  # per item, over all tasks
         result["systems"][s.name] = entry
     base = cols.get("dense")
     for s in systems:
