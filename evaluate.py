@@ -711,7 +711,7 @@ def prepare_ppl(rt: Runtime) -> Task:
     for domain in rt.args.ppl_domains:
         ids = rt.tokenizer.encode(ppl_text(domain, rt.root))
         windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n) if len(ids[i:i + n]) > 1]
-        picked = select(list(enumerate(windows)), rt.args.limit, rt.args.seed)
+        picked = select(list(enumerate(windows)), rt.args.ppl_windows or rt.args.limit, rt.args.seed)
         items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
     return Task("ppl", "mixed", items, {"ppl_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)
 
@@ -962,7 +962,7 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
-    p.add_argument("--limit", type=int, default=None, help="items per task (ppl: windows per domain); default all")
+    p.add_argument("--limit", type=int, default=None, help="items per task (ppl: see --ppl-windows); default all")
     p.add_argument("--experts", default=None, help="experts file from purify.py (all systems but dense)")
     p.add_argument("--router", default=None, help="router file from train_router.py (freemoe)")
     p.add_argument("--mmlu-shots", type=int, default=5)
@@ -973,6 +973,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     p.add_argument("--ppl-domains", nargs="+", default=list(PPL_DOMAINS), help="held-out domains for perplexity")
     p.add_argument("--ppl-len", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--ppl-windows", type=int, default=None, help="windows per domain (default: --limit, else all)")
     p.add_argument("--batch-size", type=int, default=8, help="items per batch")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")

@@ -384,3 +384,52 @@ def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
     result = E.run(args, model, tok)
     bpb = result["systems"]["dense"]["tasks"]["bpb_general"]["value"]
     assert 0.3 < bpb < 3.0, bpb  # a trained model compresses English text to roughly 1 bit per byte
+
+
+# ----------------------------------------------------------------------------- sparse systems (tiny model)
+
+def _tiny_artifacts(tmp_path, model, keep=0.5):
+    """An experts file (random index sets for every domain and baseline) and an untrained router for it."""
+    import purify
+    import router as R
+    g = torch.Generator().manual_seed(0)
+    Fn, L = model.config.n_ffn, model.config.n_layer
+
+    def sets():
+        return [torch.randperm(Fn, generator=g)[:int(keep * Fn)].sort().values for _ in range(L)]
+    path = tmp_path / "experts.safetensors"
+    purify.save_experts(path, {d: sets() for d in E.PPL_DOMAINS},
+                        {"fingerprint": model.fingerprint, "n_layer": L, "n_ffn": Fn},
+                        baselines={b: sets() for b in ("random", "magnitude", "general", "mixed")})
+    experts = purify.load_experts(path, model)
+    cfg = R.RouterConfig(domains=list(E.PPL_DOMAINS), n_layer=L, n_embd=model.config.n_embd, route_layer=1,
+                         hidden=8, threshold=0.0)
+    torch.manual_seed(1)
+    R.save_router(tmp_path / "router.safetensors", R.Router(cfg), model, experts)
+    return path, tmp_path / "router.safetensors", experts
+
+
+def test_sparse_systems_run_their_experts(tmp_path):
+    model, tok = tiny_model_and_tokenizer()
+    experts_path, router_path, experts = _tiny_artifacts(tmp_path, model)
+    args = E.parse_args(["--systems", "dense", "oracle", "random", "general", "mixed", "magnitude", "freemoe",
+                         "--experts", str(experts_path), "--router", str(router_path), "--tasks", "mmlu", "ppl",
+                         "--limit", "2", "--mmlu-shots", "0", "--ppl-len", "32", "--ppl-domains", "code", "math",
+                         "--out", str(tmp_path / "out")])
+    result = E.run(args, model, tok)["systems"]
+    assert set(result) == {"dense", "oracle", "random", "general", "mixed", "magnitude", "freemoe"}
+    assert result["dense"]["active_fraction"] == 1.0
+    for name in ("oracle", "random", "general", "mixed", "magnitude"):
+        assert result[name]["active_fraction"] == 0.5
+        assert "delta_vs_dense" in result[name]["tasks"]["bpb_code"]
+    assert 0.5 <= result["freemoe"]["active_fraction"] <= 1.0
+    # the oracle runs the expert of the item's domain: its numbers equal a direct run with that expert
+    rt = E.Runtime(model, tok, args, DATA)
+    task = E.prepare_ppl(rt)
+    oracle = {json.loads(line)["id"]: json.loads(line) for line in
+              (tmp_path / "out" / "items" / "oracle" / "ppl.jsonl").read_text().splitlines()[1:]}
+    for it in task.items:
+        direct = E.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], experts.mlps(it["domain"]))[0]
+        assert oracle[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
+    with pytest.raises(M.UserError, match="needs --router FILE"):
+        E.build_systems(E.parse_args(["--systems", "freemoe", "--experts", str(experts_path)]), model)
