@@ -347,6 +347,26 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
             "freemoe_routing_accuracy": sum(hits) / len(hits)}
 
 
+@torch.no_grad()
+def compare_fallbacks(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], threshold: float = 0.9) -> dict:
+    """Dense vs top-2-union fallback on mixed-domain windows (first half of one domain + second half of another,
+    the case where level 1 is unsure), at a high threshold so that the fallback actually triggers."""
+    names = list(heldout)
+    half = min(w.shape[1] for w in heldout.values()) // 2
+    mixed = torch.stack([torch.cat([heldout[a][0, :half], heldout[b][0, :half]])  # (2 * half,)
+                         for a in names for b in names if a != b])  # (D(D-1), T)
+    saved = (moe.threshold, moe.fallback)
+    out = {}
+    for fb in ("dense", "top2"):
+        moe.threshold, moe.fallback = threshold, fb
+        nll, decs = moe.score(mixed)
+        out[fb] = {"ppl": math.exp(float(nll.mean())), "fraction": sum(d.active_fraction for d in decs) / len(decs),
+                   "fell_back": sum(d.fell_back for d in decs) / len(decs)}
+    moe.threshold, moe.fallback = saved
+    out["n_windows"], out["threshold"] = len(mixed), threshold
+    return out
+
+
 def compare_markdown(c: dict, domains: list[str]) -> str:
     lines = ["| system | " + " | ".join(f"{d} ppl" for d in domains) + " | active FFN fraction | decode tok/s |",
              "|---" * (len(domains) + 3) + "|"]
@@ -373,27 +393,27 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=float, default=0.5, help="confidence below which a request falls back")
     g.add_argument("--fallback", choices=["dense", "top2"], default="dense")
     g = p.add_argument_group("level 1")
-    g.add_argument("--l1-windows", type=int, default=200, help="training windows (16..256 tokens) per domain")
-    g.add_argument("--l1-snippets", type=int, default=120, help="training question-style snippets per domain")
-    g.add_argument("--l1-heldout", type=int, default=40, help="held-out windows, snippets and benchmark prompts "
+    g.add_argument("--l1-windows", type=int, default=80, help="training windows (16..256 tokens) per domain")
+    g.add_argument("--l1-snippets", type=int, default=60, help="training question-style snippets per domain")
+    g.add_argument("--l1-heldout", type=int, default=30, help="held-out windows, snippets and benchmark prompts "
                                                               "(each) per domain")
     g.add_argument("--l1-epochs", type=int, default=60)
     g.add_argument("--l1-lr", type=float, default=3e-3)
     g = p.add_argument_group("level 2")
     g.add_argument("--lam", type=float, default=1.0, help="weight of the active-fraction penalty")
-    g.add_argument("--l2-windows", type=int, default=8, help="calibration windows per domain")
+    g.add_argument("--l2-windows", type=int, default=4, help="calibration windows per domain")
     g.add_argument("--l2-len", type=int, default=64, help="tokens per level 2 window")
     g.add_argument("--l2-batch", type=int, default=2)
     g.add_argument("--l2-epochs", type=int, default=3)
     g.add_argument("--l2-lr", type=float, default=0.2)
     g.add_argument("--tau", type=float, default=1.0, help="Gumbel-sigmoid temperature")
     g.add_argument("--relax", choices=["st", "soft"], default="st", help="straight-through hard gates or soft mix")
-    g.add_argument("--l2-heldout", type=int, default=4, help="held-out windows per domain for the level 2 report")
+    g.add_argument("--l2-heldout", type=int, default=2, help="held-out windows per domain for the level 2 report")
     g.add_argument("--skip-level2", action="store_true", help="train level 1 only (every layer stays dense)")
     g = p.add_argument_group("comparison (README figures)")
     g.add_argument("--compare", action="store_true", help="after training: held-out ppl per domain and decode "
                                                           "tokens/s for dense, freemoe, oracle and mixed")
-    g.add_argument("--compare-windows", type=int, default=4, help="held-out windows of 256 tokens per domain")
+    g.add_argument("--compare-windows", type=int, default=2, help="held-out windows of 256 tokens per domain")
     g.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode-speed run")
     return p.parse_args(argv)
 
@@ -470,6 +490,7 @@ def main(argv=None):
                                                 256) for d in domains}
         speed_prompts = {d: w[-1, :48].tolist() for d, w in heldout.items()}  # (48,) a short real prompt per domain
         comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
+        comparison["fallbacks"] = compare_fallbacks(moe, heldout)
     report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
               "experts_identity": R.experts_identity(experts), "router_params": n_router, "model_params": n_model,
               "level1": {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
@@ -489,7 +510,11 @@ def main(argv=None):
                f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]
     if comparison:
         md += ["", f"## held-out perplexity and decode speed ({args.compare_windows} x 256 tokens per domain)", "",
-               compare_markdown(comparison, domains)]
+               compare_markdown(comparison, domains), "",
+               f"fallback on {comparison['fallbacks']['n_windows']} mixed-domain windows (threshold "
+               f"{comparison['fallbacks']['threshold']}): " + ", ".join(
+                   f"{fb}: ppl {r['ppl']:.2f}, active fraction {r['fraction']:.3f}, fell back {r['fell_back']:.2f}"
+                   for fb, r in comparison["fallbacks"].items() if isinstance(r, dict))]
     md += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
