@@ -42,7 +42,8 @@ Systems (all at the same active FFN fraction as freemoe, except dense):
     each row reports the active FFN fraction it actually ran at, averaged over items.
 
 Code execution (`run_sandboxed`): each program runs in a fresh process, never in the evaluator:
-    - its own temporary working directory, deleted afterwards; a minimal environment; python -I (isolated)
+    - its own temporary working directory, deleted afterwards; a minimal environment; python -I -S (isolated,
+      no site-packages); the interpreter is ours, or the system python3 when the sandbox uid cannot read ours
     - a new network namespace (`unshare -n`: no interfaces but a down loopback) and a new pid namespace (when
       its first process dies the kernel kills every process left in it, even ones that left the process group)
     - as root: a fresh, otherwise unused uid with no groups, so it cannot write or delete the evaluator's files,
@@ -381,8 +382,9 @@ def _launch(source: str, cfg: SandboxConfig, timeout: float, memory_mb: int) -> 
                   "RLIMIT_NPROC": 32, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
         config = json.dumps({"limits": limits, "uid": uid, "guard": cfg.guard, "cwd": workdir})
         argv = [cfg.python, "-I", "-S", "-c", _BOOTSTRAP, config]  # isolated mode, no site-packages
-        if cfg.namespaces:
-            argv = ["unshare", "--net", "--pid", "--fork", "--kill-child"] + argv
+        if cfg.namespaces:  # without root, a user namespace (--map-root-user) makes the others possible
+            userns = [] if os.geteuid() == 0 else ["--map-root-user"]
+            argv = ["unshare", *userns, "--net", "--pid", "--fork", "--kill-child"] + argv
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         # stdout/stderr go to files (capped by RLIMIT_FSIZE), so a program printing forever cannot fill our memory
@@ -427,7 +429,8 @@ def sandbox_config() -> SandboxConfig:
     root = os.geteuid() == 0
     pythons = list(dict.fromkeys(p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
                                  if p and os.path.exists(p)))
-    modes = [(True, root, False), (False, root, not root), (False, False, True)]
+    # (namespaces, drop_uid, guard): without root the program keeps our uid, so the Python guards stay on
+    modes = [(True, root, not root), (False, root, not root), (False, False, True)]
     probe = "import copy, heapq, string, collections, math, re\nassert heapq.nlargest(1, [3, 1]) == [3]"
     for namespaces, drop_uid, guard in modes:
         if namespaces and not shutil.which("unshare"):
@@ -768,6 +771,8 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
         with open(path, "r+b") as f:
             f.truncate(complete_len)
     lines = data[:complete_len].decode("utf-8").splitlines()
+    if not lines:  # killed before the header reached the disk
+        return {}
     try:
         first = json.loads(lines[0]) if lines else {}
         records = [json.loads(line) for line in lines[1:]]
@@ -794,8 +799,9 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
     batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
     todo = [b for b in batches if any(it["id"] not in done for it in b)]
     with open(path, "a", encoding="utf-8") as f:
-        if not done and f.tell() == 0:
+        if f.tell() == 0:
             f.write(json.dumps({"header": header}, sort_keys=True) + "\n")
+            f.flush()
         bar = tqdm(total=len(task.items), initial=len(task.items) - sum(len(b) for b in todo),
                    desc=f"{system.name}/{task.name}", leave=False)
         for batch in todo:
@@ -945,6 +951,16 @@ def markdown_table(result: dict, timings: dict) -> str:
     notes = ("\nAccuracies in %, with 95% bootstrap intervals over items; bpb = bits per byte (lower is better); "
              "Δ = difference to dense (paired). Items per task: "
              + ", ".join(f"{k} {v}" for k, v in result["settings"]["n_items"].items()) + ".\n")
+    mmlu = {name: s["details"]["mmlu"] for name, s in result["systems"].items() if s["details"].get("mmlu")}
+    if mmlu:  # MMLU by category (mean over the subjects present), letters / cloze
+        cats = list(MMLU_CATEGORIES)
+        notes += "\n| MMLU letters / cloze | " + " | ".join(cats) + " | macro over subjects |\n|" + "---|" * (len(cats) + 2)
+        for name, d in mmlu.items():
+            cells = [f"{100 * d['letters']['categories'][c]:.1f} / {100 * d['cloze']['categories'][c]:.1f}"
+                     if c in d["letters"]["categories"] else "-" for c in cats]
+            cells.append(f"{100 * d['letters']['macro_subjects']:.1f} / {100 * d['cloze']['macro_subjects']:.1f}")
+            notes += f"\n| {name} | " + " | ".join(cells) + " |"
+        notes += "\n"
     return "\n".join(lines) + "\n" + notes
 
 

@@ -350,6 +350,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     model, tok = tiny_model_and_tokenizer()
     args = E.parse_args(["--tasks", "gsm8k", "--limit", "1", "--gsm8k-max-tokens", "2", "--gsm8k-shots", "0",
                          "--out", str(tmp_path)])
+    (tmp_path / "items" / "dense").mkdir(parents=True)
+    (tmp_path / "items" / "dense" / "gsm8k.jsonl").write_text("")  # killed before the header was written
     E.run(args, model, tok)
     args.gsm8k_max_tokens = 3
     with pytest.raises(M.UserError, match="other settings"):
