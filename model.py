@@ -127,13 +127,17 @@ def config_from_hf(hf: dict, name: str = "") -> Config:
     """Map an HF config.json to our Config. An unknown model_type is refused by name."""
     mt = hf.get("model_type")
     if mt == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"activation_function {hf['activation_function']!r} is not supported (only gelu_new)")
         return Config(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
                       n_kv_head=hf["n_head"], n_embd=hf["n_embd"], n_ffn=hf.get("n_inner") or 4 * hf["n_embd"],
                       max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                       tie_embeddings=True, name=name)
     if mt in ("llama", "qwen2", "mistral"):
         if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{name}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+            raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+            raise UserError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
         return Config(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
                       n_head=hf["num_attention_heads"],
                       n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -142,7 +146,7 @@ def config_from_hf(hf: dict, name: str = "") -> Config:
                       rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                       rope_scaling=_rope_scaling_from_hf(hf), qkv_bias=(mt == "qwen2") or hf.get("attention_bias", False),
                       tie_embeddings=hf.get("tie_word_embeddings", mt != "llama"), name=name)
-    raise UserError(f"{name}: unknown model_type {mt!r} (supported: gpt2, llama, qwen2, mistral)")
+    raise UserError(f"unknown model_type {mt!r} (supported: gpt2, llama, qwen2, mistral)")
 
 
 def _rope_scaling_from_hf(hf: dict) -> dict | None:
@@ -761,6 +765,8 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
             cfg = config_from_hf(json.loads(cfg_file.read_text()), path.name)
         except (json.JSONDecodeError, KeyError) as e:
             raise UserError(f"{cfg_file}: bad config ({type(e).__name__}: {e})") from None
+        except UserError as e:  # unknown model_type, unsupported activation...: name the file
+            raise UserError(f"{cfg_file}: {e}") from None
         sd = read_hf_state_dict(path)
         weights, _dropped = (map_hf_gpt2 if cfg.arch == "gpt2" else map_hf_llama)(sd, cfg)
         tokenizer = Tokenizer.from_dir(path, cfg)
