@@ -245,7 +245,6 @@ def test_level1_training_learns_separable_features():
 
 @pytest.fixture(scope="module")
 def real():
-    torch.set_num_threads(2)
     try:
         m, tok = M.load_model()
     except M.UserError as e:
