@@ -329,6 +329,14 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.fingerprint = ""  # set by the loaders: identifies the weights for artifacts built on them
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(dtype) would round the RoPE frequencies too (bf16: ~0.2% angle error, radians by position ~1000);
+        keep them float32 as the reference implementations do, on whatever device the module moved to."""
+        super()._apply(fn, *args, **kwargs)
+        if self.config.arch == "llama" and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     # --- KV cache (gpt-fast style: preallocated, written in place)
     def setup_cache(self, batch_size: int, max_len: int):
         cfg, w = self.config, self.tok_emb.weight

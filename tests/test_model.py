@@ -328,6 +328,13 @@ def test_cli_bad_model_path_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_bf16_load_keeps_rope_frequencies_float32(tiny_llama_dir):
+    m, _ = M.load_model(tiny_llama_dir, dtype=torch.bfloat16)
+    assert m.tok_emb.weight.dtype == m.layers[0].mlp.up.weight.dtype == torch.bfloat16
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, M.rope_inv_freq(m.config))
+    assert len(M.generate(m, [[1, 2, 3]], 4, stop_ids=set())[0]) == 4
+
+
 def test_cli_generates_with_tiny_model(tiny_llama_dir):
     r = run_cli("--model", str(tiny_llama_dir), "--prompt", "Hello", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
