@@ -735,12 +735,15 @@ def hub_download(repo_id: str) -> Path:
                 return None
             raise UserError(f"cannot download {url}: HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
+            if not required:  # offline: an optional file that is not cached is simply absent (cached models load)
+                return None
             raise UserError(f"cannot download {repo_id!r} (offline?): pass a local path with --model ({e})") from None
         os.replace(str(dest) + ".part", dest)
         return dest
 
     fetch("config.json")
-    fetch("tokenizer.json", required=False)
+    for optional in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # eos id, chat template
+        fetch(optional, required=False)
     index = fetch("model.safetensors.index.json", required=False)
     if index:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):

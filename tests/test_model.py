@@ -16,6 +16,7 @@ Shape legend: B batch, T time, V vocab.
 import copy
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
@@ -351,6 +352,43 @@ def test_offline_hub_id_fails_in_one_line(monkeypatch, tmp_path):
     assert "someorg/somemodel" in msg and "offline" in msg
     left = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert left == [], f"a failed download left files behind: {left}"
+
+
+def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
+    """A fake hub serves a tiny checkpoint: the download loads like the local directory, and once cached it
+    loads again with the network gone (optional files that were never there must not need the network)."""
+    served = tmp_path / "served"
+    shutil.copytree(tiny_llama_dir, served)
+    for f in ("vocab.json", "merges.txt"):  # the hub path fetches tokenizer.json (+ its config), not the GPT-2 files
+        (served / f).unlink()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SMOL_HF_TOK / f, served / f)
+    urls = []
+
+    def fake_hub(url, timeout=None):
+        urls.append(url)
+        prefix = "https://huggingface.co/someorg/tiny/resolve/main/"
+        f = served / url.removeprefix(prefix)
+        if not url.startswith(prefix) or not f.exists():
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        return io.BytesIO(f.read_bytes())
+
+    def no_network(url, timeout=None):
+        raise urllib.error.URLError("network is unreachable (simulated)")
+
+    monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_hub)
+    hub_model, hub_tok = M.load_model("someorg/tiny")
+    assert any(u.endswith("/config.json") for u in urls) and any(u.endswith("/model.safetensors") for u in urls)
+    local_model, _ = M.load_model(served)
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        assert torch.equal(hub_model(ids), local_model(ids))
+    assert hub_tok.eos_id == 2 and hub_tok.chat_format == "chatml"  # tokenizer_config + chat template fetched
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    again, _ = M.load_model("someorg/tiny")
+    assert again.fingerprint == hub_model.fingerprint
 
 
 # ============================================================================ sampling
