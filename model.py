@@ -836,11 +836,12 @@ def ranks_from_byte_level(vocab: dict[str, int], merges: list) -> dict[bytes, in
     """Turn an HF/GGUF byte-level BPE vocab into tiktoken's {token bytes: rank}, with rank = token id.
 
     tiktoken merges the pair whose result has the lowest rank; HF merges by position in the merge list.
-    The two agree when ids grow with merge order, which we check rather than assume."""
+    The two agree when ids grow with merge order, which we check rather than assume. Several merges may build
+    the same token (Llama-3's tokenizer.json lists every split of a token), so equal neighbours are fine."""
     dec = byte_decoder()
     to_bytes = lambda s: bytes(dec[c] for c in s)
     ids = [vocab.get("".join(m) if isinstance(m, (list, tuple)) else m.replace(" ", "", 1)) for m in merges]
-    if any(i is None for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
+    if any(i is None for i in ids) or any(a > b for a, b in zip(ids, ids[1:])):
         raise UserError("BPE vocab ids do not follow merge order; this tokenizer cannot be expressed in tiktoken")
     ranks = {}
     for tok, i in vocab.items():

@@ -696,7 +696,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path, texts):
 
 
 @pytest.mark.slow
-def test_llama3_tokenizer_matches_transformers(texts):
+def test_llama3_tokenizer_matches_transformers(texts, tmp_path):
     from transformers.convert_slow_tokenizer import TikTokenConverter
     # Meta's special tokens, written out here independently of model.py
     specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
@@ -713,3 +713,8 @@ def test_llama3_tokenizer_matches_transformers(texts):
         [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert {tok.special["<|eot_id|>"], tok.eos_id} <= tok.stop_ids
     assert_round_trip(tok, texts)
+    # the same vocabulary as an HF tokenizer.json (Split regex + ByteLevel; several merges per token, as in
+    # Meta-Llama-3's own tokenizer.json) read by our tokenizer.json path
+    hf.save(str(tmp_path / "tokenizer.json"))
+    from_json = M.Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert_same_ids([from_json.encode(t) for t in all_texts], ref, all_texts, "Llama-3 tokenizer.json")
