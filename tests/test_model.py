@@ -167,6 +167,24 @@ def test_tiny_llama3_rope_scaling_matters(tiny):
     assert diff > 100 * TOL, f"rope scaling made no difference ({diff:.2e}): the test positions do not exercise it"
 
 
+def test_bf16_checkpoint_loads_exactly(tmp_path):
+    """Hub checkpoints are usually bf16 safetensors: read, upcast to fp32, same logits as transformers'."""
+    from transformers import AutoModelForCausalLM
+    save_hf(build_hf("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)).to(torch.bfloat16), tmp_path,
+            "safetensors")
+    # reloaded rather than .float(): a module cast to bf16 keeps bf16-rounded RoPE frequencies in transformers
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours, _ = M.load_model(tmp_path)
+    assert ours.tok_emb.weight.dtype == torch.float32
+    ids = random_ids(2, 32)
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    assert diff <= TOL
+
+
 def test_tiny_chunked_prefill_last_only_hidden_and_select(tiny):
     """The other forward paths agree with the plain one: a prefill split in two chunks over the KV cache,
     last_only, return_hidden (final hidden -> norm -> head = logits), and an MLP.select keeping every neuron."""
@@ -533,6 +551,32 @@ def test_gguf_dequantization_bit_exact(gguf_path, gguf_read):
         assert np.array_equal(mine.reshape(-1).view(np.uint32), ref.reshape(-1).view(np.uint32)), \
             f"{t.name} ({t.tensor_type.name}) differs from gguf.quants.dequantize"
     assert kinds == {"Q4_1", "Q8_0", "F32"}
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_dequantize_every_supported_type_matches_gguf(kind):
+    """Random blocks of every type model.py reads (the real model only has F32, Q8_0 and Q4_1), bit for bit."""
+    gguf = pytest.importorskip("gguf")
+    qtype = gguf.GGMLQuantizationType[kind]
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    assert M.GGML_BLOCK[kind] == (block_bytes, block_size)
+    rng = np.random.default_rng(0)
+    rows, per_row = 8, 4 * block_bytes  # (rows, bytes): 4 blocks of 32 weights (or 4 scalars) per row
+    raw = rng.integers(0, 256, (rows, per_row), dtype=np.uint8)
+    if kind in ("Q8_0", "Q4_0", "Q4_1"):  # finite fp16 scales/mins, so NaN never hides a mismatch
+        blocks = raw.reshape(-1, block_bytes)
+        n_half = 2 if kind == "Q4_1" else 1
+        blocks[:, :2 * n_half] = rng.normal(0, 0.1, (len(blocks), n_half)).astype(np.float16).view(np.uint8)
+    else:  # plain floats: random finite values
+        vals = rng.normal(0, 1, rows * per_row // block_bytes).astype(np.float32)
+        if kind == "F16":
+            vals = vals.astype(np.float16)
+        if kind == "BF16":
+            vals = (vals.view(np.uint32) >> 16).astype(np.uint16)  # the top half of a float32
+        raw = vals.view(np.uint8).reshape(rows, per_row)
+    ref = gguf.quants.dequantize(raw, qtype).astype(np.float32)  # (rows, weights per row)
+    ours = M.dequantize(raw.reshape(-1), kind).reshape(ref.shape)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.slow
