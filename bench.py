@@ -61,6 +61,7 @@ import model as M
 
 FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256)}
 QUICK = {"sizes": [(1, 128), (8, 128)], "new_tokens": 32, "reps": 3, "stats_windows": (8, 128)}
+SECTIONS = ("dense", "experts", "stats", "memory")
 GOALS = {  # the issue's targets
     "decode_b1_vs_hf": 1.5, "decode_b1_of_bandwidth": 0.8, "prefill_vs_hf": 1.1, "prefill_of_matmul": 0.75,
     "decode_b8_vs_hf": 1.2, "expert_of_ideal": 0.9, "expert_of_ideal_issue4": 0.85, "router_overhead_pct": 3.0,
@@ -577,12 +578,17 @@ def parse_args(argv=None):
     p.add_argument("--experts", default=None, help="experts file from purify.py (default: random keep-0.5 stand-in)")
     p.add_argument("--router", default=None, help="router file from train_router.py (FreeMoE rows)")
     p.add_argument("--keep", type=float, default=0.5, help="keep fraction of the stand-in expert (default 0.5)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; ceilings always run)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers column")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
         raise M.UserError(f"--keep must be in (0, 1], got {args.keep}")
+    args.sections = set(args.sections.split(","))
+    if args.sections - set(SECTIONS):
+        raise M.UserError(f"unknown --sections {','.join(sorted(args.sections - set(SECTIONS)))} "
+                          f"(expected a subset of {','.join(SECTIONS)})")
     return args
 
 
@@ -609,37 +615,39 @@ def main(argv=None):
     with torch.inference_mode():
         res["ceilings"] = ceilings(device, dtype, model.config, max(b * t for b, t in plan["sizes"]), plan["reps"])
         save(res, out)
-        hf, why = (None, "--no-hf given") if args.no_hf else load_hf(path, device, dtype)
-        if why:
-            res["notes"].append(f"transformers column skipped: {why}")
-        res["dense"] = bench_dense(model, hf, plan, device)
-        del hf
-        gc.collect()
-        save(res, out)
-        systems, why = expert_systems(model, args)
-        if why:
-            res["notes"].append(why)
-        fm, why = load_freemoe(model, args)
-        if why:
-            res["notes"].append(why)
-        if fm is not None:
-            systems.update(freemoe_system(model, fm, plan))
-            res["router"] = bench_router(model, fm, plan, device)
-        if systems:
-            res["systems"] = bench_systems(model, systems, plan, device)
-        save(res, out)
-    if importlib.util.find_spec("purify") is not None:
-        with torch.no_grad():
-            res["stats"] = bench_stats(model, plan, device)
-    else:
-        res["notes"].append("purify.py not found: statistics-collection cost skipped")
-    with torch.inference_mode():
-        T = max(t for _, t in plan["sizes"])
-        idx = torch.randint(0, model.config.vocab_size, (8 if any(b == 8 for b, _ in plan["sizes"]) else 1, T)).to(device)
-        res["profile"] = profile_top(model, idx, 8) if device.type == "cpu" else {}
-    if not args.no_memory:
-        names = ["dense"] + [r["system"] for r in res.get("systems", [])]
-        res["memory"] = bench_memory(names, argv)
+        if "dense" in args.sections:
+            hf, why = (None, "--no-hf given") if args.no_hf else load_hf(path, device, dtype)
+            if why:
+                res["notes"].append(f"transformers column skipped: {why}")
+            res["dense"] = bench_dense(model, hf, plan, device)
+            del hf
+            gc.collect()
+            T = max(t for _, t in plan["sizes"])
+            idx = torch.randint(0, model.config.vocab_size, (max(b for b, _ in plan["sizes"]), T)).to(device)
+            res["profile"] = profile_top(model, idx, 8) if device.type == "cpu" else {}
+            save(res, out)
+        systems = {}
+        if "experts" in args.sections:
+            systems, why = expert_systems(model, args)
+            if why:
+                res["notes"].append(why)
+            fm, why = load_freemoe(model, args)
+            if why:
+                res["notes"].append(why)
+            if fm is not None:
+                systems.update(freemoe_system(model, fm, plan))
+                res["router"] = bench_router(model, fm, plan, device)
+            if systems:
+                res["systems"] = bench_systems(model, systems, plan, device)
+            save(res, out)
+    if "stats" in args.sections:
+        if importlib.util.find_spec("purify") is not None:
+            with torch.no_grad():
+                res["stats"] = bench_stats(model, plan, device)
+        else:
+            res["notes"].append("purify.py not found: statistics-collection cost skipped")
+    if "memory" in args.sections:
+        res["memory"] = bench_memory(["dense"] + list(systems), argv)
     res["goals"] = goals(res)
     save(res, out)
     print(markdown(res))
