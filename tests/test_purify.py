@@ -287,3 +287,117 @@ def test_cli_user_errors_are_one_line():
         r = subprocess.run([sys.executable, str(REPO / "purify.py"), *argv], capture_output=True, text=True)
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_cli_end_to_end_on_tiny_model(tmp_path):
+    """The whole script on a tiny random Llama with the real tokenizer and data: files written, experts load,
+    a re-run reuses the cached statistics, the export loads."""
+    if not SMOL_HF_TOK.exists():
+        pytest.skip("needs the shared SmolLM2 tokenizer")
+    torch.manual_seed(0)
+    cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
+                   max_seq_len=512, name="tiny-cli")
+    m = M.Transformer(cfg).eval().requires_grad_(False)
+    P.export_hf(m, [None, None], tmp_path / "tiny", SMOL_HF_TOK)  # keep everything: a plain HF checkpoint
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains", "general", "code",
+            "--tokens", "256", "--heldout-tokens", "128", "--seq-len", "128", "--keep", "0.5", "--out", str(out),
+            "--export", str(tmp_path / "exp"), "--export-domain", "code"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stats general" in r.stderr
+    model, _ = M.load_model(tmp_path / "tiny")
+    ex = P.load_experts(out / "experts.safetensors", model)
+    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)
+    assert ex.active_fraction == 0.5 and ex.meta["tokens"] == {"general": 256, "code": 256}
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
+    assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
+    assert "| dense |" in (out / "report.md").read_text()
+    r2 = subprocess.run(argv + ["--no-report"], capture_output=True, text=True)
+    assert r2.returncode == 0 and "stats general" not in r2.stderr  # statistics reused from the cache
+    exported, _ = M.load_model(tmp_path / "exp")
+    assert exported.config.n_ffn == 20
+    w = windows(2, 16)
+    with torch.no_grad():
+        assert (exported(w) - model(w, mlps=ex.mlps("code"))).abs().max() <= 1e-5
+
+
+# ============================================================================ real model (slow)
+
+REAL_CALIB, REAL_HELDOUT, REAL_T = 8192, 1024, 512  # tokens per domain: small, so the module stays cheap
+
+
+@pytest.fixture(scope="module")
+def real():
+    try:
+        model, tok = M.load_model()
+    except M.UserError as e:
+        pytest.skip(f"real model not available: {e}")
+    stats = {d: P.collect_stats(model, P.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
+             for d in P.BUILTIN_DOMAINS}
+    heldout = {d: P.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)
+               for d in P.BUILTIN_DOMAINS}
+    protect = P.super_neurons(stats)
+    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect) for d in P.BUILTIN_DOMAINS}
+    return {"model": model, "tok": tok, "stats": stats, "heldout": heldout, "protect": protect, "experts": experts,
+            "ppl": {}}
+
+
+def real_ppl(real, name, indices, domain):
+    """Perplexity of a system on a domain's held-out windows, memoised across the module's tests."""
+    key = (name, domain)
+    if key not in real["ppl"]:
+        real["ppl"][key] = P.perplexity(real["model"], real["heldout"][domain], P.materialize(real["model"], indices))
+    return real["ppl"][key]
+
+
+@pytest.mark.slow
+def test_real_domain_expert_is_best_on_its_own_domain(real):
+    """keep=0.5: in each held-out column, the expert built for that domain has the lowest perplexity."""
+    table = {(e, d): real_ppl(real, f"expert:{e}", real["experts"][e], d)
+             for e in P.BUILTIN_DOMAINS for d in P.BUILTIN_DOMAINS}
+    print("\n" + "\n".join(f"{e:>10}: " + " ".join(f"{table[e, d]:8.2f}" for d in P.BUILTIN_DOMAINS)
+                           for e in P.BUILTIN_DOMAINS))
+    for d in P.BUILTIN_DOMAINS:
+        others = {e: table[e, d] for e in P.BUILTIN_DOMAINS if e != d}
+        assert table[d, d] < min(others.values()), (d, table[d, d], others)
+
+
+@pytest.mark.slow
+def test_real_dowp_beats_random_and_magnitude(real):
+    model = real["model"]
+    for b in ("random", "magnitude"):
+        idx = P.select_neurons(P.score_neurons(real["stats"], model, b), 0.5, real["protect"])
+        for d in P.BUILTIN_DOMAINS:
+            ours, theirs = real_ppl(real, f"expert:{d}", real["experts"][d], d), real_ppl(real, b, idx, d)
+            assert ours < theirs, (b, d, ours, theirs)
+
+
+@pytest.mark.slow
+def test_real_protection_and_stats_sanity(real):
+    stats, protect = real["stats"], real["protect"]
+    assert 0 < int(protect.sum()) < 0.01 * protect.numel()  # a few super neurons, not a large fraction
+    for d, s in stats.items():
+        assert int(s["count"]) == REAL_CALIB
+        assert (s["mean_sq"] >= s["mean_abs"] ** 2 * (1 - 1e-4)).all()  # Jensen: E a^2 >= (E|a|)^2
+        assert ((s["fire_rate"] >= 0) & (s["fire_rate"] <= 1)).all()
+        assert (s["max_abs"] >= s["mean_abs"]).all()
+
+
+@pytest.mark.slow
+def test_real_export_matches_transformers(real, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, tok = real["model"], real["tok"]
+    idx = real["experts"]["code"]
+    P.export_hf(model, idx, tmp_path / "code", SMOL_HF_TOK, {"domain": "code"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "code", torch_dtype=torch.float32).eval()
+    assert hf.config.intermediate_size == len(idx[0]) == 768
+    ids = torch.tensor([tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")])  # (1, T)
+    with torch.no_grad():
+        ours = model(ids, mlps=P.materialize(model, idx))
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    ours_loaded, _ = M.load_model(tmp_path / "code")
+    with torch.no_grad():
+        assert (ours_loaded(ids) - ours).abs().max() <= 1e-4
