@@ -998,7 +998,9 @@ def report(args, model, tok, stats, experts, baselines, protect, keep, sens, met
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     jac = {f"{a}|{b}": [jaccard(experts[a][l], experts[b][l]) for l in range(L)] for a, b in pairs}
     diag_ok = {d: all(matrix[f"expert:{d}"][d] < matrix[f"expert:{e}"][d] for e in names if e != d) for d in names}
-    vs = lambda b: {d: matrix[f"expert:{d}"][d] < matrix[f"baseline:{b}"][d] for d in names}
+    # "same" when the expert IS the baseline (at contrast 0 the general expert equals the general baseline)
+    vs = lambda b: {d: "same" if index_hash(experts[d]) == index_hash(baselines[b]) else
+                    matrix[f"expert:{d}"][d] < matrix[f"baseline:{b}"][d] for d in names}
     summary = {"diagonal_best": diag_ok, **{f"beats_{b}": vs(b) for b in baselines}}
     result = {"meta": meta, "heldout_tokens": {d: int(w.numel()) for d, w in heldout.items()},
               "matrix": matrix, "active_fraction": fractions, "summary": summary, "jaccard_per_layer": jac,
@@ -1014,8 +1016,9 @@ def report(args, model, tok, stats, experts, baselines, protect, keep, sens, met
           f"calibration tokens {meta['tokens']}; held-out tokens {result['heldout_tokens']}.", "",
           "## Held-out perplexity (rows: system, columns: held-out text; bold = best non-dense)", "",
           matrix_markdown(matrix, names, fractions), ""]
-    md += ["## Summary", "", markdown_table(["check"] + names, [[k] + [("yes" if v[d] else "NO") for d in names]
-                                                              for k, v in summary.items()]), ""]
+    yes_no = lambda v: v if isinstance(v, str) else "yes" if v else "NO"
+    md += ["## Summary (expert of domain d vs the others / each baseline, on d's held-out text)", "",
+           markdown_table(["check"] + names, [[k] + [yes_no(v[d]) for d in names] for k, v in summary.items()]), ""]
     if sweep:
         md += ["## Contrast sweep (each domain expert on its own held-out text; λ = 0 is plain Wanda per domain)", ""]
         rows = []
