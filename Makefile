@@ -11,8 +11,28 @@ install:
 install-dev: install
 	$(PY) -m pip install -q -r requirements-dev.txt
 
-demo: install
-	$(PY) model.py --chat --prompt "What is the capital of France?" --max-new-tokens 32
+# The demo pipeline on the default model. Each stage is a file target, so a second `make demo` skips the
+# finished stages; `make demo FORCE=1` redoes them all. Small slices keep it to minutes on 2 CPU cores.
+DEMO ?= runs/demo
+ifeq ($(FORCE),1)
+$(shell rm -rf $(DEMO))
+endif
+
+demo: install $(DEMO)/eval/results.json
+	@echo; cat $(DEMO)/eval/results.md; echo
+	@echo "files: $(DEMO)/experts (DSS-Experts + report.md), $(DEMO)/router.safetensors (+ .md), $(DEMO)/eval"
+
+$(DEMO)/experts/experts.safetensors:
+	$(PY) model.py --chat --prompt "What is the capital of France?" --max-new-tokens 16
+	$(PY) purify.py --keep 0.5 --tokens 4096 --heldout-tokens 1024 --out $(DEMO)/experts
+
+$(DEMO)/router.safetensors: $(DEMO)/experts/experts.safetensors
+	$(PY) train_router.py --experts $< --out $@ --l1-windows 40 --l1-snippets 30 --l1-heldout 15
+
+$(DEMO)/eval/results.json: $(DEMO)/router.safetensors
+	$(PY) evaluate.py --systems dense freemoe mixed --tasks mmlu gsm8k humaneval ppl \
+	  --experts $(DEMO)/experts/experts.safetensors --router $< --limit 4 --mmlu-shots 1 \
+	  --gsm8k-shots 2 --gsm8k-max-tokens 96 --code-max-tokens 96 --ppl-windows 2 --out $(DEMO)/eval
 
 test: install-dev
 	$(PY) -m pytest -q tests
