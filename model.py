@@ -359,27 +359,10 @@ class Transformer(nn.Module):
                    over valid tokens only, so a left-padded row sees the same positions as an unpadded one.
         mlps:      optional per-layer FFN replacements (experts, routed or recording FFNs).
         """
-        B, T = idx.shape
         cached = self.layers[0].attn.cache_k is not None
         if start_pos and not cached:
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
-        end = start_pos + T
-        if valid is None:
-            pos = torch.arange(start_pos, end, device=idx.device).expand(B, T)  # (B, T)
-            # plain causal attention needs no mask; chunked prefill over a cache does
-            mask = None if (T == 1 or start_pos == 0) else self._causal_mask(B, T, start_pos, None)
-        else:
-            pos = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:end]  # (B, T)
-            mask = self._causal_mask(B, T, start_pos, valid[:, :end])
-
-        x = self.tok_emb(idx)  # (B, T, C)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        else:
-            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x, rope, mask = self.embed(idx, start_pos, valid)
         hiddens = [x]
         for i, blk in enumerate(self.layers):
             x = blk(x, rope, start_pos, mask, mlps[i] if mlps is not None else None)
@@ -388,6 +371,28 @@ class Transformer(nn.Module):
         x = self.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x).float()  # (B, T, V)
         return (logits, hiddens) if return_hidden else logits
+
+    def embed(self, idx, start_pos: int = 0, valid=None):
+        """What every layer needs before the first block: token (+ position) embeddings x (B, T, C), the RoPE
+        (cos, sin) for these positions, and the attention mask (None when plain causal attention will do)."""
+        B, T = idx.shape
+        end = start_pos + T
+        if valid is None:
+            pos = torch.arange(start_pos, end, device=idx.device).expand(B, T)  # (B, T)
+            # plain causal attention needs no mask; chunked prefill over a cache does
+            mask = None if (T == 1 or start_pos == 0) else self._causal_mask(B, T, start_pos, None)
+        else:
+            pos = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:end]  # (B, T)
+            mask = self._causal_mask(B, T, start_pos, valid[:, :end])
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        return x, rope, mask
 
     @staticmethod
     def _causal_mask(B, T, start_pos, valid):

@@ -83,21 +83,7 @@ def prefix_hidden(model: M.Transformer, idx, valid, n_layers: int):
 
     Same positions, mask and RoPE as `Transformer.forward` (no KV cache), so it equals
     `model(idx, valid=valid, return_hidden=True)[1][n_layers]` exactly — tests check it."""
-    B, T = idx.shape
-    if valid is None:
-        pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
-        mask = None
-    else:
-        pos = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        mask = model._causal_mask(B, T, 0, valid[:, :T])  # (B, 1, T, T)
-    x = model.tok_emb(idx)  # (B, T, C)
-    rope = None
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(pos)
-    else:
-        freqs = pos[..., None].float() * model.inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+    x, rope, mask = model.embed(idx, 0, valid)  # (B, T, C), RoPE, (B, 1, T, T) or None
     for blk in model.layers[:n_layers]:
         x = blk(x, rope, 0, mask)
     return x
