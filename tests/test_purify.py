@@ -224,7 +224,7 @@ def test_export_loads_in_transformers(tmp_path, arch, tie):
     idx = P.select_neurons(P.score_random(m, 7), 0.5)
     out = tmp_path / "exp"
     copied = P.export_hf(m, idx, out, SMOL_HF_TOK if SMOL_HF_TOK.exists() else None, {"domain": "x"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.intermediate_size if arch == "llama" else hf.config.n_inner == 24
     with torch.no_grad():
         ours = m(w, mlps=P.materialize(m, idx))  # (N, T, V)
@@ -325,7 +325,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
 
 # ============================================================================ real model (slow)
 
-REAL_CALIB, REAL_HELDOUT, REAL_T = 8192, 1024, 512  # tokens per domain: small, so the module stays cheap
+REAL_CALIB, REAL_HELDOUT, REAL_T = 4096, 512, 256  # tokens per domain: small, so the module stays cheap
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +391,8 @@ def test_real_export_matches_transformers(real, tmp_path):
     model, tok = real["model"], real["tok"]
     idx = real["experts"]["code"]
     P.export_hf(model, idx, tmp_path / "code", SMOL_HF_TOK, {"domain": "code"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "code", torch_dtype=torch.float32).eval()
-    assert hf.config.intermediate_size == len(idx[0]) == 768
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "code", dtype=torch.float32).eval()
+    assert hf.config.intermediate_size == len(idx[0]) == 768  # keep 0.5 of 1536
     ids = torch.tensor([tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")])  # (1, T)
     with torch.no_grad():
         ours = model(ids, mlps=P.materialize(model, idx))
