@@ -1100,6 +1100,14 @@ def add_common_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+def load_for_cli(args) -> tuple[Transformer, "Tokenizer"]:
+    """The start every script shares: threads (--threads, when the script has it), seed, then the model."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return load_model(args.model, resolve_device(args), resolve_dtype(args))
+
+
 def resolve_device(args) -> torch.device:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} requested but CUDA is not available")

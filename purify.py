@@ -906,12 +906,9 @@ def build_experts(stats, model, names, score, keep, contrast, protect_mask, seed
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    model, tok = M.load_for_cli(args)
     cfg = model.config
 
     # DOWP step 1: calibration windows (and held-out windows, kept apart, for the report)

@@ -420,12 +420,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     out = Path(args.out)
     t_start = time.perf_counter()
-    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    model, tok = M.load_for_cli(args)
     model.requires_grad_(False)  # tuning-free: only router parameters ever get gradients
     experts = purify.load_experts(args.experts, model)
     domains = list(experts.domains)
