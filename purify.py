@@ -116,8 +116,11 @@ def read_text(path: Path) -> str:
     if not path.exists():
         raise M.UserError(f"data file {path} does not exist (set --data-dir or $FREE_MOE_SHARED)")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated .gz or a binary file: one line, no traceback
+        raise M.UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
