@@ -167,6 +167,23 @@ def read_text(path: Path) -> str:
         raise UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
 
 
+def parse_limits(values: list[str] | None) -> dict:
+    """--limit 100 humaneval=164 -> {"*": 100, "humaneval": 164}: a default for every task plus per-task overrides."""
+    limits = {}
+    for v in values or []:
+        task, _, n = v.rpartition("=")
+        if task and task not in ALL_TASKS:
+            raise UserError(f"--limit {v}: unknown task {task!r} (expected one of {', '.join(ALL_TASKS)})")
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"--limit {v}: expected a positive item count")
+        limits[task or "*"] = int(n)
+    return limits
+
+
+def limit_for(args, task: str) -> int | None:
+    return args.limits.get(task, args.limits.get("*"))
+
+
 def select(items: list, limit: int | None, seed: int) -> list:
     """A seeded subset of `limit` items, kept in dataset order. Prefix-stable: the items chosen with --limit 50
     are among those chosen with --limit 100, so a larger run reuses a smaller one's finished items."""
@@ -609,8 +626,14 @@ def prepare_mmlu(rt: Runtime) -> Task:
         shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
         test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
                      "cloze": mmlu_cloze_prompt(d, shots)})
-    return Task("mmlu", "knowledge", select(test, rt.args.limit, rt.args.seed), {"shots": k, "items": "eval bucket"},
-                run_mmlu)
+    if rt.args.mmlu_per_subject:  # stratified: K from every subject, in dataset order
+        chosen = {it["id"] for subject in MMLU_SUBJECT_CATEGORY
+                  for it in select([t for t in test if t["doc"]["subject"] == subject], rt.args.mmlu_per_subject,
+                                   rt.args.seed)}
+        picked = [it for it in test if it["id"] in chosen]
+    else:
+        picked = select(test, limit_for(rt.args, "mmlu"), rt.args.seed)
+    return Task("mmlu", "knowledge", picked, {"shots": k, "items": "eval bucket"}, run_mmlu)
 
 
 def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
@@ -640,7 +663,7 @@ def prepare_gsm8k(rt: Runtime) -> Task:
     train = load_gsm8k(rt.root, "train")
     shots = select(train, k, rt.args.seed) if k else []  # the same k shots for every question
     test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)} for i, d in enumerate(load_gsm8k(rt.root, "test"))]
-    return Task("gsm8k", "math", select(test, rt.args.limit, rt.args.seed),
+    return Task("gsm8k", "math", select(test, limit_for(rt.args, "gsm8k"), rt.args.seed),
                 {"shots": k, "max_new_tokens": rt.args.gsm8k_max_tokens}, run_gsm8k)
 
 
@@ -659,14 +682,15 @@ def run_gsm8k(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
 
 def prepare_humaneval(rt: Runtime) -> Task:
     items = [{"id": d["task_id"], "doc": d, "prompt": d["prompt"]} for d in load_humaneval(rt.root)]
-    return Task("humaneval", "code", select(items, rt.args.limit, rt.args.seed), _code_settings(rt), run_humaneval)
+    return Task("humaneval", "code", select(items, limit_for(rt.args, "humaneval"), rt.args.seed), _code_settings(rt),
+                run_humaneval)
 
 
 def prepare_mbpp(rt: Runtime) -> Task:
     rows = {d["task_id"]: d for d in load_mbpp(rt.root)}
     shots = [rows[i] for i in (2, 3, 4) if i in rows]  # the standard prompt split is task ids 1-10
     items = [{"id": str(i), "doc": rows[i], "prompt": mbpp_prompt(rows[i], shots)} for i in range(11, 511) if i in rows]
-    return Task("mbpp", "code", select(items, rt.args.limit, rt.args.seed), _code_settings(rt), run_mbpp)
+    return Task("mbpp", "code", select(items, limit_for(rt.args, "mbpp"), rt.args.seed), _code_settings(rt), run_mbpp)
 
 
 def _code_settings(rt: Runtime) -> dict:
@@ -714,7 +738,7 @@ def prepare_ppl(rt: Runtime) -> Task:
     for domain in rt.args.ppl_domains:
         ids = rt.tokenizer.encode(ppl_text(domain, rt.root))
         windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n) if len(ids[i:i + n]) > 1]
-        picked = select(list(enumerate(windows)), rt.args.ppl_windows or rt.args.limit, rt.args.seed)
+        picked = select(list(enumerate(windows)), rt.args.ppl_windows or limit_for(rt.args, "ppl"), rt.args.seed)
         items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
     return Task("ppl", "mixed", items, {"ppl_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)
 
@@ -885,7 +909,7 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
     """results.json: deterministic (no wall-clock numbers), items in selection order."""
     cols: dict[str, dict[str, tuple]] = {}
     result = {"model": {"name": model.config.name, "fingerprint": model.fingerprint},
-              "settings": {"limit": args.limit, "seed": args.seed, "tasks": {t.name: t.settings for t in tasks},
+              "settings": {"limit": args.limits, "mmlu_per_subject": args.mmlu_per_subject, "seed": args.seed, "tasks": {t.name: t.settings for t in tasks},
                            "n_items": {t.name: len(t.items) for t in tasks}},
               "systems": {}}
     for s in systems:
@@ -978,7 +1002,11 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
-    p.add_argument("--limit", type=int, default=None, help="items per task (ppl: see --ppl-windows); default all")
+    p.add_argument("--limit", nargs="+", default=None, metavar="N|TASK=N",
+                   help="items per task: N for every task and/or TASK=N for one (e.g. 100 humaneval=164); default all; "
+                        "ppl: see --ppl-windows")
+    p.add_argument("--mmlu-per-subject", type=int, default=None, metavar="K",
+                   help="MMLU: K seeded items from each of the 57 subjects (instead of --limit)")
     p.add_argument("--experts", default=None, help="experts file from purify.py (all systems but dense)")
     p.add_argument("--router", default=None, help="router file from train_router.py (freemoe)")
     p.add_argument("--mmlu-shots", type=int, default=5)
@@ -1002,8 +1030,9 @@ def parse_args(argv=None):
     for d in args.ppl_domains:
         if d not in PPL_DOMAINS:
             raise UserError(f"unknown perplexity domain {d!r} (expected one of {', '.join(PPL_DOMAINS)})")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    args.limits = parse_limits(args.limit)
+    if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
+        raise UserError(f"--mmlu-per-subject must be >= 1, got {args.mmlu_per_subject}")
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     return args

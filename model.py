@@ -1024,11 +1024,14 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.inference_mode()  # not just no_grad: skips autograd/version bookkeeping on every op (~6% per decode step)
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None,
-             top_p=None, stop_ids=None, stop_strings=None, tokenizer=None, mlps=None, seed=None) -> list[list[int]]:
+             top_p=None, stop_ids=None, stop_strings=None, tokenizer=None, mlps=None, seed=None,
+             prefill=None) -> list[list[int]]:
     """Batched generation: left-pad the prompts, prefill once, then decode one token per step with the KV cache.
 
     Returns the new tokens of each prompt, without the stop token. A row stops at a stop id, or (with a
-    tokenizer) once its text contains a stop string; callers cut the text there (see generate_text)."""
+    tokenizer) once its text contains a stop string; callers cut the text there (see generate_text).
+    prefill: optional `f(idx (B, T), valid) -> (last logits (B, 1, V), mlps for decoding)` that replaces the plain
+    prefill forward and fills the KV cache itself (router.FreeMoE routes inside it, reusing the first layers)."""
     device = model.tok_emb.weight.device
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
@@ -1052,7 +1055,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     model.setup_cache(B, S)
     try:
-        logits = model(idx, 0, valid, mlps, last_only=True)  # prefill: (B, 1, V)
+        if prefill is None:
+            logits = model(idx, 0, valid, mlps, last_only=True)  # prefill: (B, 1, V)
+        else:
+            logits, mlps = prefill(idx, valid)
         out, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)  # (B,)

@@ -25,8 +25,9 @@ The router has two levels (a third, token-level one is left out; see README / re
       the active fraction is at or below the budget. For the top-2 union a layer uses the union only if both domains'
       gates would (the smaller of the two logits), because either expert alone was judged unsafe otherwise.
 
-Generation routes once on the prompt, then prefills and decodes with the materialized compact FFNs (`MLP.select`:
-real smaller matmuls). Compact FFNs are cached per (expert set, layer), so every gate pattern of an expert reuses them.
+Generation routes once on the prompt, inside the prefill (the first `route_layer` blocks that level 1 reads are the
+prefill's own first blocks, so routing adds only the router head), then prefills the remaining layers and decodes with
+the materialized compact FFNs (`MLP.select`: real smaller matmuls). Compact FFNs are cached per (expert set, layer), so every gate pattern of an expert reuses them.
 No re-routing during decoding: the decision is fixed per request.
 
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k kept neurons, N prompts, H head width.
@@ -320,9 +321,47 @@ class FreeMoE:
 
     # --- convenience: generation and scoring
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[list[list[int]], list[Decision]]:
-        """Route each prompt once, then generate each group of prompts with the same decision in one batch,
-        prefill and decode both running the compact FFNs. Returns (new tokens per prompt, decisions)."""
-        decisions = self.route(prompts)
+        """Route each prompt, then prefill and decode with the compact FFNs of its decision.
+        Returns (new tokens per prompt, decisions).
+
+        Routing rides on the prefill (`_routed_prefill`): level 1 needs the residual stream after the first
+        `route_layer` blocks, which the prefill computes anyway, so routing costs only the router head. When the
+        prompts of one batch get different decisions, each group is generated on its own (a batch runs one set of FFNs)."""
+        if max(len(p) for p in prompts) > self.router.cfg.max_route_tokens:
+            return self._generate_grouped(prompts, self.route(prompts), max_new_tokens, **kw)  # route() truncates
+        decided: list = []
+        try:
+            out = M.generate(self.model, prompts, max_new_tokens, prefill=lambda idx, valid:
+                             self._routed_prefill(idx, valid, decided), **kw)
+        except _SplitBatch:
+            return self._generate_grouped(prompts, decided, max_new_tokens, **kw)
+        return out, decided
+
+    def _routed_prefill(self, idx, valid, decided: list):
+        """Prefill with routing inside it, for model.generate's `prefill` hook (the KV cache is set up).
+
+        Layers below `route_layer` run dense (that is what level 1 reads); they are kept as they are unless the
+        decision's gates purify one of them, in which case the prefill is redone from that layer on."""
+        model, r = self.model, self.router.cfg.route_layer
+        x, rope, mask = model.embed(idx, 0, valid)  # (B, T, C)
+        hiddens = [x]
+        for blk in model.layers[:r]:  # dense, writing the KV cache of layers < r
+            x = blk(x, rope, 0, mask)
+            hiddens.append(x)
+        feats = pooled(x, valid[:, :idx.shape[1]] if valid is not None else None)  # (B, C)
+        probs = self.router.domain_probs(feats.to(self.router.feat_mean.device)).cpu()  # (B, D)
+        decided.extend(self.decide(p) for p in probs)
+        if len({d.key for d in decided}) > 1:
+            raise _SplitBatch
+        mlps = self.mlps_for(decided[0])
+        first = next((i for i in range(r) if decided[0].use_expert[i]), r)  # first layer the prefix got wrong
+        x = hiddens[first]
+        for i in range(first, len(model.layers)):
+            x = model.layers[i](x, rope, 0, mask, mlps[i])
+        return model.lm_head(model.norm(x[:, -1:])).float(), mlps  # (B, 1, V)
+
+    def _generate_grouped(self, prompts, decisions, max_new_tokens, **kw):
+        """Generate each group of prompts that share a decision in one batch (routing already done)."""
         out: list = [None] * len(prompts)
         groups: dict = {}
         for i, d in enumerate(decisions):
@@ -352,6 +391,10 @@ class FreeMoE:
                 logits = self.model(x[:, :-1], mlps=mlps)  # (B, T-1, V)
                 nll[sel] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1).cpu()
         return nll, decisions
+
+
+class _SplitBatch(Exception):
+    """Raised inside the routed prefill when one batch's prompts were routed differently."""
 
 
 # ----------------------------------------------------------------------------- level 2 training-time soft mix

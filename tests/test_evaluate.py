@@ -435,3 +435,21 @@ def test_sparse_systems_run_their_experts(tmp_path):
         assert oracle[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
     with pytest.raises(M.UserError, match="needs --router FILE"):
         E.build_systems(E.parse_args(["--systems", "freemoe", "--experts", str(experts_path)]), model)
+
+
+def test_per_task_limits_and_mmlu_per_subject():
+    args = E.parse_args(["--limit", "3", "gsm8k=7", "--mmlu-per-subject", "2", "--mmlu-shots", "0"])
+    assert args.limits == {"*": 3, "gsm8k": 7}
+    assert E.limit_for(args, "gsm8k") == 7 and E.limit_for(args, "humaneval") == 3
+    assert E.limit_for(E.parse_args([]), "mmlu") is None
+    for bad in (["--limit", "nope=3"], ["--limit", "gsm8k=0"], ["--limit", "x"]):
+        with pytest.raises(M.UserError, match="--limit"):
+            E.parse_args(bad)
+    model, tok = tiny_model_and_tokenizer()
+    rt = E.Runtime(model, tok, args, DATA)
+    items = E.prepare_mmlu(rt).items
+    per = {}
+    for it in items:
+        per[it["doc"]["subject"]] = per.get(it["doc"]["subject"], 0) + 1
+    assert len(per) == 57 and set(per.values()) == {2}  # every subject, K items each
+    assert len(E.prepare_gsm8k(rt).items) == 7 and len(E.prepare_humaneval(rt).items) == 3

@@ -170,11 +170,32 @@ def test_route_is_padding_invariant_and_generate_matches():
     alone = [moe.route([p])[0] for p in prompts]
     for a, b in zip(together, alone):
         assert torch.allclose(torch.tensor(a.probs), torch.tensor(b.probs), atol=1e-5)
-    out, decs = moe.generate(prompts, 5)
-    for p, o, d in zip(prompts, out, decs):
-        assert o == M.generate(m, [p], 5, mlps=moe.mlps_for(d))[0]
+    for threshold in (moe.threshold, 0.0):  # all dense (one batch) / three different experts (split into groups)
+        moe.threshold = threshold
+        out, decs = moe.generate(prompts, 5)
+        assert len({d.key for d in decs}) == (1 if threshold else 3)
+        for p, o, d in zip(prompts, out, decs):
+            assert o == M.generate(m, [p], 5, mlps=moe.mlps_for(d))[0]
     nll, decs = moe.score(ids(4, 10))
     assert nll.shape == (4,) and torch.isfinite(nll).all() and len(decs) == 4
+
+
+@pytest.mark.parametrize("gate", [-1.0, 1.0])  # -1: the prefix layers are reused; +1: layer 0 is purified, redone
+def test_routing_inside_the_prefill_is_exact(gate):
+    """generate() routes on the prefill's own first layers; tokens and decisions equal route() + plain generate."""
+    m = tiny_model()
+    moe = tiny_moe(m, tiny_experts(m))
+    with torch.no_grad():
+        moe.router.gate_logits.fill_(gate)
+        moe.router.head[-1].bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0]))  # every prompt -> code, one batch
+    prompts = [[5, 6, 7, 9, 1, 2], [9, 1, 2, 3, 4, 8, 8, 1], [300, 2, 17, 4, 4, 4, 4, 4]]
+    out, decs = moe.generate(prompts, 6)
+    ref = moe.route(prompts)
+    assert [d.key for d in decs] == [d.key for d in ref] and decs[0].domains == ("code",)
+    assert decs[0].use_expert[0] == (gate > 0)
+    assert out == M.generate(m, prompts, 6, mlps=moe.mlps_for(ref[0]))
+    for a, b in zip(decs, ref):
+        assert torch.allclose(torch.tensor(a.probs), torch.tensor(b.probs), atol=1e-5)
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
