@@ -61,7 +61,6 @@ Shape legend: B batch (rows), T time (tokens), C width, V vocab.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -76,7 +75,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -87,7 +86,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import purify
-from model import UserError, add_common_args, generate, load_model, resolve_device, resolve_dtype, run_cli, shared_dir
+from model import UserError, add_common_args, generate, load_for_cli, run_cli, shared_dir
 
 ALL_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "ppl")
 ALL_SYSTEMS = ("dense", "freemoe", "oracle", "mixed", "general", "random", "magnitude")
@@ -131,40 +130,7 @@ def data_root(data_dir: str | None) -> Path:
     return shared_dir(data_dir) / "data"
 
 
-def _open_text(path: Path):
-    if not path.exists():
-        raise UserError(f"missing data file {path} (see shared/data/MANIFEST.md, or pass --data-dir)")
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-@lru_cache(maxsize=None)  # read once: `check_data` reads every file before the (slow) model load
-def read_jsonl(path: Path, fields: tuple = ()) -> list[dict]:
-    """Rows of a (gzipped) JSONL file; a missing, truncated or malformed file is a one-line UserError."""
-    rows = []
-    try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                missing = [k for k in fields if k not in row]
-                if missing:
-                    raise UserError(f"corrupt data file {path}: line {n} lacks {missing}")
-                rows.append(row)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
-    if not rows:
-        raise UserError(f"corrupt data file {path}: no rows")
-    return rows
-
-
-@lru_cache(maxsize=None)
-def read_text(path: Path) -> str:
-    try:
-        with _open_text(path) as f:
-            return f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
+read_text, read_jsonl = purify.read_text, purify.read_jsonl  # one reader for all data files (see purify.py)
 
 
 def parse_limits(values: list[str] | None) -> dict:
@@ -557,8 +523,13 @@ BASELINE_OF = {"general": "baseline.general", "mixed": "mixed", "random": "rando
 
 def build_systems(args, model) -> list[System]:
     """dense needs nothing; the others need the experts file of purify.py, freemoe also the router of
-    train_router.py. Each row reports the active FFN fraction it actually ran at (averaged over items)."""
-    systems, experts = [], None
+    train_router.py. Each row reports the active FFN fraction it actually ran at (averaged over items).
+
+    Same compute budget: with a router given, a pruning baseline scoring an item of domain d keeps the fraction of
+    FFN neurons that Free-MoE's decision for d runs (level 2 leaves some layers dense, so it is above the file's
+    keep); the baseline is rebuilt at that keep from the statistics in the experts file. Without a router it runs
+    at the file's keep."""
+    systems, experts, moe = [], None, None
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
@@ -570,10 +541,10 @@ def build_systems(args, model) -> list[System]:
         if name == "freemoe" and not args.router:
             raise UserError("system freemoe needs --router FILE (run train_router.py first)")
         experts = experts or purify.load_experts(args.experts, model)
-        if name == "freemoe":
-            import router  # only this system needs it
+        if args.router and moe is None:
+            import router  # only a routed comparison needs it
             moe = router.load_router(args.router, model, experts)
-
+        if name == "freemoe":
             def pick(prompts, domain, moe=moe):
                 decision = moe.route(prompts)[0]  # level 1 + level 2 routing on the prompt itself
                 return moe.mlps_for(decision), decision.active_fraction
@@ -582,11 +553,26 @@ def build_systems(args, model) -> list[System]:
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), purify.active_fraction(e.index_sets(domain), model)
             systems.append(System(name, pick))
+        elif moe is not None and experts.stats:
+            systems.append(System(name, budget_matched(name, model, experts, moe)))
         else:
             key = BASELINE_OF[name]
             mlps, frac = experts.mlps(key), purify.active_fraction(experts.index_sets(key), model)
             systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f)))
     return systems
+
+
+def budget_matched(name: str, model, experts, moe):
+    """A pruning baseline as `pick(prompts, domain)`, rebuilt per domain at Free-MoE's active fraction there."""
+    cache = {}
+
+    def pick(prompts, domain):
+        if domain not in cache:
+            frac = moe.decision_for((domain,)).active_fraction
+            idx = purify.baseline_indices(BASELINE_OF[name].removeprefix("baseline."), model, experts, frac)
+            cache[domain] = purify.materialize(model, idx), purify.active_fraction(idx, model)
+        return cache[domain]
+    return pick
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -1022,6 +1008,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")
     p.add_argument("--workers", type=int, default=2, help="sandboxed programs run in parallel")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     args.out = Path(args.out or "results")
     for t in args.tasks:
@@ -1064,10 +1051,9 @@ def run(args, model, tokenizer) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     check_data(args)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, resolve_device(args), resolve_dtype(args))
+    model, tokenizer = load_for_cli(args)
     print(f"loaded {model.config.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     run(args, model, tokenizer)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} "

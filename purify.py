@@ -88,6 +88,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -112,9 +113,12 @@ LETTERS = "ABCD"
 
 # ----------------------------------------------------------------------------- DOWP step 1: domain calibration
 
+@lru_cache(maxsize=None)  # evaluate.py checks every data file before the (slow) model load, then reads them again
 def read_text(path: Path) -> str:
+    """A (gzipped) UTF-8 text file; a missing, truncated or undecodable file is a one-line UserError."""
     if not path.exists():
-        raise M.UserError(f"data file {path} does not exist (set --data-dir or $FREE_MOE_SHARED)")
+        raise M.UserError(f"data file {path} does not exist (see shared/data/MANIFEST.md; set --data-dir or "
+                          f"$FREE_MOE_SHARED)")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -123,14 +127,22 @@ def read_text(path: Path) -> str:
         raise M.UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, fields: tuple = ()) -> list[dict]:
+    """Rows of a (gzipped) JSONL file, each checked for `fields`; an empty or malformed file is a one-line UserError."""
     rows = []
     for i, line in enumerate(read_text(path).split("\n")):  # not splitlines: items hold U+2028
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise M.UserError(f"{path}: line {i + 1} is not JSON ({e})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise M.UserError(f"corrupt data file {path}: line {i + 1} is not JSON ({e})") from None
+        missing = [k for k in fields if k not in row]
+        if missing:
+            raise M.UserError(f"corrupt data file {path}: line {i + 1} lacks {missing}")
+        rows.append(row)
+    if not rows:
+        raise M.UserError(f"corrupt data file {path}: no rows")
     return rows
 
 

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -361,8 +360,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- real model
 
 @pytest.fixture(scope="module")
-def real():
-    return M.load_model()
+def real(real_model):
+    return real_model  # tests/conftest.py
 
 
 @pytest.mark.slow
@@ -390,7 +389,7 @@ def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
 
 # ----------------------------------------------------------------------------- sparse systems (tiny model)
 
-def _tiny_artifacts(tmp_path, model, keep=0.5):
+def _tiny_artifacts(tmp_path, model, keep=0.5, stats=None):
     """An experts file (random index sets for every domain and baseline) and an untrained router for it."""
     import purify
     import router as R
@@ -402,7 +401,7 @@ def _tiny_artifacts(tmp_path, model, keep=0.5):
     path = tmp_path / "experts.safetensors"
     purify.save_experts(path, {d: sets() for d in E.PPL_DOMAINS},
                         {"fingerprint": model.fingerprint, "n_layer": L, "n_ffn": Fn},
-                        baselines={b: sets() for b in ("random", "magnitude", "general", "mixed")})
+                        baselines={b: sets() for b in ("random", "magnitude", "general", "mixed")}, stats=stats)
     experts = purify.load_experts(path, model)
     cfg = R.RouterConfig(domains=list(E.PPL_DOMAINS), n_layer=L, n_embd=model.config.n_embd, route_layer=1,
                          hidden=8, threshold=0.0)
@@ -453,3 +452,29 @@ def test_per_task_limits_and_mmlu_per_subject():
         per[it["doc"]["subject"]] = per.get(it["doc"]["subject"], 0) + 1
     assert len(per) == 57 and set(per.values()) == {2}  # every subject, K items each
     assert len(E.prepare_gsm8k(rt).items) == 7 and len(E.prepare_humaneval(rt).items) == 3
+
+
+def test_baselines_run_at_freemoe_budget_per_domain(tmp_path):
+    """With a router and statistics in the experts file, a pruning baseline keeps, per domain, the fraction of FFN
+    neurons Free-MoE's decision for that domain runs (here: gates open in half the layers, so 0.75), and its index
+    sets are the baseline rebuilt at that keep."""
+    import purify
+    import router as R
+    model, tok = tiny_model_and_tokenizer()
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    stats = {d: purify.collect_stats(model, windows) for d in E.PPL_DOMAINS}
+    experts_path, router_path, experts = _tiny_artifacts(tmp_path, model, stats=stats)
+    router, _ = R.read_router(router_path)
+    with torch.no_grad():
+        router.gate_logits.copy_(torch.tensor([1.0, -1.0]).repeat(len(E.PPL_DOMAINS), model.config.n_layer // 2))
+    R.save_router(router_path, router, model, experts)
+    args = E.parse_args(["--systems", "freemoe", "mixed", "--experts", str(experts_path), "--router", str(router_path)])
+    experts = purify.load_experts(experts_path, model)
+    freemoe, mixed = E.build_systems(args, model)
+    moe = R.load_router(router_path, model, experts)
+    for domain in ("code", "math"):
+        mlps, frac = mixed.pick(None, domain)
+        assert frac == pytest.approx(moe.decision_for((domain,)).active_fraction) == pytest.approx(0.75, abs=0.01)
+        want = purify.baseline_indices("mixed", model, experts, frac)
+        x = torch.randint(0, model.config.vocab_size, (1, 8))
+        assert torch.equal(model(x, mlps=mlps), model(x, mlps=purify.materialize(model, want)))

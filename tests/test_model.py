@@ -503,8 +503,8 @@ def gguf_read(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def real(gguf_path):
-    return M.load_model(gguf_path)  # (model, tokenizer)
+def real(real_model):
+    return real_model  # (model, tokenizer) of the default GGUF, tests/conftest.py
 
 
 @pytest.fixture(scope="module")

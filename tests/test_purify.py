@@ -12,7 +12,6 @@ statistics pass per domain for the whole module).
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, V vocab, k kept neurons.
 """
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -329,11 +328,8 @@ REAL_CALIB, REAL_HELDOUT, REAL_T = 4096, 512, 256  # tokens per domain: small, s
 
 
 @pytest.fixture(scope="module")
-def real():
-    try:
-        model, tok = M.load_model()
-    except M.UserError as e:
-        pytest.skip(f"real model not available: {e}")
+def real(real_model):
+    model, tok = real_model  # tests/conftest.py
     stats = {d: P.collect_stats(model, P.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
              for d in P.BUILTIN_DOMAINS}
     heldout = {d: P.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)

@@ -265,13 +265,8 @@ def test_level1_training_learns_separable_features():
 # ----------------------------------------------------------------------------- real model (slow, kept cheap)
 
 @pytest.fixture(scope="module")
-def real():
-    try:
-        m, tok = M.load_model()
-    except M.UserError as e:
-        pytest.skip(f"real model not available: {e}")
-    m.requires_grad_(False)
-    return m, tok
+def real(real_model):
+    return real_model  # tests/conftest.py
 
 
 @pytest.mark.slow
