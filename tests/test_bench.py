@@ -76,3 +76,28 @@ def test_goals_report_misses_with_gap():
     g = bench.goal("x", 0.6, 0.75, why="bound")
     assert not g["met"] and abs(g["gap_pct"] - 20.0) < 1e-9 and g["bound"] == "bound"
     assert bench.goal("y", 2.0, 3.0, higher=False)["met"]
+
+
+def test_router_section_compares_routed_and_unrouted_requests():
+    """bench_router times fm.generate (routing inside the prefill) against the same FFNs given up front; the routed
+    request must decide as route() does, and the report carries both overheads."""
+    import router as R
+    m = tiny()
+    cfg = m.config
+    g = torch.Generator().manual_seed(0)
+    domains = ["general", "code"]
+    experts = type("E", (), {"domains": domains, "meta": {},
+                             "indices": {d: [torch.randperm(48, generator=g)[:24].sort().values for _ in range(2)]
+                                         for d in domains}})()
+    rcfg = R.RouterConfig(domains=domains, n_layer=2, n_embd=cfg.n_embd, route_layer=1, hidden=0, threshold=0.0)
+    fm = R.FreeMoE(m, experts, R.Router(rcfg))
+    with torch.no_grad():
+        fm.router.gate_logits.fill_(1.0)
+    res = bench.bench_router(m, fm, {"new_tokens": 3, "sizes": [(1, 8)], "reps": 1}, torch.device("cpu"))
+    assert res["decision_domain"] in domains and res["active_fraction"] < 1.0 and res["prompt"] == 8
+    for k in ("route_s", "routed_s", "unrouted_s"):
+        assert res[k]["min"] <= res[k]["median"] <= res[k]["max"]
+    assert {"overhead_pct_per_decode_step", "separate_route_pct_per_decode_step"} <= set(res)
+    text = bench.markdown({"meta": {"model": "tiny", "device": "cpu", "dtype": "float32", "threads": 1, "reps": 1},
+                           "router": res})
+    assert "routed request" in text and "per decode step" in text
