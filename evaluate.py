@@ -510,10 +510,11 @@ def complete(rt: "Runtime", prompts: list[str], stops: list[str], max_new_tokens
 class System:
     """One way of running the model. `pick(prompts, domain)` gives (per-layer FFNs for model(..., mlps=), active
     FFN fraction) for a batch of prompts (token ids) from a task of `domain`; (None, 1.0) is the dense model.
-    per_prompt systems (a router deciding per input) are called with one prompt at a time."""
+    A routed system (a router deciding per input) also has `route_key(prompt) -> key`: batches only hold prompts with
+    the same key, i.e. the same routing decision, so one set of FFNs serves the whole batch."""
     name: str
     pick: Callable[[list[list[int]], str], tuple[list | None, float]] = lambda prompts, domain: (None, 1.0)
-    per_prompt: bool = False
+    route_key: Callable[[list[int]], object] | None = None
 
 
 # system name -> what it runs from the experts file (purify.py names the general-text Wanda baseline
@@ -545,10 +546,7 @@ def build_systems(args, model) -> list[System]:
             import router  # only a routed comparison needs it
             moe = router.load_router(args.router, model, experts)
         if name == "freemoe":
-            def pick(prompts, domain, moe=moe):
-                decision = moe.route(prompts)[0]  # level 1 + level 2 routing on the prompt itself
-                return moe.mlps_for(decision), decision.active_fraction
-            systems.append(System(name, pick, per_prompt=True))
+            systems.append(routed_system(name, moe))
         elif name == "oracle":
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), purify.active_fraction(e.index_sets(domain), model)
@@ -560,6 +558,25 @@ def build_systems(args, model) -> list[System]:
             mlps, frac = experts.mlps(key), purify.active_fraction(experts.index_sets(key), model)
             systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f)))
     return systems
+
+
+def routed_system(name: str, moe) -> System:
+    """Free-MoE as a System: every prompt is routed on its own (level 1 + level 2 on the prompt itself, memoised),
+    and evaluate_task batches prompts that got the same decision."""
+    decisions: dict = {}
+
+    def decide(prompt):
+        key = tuple(prompt)
+        if key not in decisions:
+            decisions[key] = moe.route([prompt])[0]
+        return decisions[key]
+
+    def pick(prompts, domain):
+        chosen = [decide(p) for p in prompts]
+        if len({d.key for d in chosen}) != 1:
+            raise RuntimeError("a batch of a routed system mixes routing decisions")
+        return moe.mlps_for(chosen[0]), chosen[0].active_fraction
+    return System(name, pick, route_key=lambda prompt: decide(prompt).key)
 
 
 def budget_matched(name: str, model, experts, moe):
@@ -798,15 +815,21 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
 
 
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
-    """Run one system on one task, resuming. Batches are fixed slices of the length-sorted item list, and a batch
-    with any unfinished item is recomputed whole: every item is always scored in the same company of padded
+    """Run one system on one task, resuming. Batches are fixed slices of the length-sorted item list (for a routed
+    system, of each routing decision's share of it), and a batch with any unfinished item is recomputed whole: every item is always scored in the same company of padded
     rows, so its numbers are bitwise the same whether or not the run was interrupted."""
     path = out / "items" / system.name / f"{task.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_records(path, header)
-    size = 1 if system.per_prompt else rt.args.batch_size
+    size = rt.args.batch_size
     ordered = sorted(task.items, key=lambda it: (len(it["prompt"]), it["id"]))
-    batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    groups = {None: ordered}
+    if system.route_key is not None:  # a routed system: one batch = one routing decision
+        groups = {}
+        for it in tqdm(ordered, desc=f"{system.name}/{task.name} routing", leave=False):
+            ids = it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
+            groups.setdefault(system.route_key(ids), []).append(it)
+    batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     todo = [b for b in batches if any(it["id"] not in done for it in b)]
     with open(path, "a", encoding="utf-8") as f:
         if f.tell() == 0:

@@ -413,6 +413,12 @@ def _tiny_artifacts(tmp_path, model, keep=0.5, stats=None):
 def test_sparse_systems_run_their_experts(tmp_path):
     model, tok = tiny_model_and_tokenizer()
     experts_path, router_path, experts = _tiny_artifacts(tmp_path, model)
+    import router as R
+    router, _ = R.read_router(router_path)
+    with torch.no_grad():  # purify every layer, and spread the untrained head's decisions over several domains
+        router.gate_logits.fill_(1.0)
+        router.head[-1].weight.mul_(200.0)
+    R.save_router(router_path, router, model, experts)
     args = E.parse_args(["--systems", "dense", "oracle", "random", "general", "mixed", "magnitude", "freemoe",
                          "--experts", str(experts_path), "--router", str(router_path), "--tasks", "mmlu", "ppl",
                          "--limit", "2", "--mmlu-shots", "0", "--ppl-len", "32", "--ppl-domains", "code", "math",
@@ -423,7 +429,7 @@ def test_sparse_systems_run_their_experts(tmp_path):
     for name in ("oracle", "random", "general", "mixed", "magnitude"):
         assert result[name]["active_fraction"] == 0.5
         assert "delta_vs_dense" in result[name]["tasks"]["bpb_code"]
-    assert 0.5 <= result["freemoe"]["active_fraction"] <= 1.0
+    assert result["freemoe"]["active_fraction"] == 0.5
     # the oracle runs the expert of the item's domain: its numbers equal a direct run with that expert
     rt = E.Runtime(model, tok, args, DATA)
     task = E.prepare_ppl(rt)
@@ -432,6 +438,16 @@ def test_sparse_systems_run_their_experts(tmp_path):
     for it in task.items:
         direct = E.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], experts.mlps(it["domain"]))[0]
         assert oracle[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
+    # freemoe: each item routed on its own, batched with items of the same decision; equals a direct routed run
+    moe = R.load_router(router_path, model, experts)
+    routed = {json.loads(line)["id"]: json.loads(line) for line in
+              (tmp_path / "out" / "items" / "freemoe" / "ppl.jsonl").read_text().splitlines()[1:]}
+    assert len({tuple(moe.route([it["prompt"]])[0].domains) for it in task.items}) > 1  # several decisions
+    for it in task.items:
+        decision = moe.route([it["prompt"]])[0]
+        direct = E.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], moe.mlps_for(decision))[0]
+        assert routed[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
+        assert routed[it["id"]]["active_fraction"] == pytest.approx(decision.active_fraction)
     with pytest.raises(M.UserError, match="needs --router FILE"):
         E.build_systems(E.parse_args(["--systems", "freemoe", "--experts", str(experts_path)]), model)
 
