@@ -814,6 +814,20 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
     return done
 
 
+def warm_up(rt: Runtime, system: System, task: Task, batches: list[list[dict]]):
+    """Build what a system makes lazily (materialised experts, budget-matched baselines) before the clock starts:
+    the timings measure running the FFNs, not building them. One `pick` per (routing decision, domain)."""
+    seen = set()
+    for batch in batches:
+        it = batch[0]
+        ids = it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
+        domain = it.get("domain", task.domain)
+        key = (system.route_key(ids) if system.route_key else None, domain)
+        if key not in seen:
+            seen.add(key)
+            system.pick([ids], domain)
+
+
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
     """Run one system on one task, resuming. Batches are fixed slices of the length-sorted item list (for a routed
     system, of each routing decision's share of it), and a batch with any unfinished item is recomputed whole: every item is always scored in the same company of padded
@@ -831,6 +845,7 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
             groups.setdefault(system.route_key(ids), []).append(it)
     batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     todo = [b for b in batches if any(it["id"] not in done for it in b)]
+    warm_up(rt, system, task, todo)
     with open(path, "a", encoding="utf-8") as f:
         if f.tell() == 0:
             f.write(json.dumps({"header": header}, sort_keys=True) + "\n")

@@ -494,3 +494,17 @@ def test_baselines_run_at_freemoe_budget_per_domain(tmp_path):
         want = purify.baseline_indices("mixed", model, experts, frac)
         x = torch.randint(0, model.config.vocab_size, (1, 8))
         assert torch.equal(model(x, mlps=mlps), model(x, mlps=purify.materialize(model, want)))
+
+
+def test_warm_up_builds_each_decision_and_domain_once_before_timing():
+    """Lazily built FFNs (budget-matched baselines, materialised experts) are made before the clock starts: one
+    pick per (routing decision, domain), none per batch."""
+    calls = []
+    system = E.System("probe", pick=lambda prompts, domain: calls.append((len(prompts[0]), domain)) or (None, 1.0),
+                      route_key=lambda ids: len(ids) % 2)
+    task = E.Task("ppl", "mixed", [], {}, run_batch=None)
+    batches = [[{"id": "a", "domain": "code", "prompt": [1, 2]}], [{"id": "b", "domain": "code", "prompt": [3, 4]}],
+               [{"id": "c", "domain": "code", "prompt": [5]}], [{"id": "d", "domain": "math", "prompt": [6, 7]}]]
+    rt = E.Runtime(model=None, tokenizer=None, args=None, root=None)
+    E.warm_up(rt, system, task, batches)
+    assert calls == [(2, "code"), (1, "code"), (2, "math")]
