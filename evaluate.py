@@ -818,14 +818,13 @@ def warm_up(rt: Runtime, system: System, task: Task, batches: list[list[dict]]):
     """Build what a system makes lazily (materialised experts, budget-matched baselines) before the clock starts:
     the timings measure running the FFNs, not building them. One `pick` per (routing decision, domain)."""
     seen = set()
-    for batch in batches:
-        it = batch[0]
-        ids = it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
-        domain = it.get("domain", task.domain)
-        key = (system.route_key(ids) if system.route_key else None, domain)
+    for it in (it for batch in batches for it in batch):
+        domain = it.get("domain", task.domain)  # ppl items carry their own domain
+        ids = lambda: it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
+        key = (system.route_key(ids()) if system.route_key else None, domain)
         if key not in seen:
             seen.add(key)
-            system.pick([ids], domain)
+            system.pick([ids()], domain)
 
 
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:

@@ -266,7 +266,12 @@ class MLP(nn.Module):
     def neurons(self, x):
         """Intermediate activations a, (B, T, C) -> (B, T, F): the quantities DOWP scores."""
         if self.gated:
-            return F.silu(self.gate(x)) * self.up(x)
+            g, u = self.gate(x), self.up(x)  # (B, T, F) each
+            if torch.is_grad_enabled():
+                return F.silu(g) * u
+            # inference: overwrite g instead of allocating two more (B, T, F) tensors (~10% of a CPU prefill,
+            # bit-identical); autograd needs the inputs of silu, so training takes the line above
+            return F.silu(g, inplace=True).mul_(u)
         return F.gelu(self.up(x), approximate="tanh")
 
     def project(self, a):

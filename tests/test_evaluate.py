@@ -503,8 +503,9 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     system = E.System("probe", pick=lambda prompts, domain: calls.append((len(prompts[0]), domain)) or (None, 1.0),
                       route_key=lambda ids: len(ids) % 2)
     task = E.Task("ppl", "mixed", [], {}, run_batch=None)
-    batches = [[{"id": "a", "domain": "code", "prompt": [1, 2]}], [{"id": "b", "domain": "code", "prompt": [3, 4]}],
-               [{"id": "c", "domain": "code", "prompt": [5]}], [{"id": "d", "domain": "math", "prompt": [6, 7]}]]
+    batches = [[{"id": "a", "domain": "code", "prompt": [1, 2]}, {"id": "e", "domain": "general", "prompt": [8, 9]}],
+               [{"id": "b", "domain": "code", "prompt": [3, 4]}], [{"id": "c", "domain": "code", "prompt": [5]}],
+               [{"id": "d", "domain": "math", "prompt": [6, 7]}]]
     rt = E.Runtime(model=None, tokenizer=None, args=None, root=None)
     E.warm_up(rt, system, task, batches)
-    assert calls == [(2, "code"), (1, "code"), (2, "math")]
+    assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first

@@ -156,6 +156,19 @@ def test_tiny_logits_match_transformers(tiny):
     assert diff <= TOL, f"{tiny['name']}: max |delta logit| {diff:.2e} > {TOL}"
 
 
+def test_inference_ffn_in_place_equals_the_autograd_path(tiny):
+    """MLP.neurons overwrites silu's input under no_grad; with autograd on it must not. Both give the same bits,
+    and the autograd path still back-propagates (train_router.py needs it)."""
+    mlp = tiny["ours"].layers[0].mlp
+    x = torch.randn(2, 5, tiny["ours"].config.n_embd, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = mlp(x)
+    xg = x.clone().requires_grad_(True)
+    slow = mlp(xg)
+    slow.sum().backward()
+    assert torch.equal(fast, slow.detach()) and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("tiny", ["llama-gqa-llama3rope-untied"], indirect=True)
 def test_tiny_llama3_rope_scaling_matters(tiny):
     """The Llama-3 case would fail without the scaling: otherwise the parity test above proves nothing about it."""
