@@ -324,7 +324,7 @@ class RecordingMLP(nn.Module):
         self.count += flat.shape[0]
         self.sum_abs += mag.sum(0)
         self.sum_sq += sq.sum(0)
-        self.n_fire += (mag > FIRE_REL * rms).sum(0)
+        self.n_fire += (mag > FIRE_REL * rms).sum(0, dtype=torch.int32)  # int32: a bool->int64 sum copies (B*T, F)
         torch.maximum(self.max_abs, mag.amax(0), out=self.max_abs)
         return self.mlp.project(a)
 
