@@ -814,17 +814,21 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
     return done
 
 
+def prompt_ids(rt: Runtime, item: dict) -> list[int]:
+    """An item's prompt as token ids (ppl items already hold ids; the others hold text)."""
+    return item["prompt"] if isinstance(item["prompt"], list) else rt.tokenizer.encode(item["prompt"])
+
+
 def warm_up(rt: Runtime, system: System, task: Task, batches: list[list[dict]]):
     """Build what a system makes lazily (materialised experts, budget-matched baselines) before the clock starts:
     the timings measure running the FFNs, not building them. One `pick` per (routing decision, domain)."""
     seen = set()
     for it in (it for batch in batches for it in batch):
         domain = it.get("domain", task.domain)  # ppl items carry their own domain
-        ids = lambda: it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
-        key = (system.route_key(ids()) if system.route_key else None, domain)
+        key = (system.route_key(prompt_ids(rt, it)) if system.route_key else None, domain)
         if key not in seen:
             seen.add(key)
-            system.pick([ids()], domain)
+            system.pick([prompt_ids(rt, it)], domain)
 
 
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
@@ -840,8 +844,7 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
     if system.route_key is not None:  # a routed system: one batch = one routing decision
         groups = {}
         for it in tqdm(ordered, desc=f"{system.name}/{task.name} routing", leave=False):
-            ids = it["prompt"] if isinstance(it["prompt"], list) else rt.tokenizer.encode(it["prompt"])
-            groups.setdefault(system.route_key(ids), []).append(it)
+            groups.setdefault(system.route_key(prompt_ids(rt, it)), []).append(it)
     batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     todo = [b for b in batches if any(it["id"] not in done for it in b)]
     warm_up(rt, system, task, todo)
