@@ -823,12 +823,13 @@ def warm_up(rt: Runtime, system: System, task: Task, batches: list[list[dict]]):
     """Build what a system makes lazily (materialised experts, budget-matched baselines) before the clock starts:
     the timings measure running the FFNs, not building them. One `pick` per (routing decision, domain)."""
     seen = set()
-    for it in (it for batch in batches for it in batch):
-        domain = it.get("domain", task.domain)  # ppl items carry their own domain
-        key = (system.route_key(prompt_ids(rt, it)) if system.route_key else None, domain)
-        if key not in seen:
-            seen.add(key)
-            system.pick([prompt_ids(rt, it)], domain)
+    for batch in batches:
+        ids = prompt_ids(rt, batch[0])
+        decision = system.route_key(ids) if system.route_key else None  # a batch holds one routing decision
+        for domain in dict.fromkeys(it.get("domain", task.domain) for it in batch):  # ppl items carry their own
+            if (decision, domain) not in seen:
+                seen.add((decision, domain))
+                system.pick([ids], domain)
 
 
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
