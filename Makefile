@@ -20,16 +20,16 @@ endif
 
 demo: install $(DEMO)/eval/results.json
 	@echo; cat $(DEMO)/eval/results.md; echo
-	@echo "files: $(DEMO)/experts (DSS-Experts + report.md), $(DEMO)/router.safetensors (+ .md), $(DEMO)/eval"
+	@echo "files: $(DEMO)/experts (DSS-Experts + report.md), $(DEMO)/router (router.safetensors + router.md), $(DEMO)/eval"
 
 $(DEMO)/experts/experts.safetensors:
 	$(PY) model.py --chat --prompt "What is the capital of France?" --max-new-tokens 16
 	$(PY) purify.py --keep 0.5 --tokens 4096 --heldout-tokens 1024 --out $(DEMO)/experts
 
-$(DEMO)/router.safetensors: $(DEMO)/experts/experts.safetensors
-	$(PY) train_router.py --experts $< --out $@ --l1-windows 40 --l1-snippets 30 --l1-heldout 15
+$(DEMO)/router/router.safetensors: $(DEMO)/experts/experts.safetensors
+	$(PY) train_router.py --experts $< --out $(DEMO)/router --l1-windows 40 --l1-snippets 30 --l1-heldout 15
 
-$(DEMO)/eval/results.json: $(DEMO)/router.safetensors
+$(DEMO)/eval/results.json: $(DEMO)/router/router.safetensors
 	$(PY) evaluate.py --systems dense freemoe mixed --tasks mmlu gsm8k humaneval ppl \
 	  --experts $(DEMO)/experts/experts.safetensors --router $< --limit 4 --mmlu-shots 1 \
 	  --gsm8k-shots 2 --gsm8k-max-tokens 96 --code-max-tokens 96 --ppl-windows 2 --out $(DEMO)/eval

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
+from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli, write_atomic
 
 FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256)}
 QUICK = {"sizes": [(1, 128), (8, 128)], "new_tokens": 32, "reps": 3, "stats_windows": (8, 128)}
@@ -568,9 +569,7 @@ def markdown(res: dict) -> str:
 
 def save(res: dict, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous complete file
+    write_atomic(path, json.dumps(res, indent=1, default=str))  # a killed run leaves the previous complete file
 
 
 # ----------------------------------------------------------------------------- main
@@ -578,9 +577,8 @@ def save(res: dict, path: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speed, memory and machine ceilings: dense vs transformers, DSS-Experts, "
                                             "FreeMoE.")
-    M.add_common_args(p)
+    add_common_args(p, out_default="results/bench")
     p.add_argument("--quick", action="store_true", help="fewer sizes (1x128, 8x128) and 32 new tokens")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure after 1 warm-up (default 3)")
     p.add_argument("--experts", default=None, help="experts file from purify.py (default: random keep-0.5 stand-in)")
     p.add_argument("--router", default=None, help="router file from train_router.py (FreeMoE rows)")
@@ -591,10 +589,10 @@ def parse_args(argv=None):
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
-        raise M.UserError(f"--keep must be in (0, 1], got {args.keep}")
+        raise UserError(f"--keep must be in (0, 1], got {args.keep}")
     args.sections = set(args.sections.split(","))
     if args.sections - set(SECTIONS):
-        raise M.UserError(f"unknown --sections {','.join(sorted(args.sections - set(SECTIONS)))} "
+        raise UserError(f"unknown --sections {','.join(sorted(args.sections - set(SECTIONS)))} "
                           f"(expected a subset of {','.join(SECTIONS)})")
     return args
 
@@ -602,7 +600,7 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device, dtype = M.resolve_device(args), M.resolve_dtype(args)
+    device, dtype = resolve_device(args), resolve_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = dict(QUICK if args.quick else FULL)
@@ -611,7 +609,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.memory_child:
         return memory_child(args, plan, device, dtype)
-    out = Path(args.out or "results/bench.json")
+    out = Path(args.out) / "bench.json"
     path = Path(args.model) if args.model else M.default_model_path()
     model, _ = M.load_model(path, device, dtype)
     res = {"meta": {"model": path.name, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -662,4 +660,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

@@ -28,7 +28,7 @@ Tasks (every system sees the same items: --limit picks a seeded, prefix-stable s
     humaneval  greedy completion with the usual stop sequences; pass@1 (pass@k, unbiased, with --samples n).
     mbpp       3-shot "[BEGIN] ... [DONE]" prompts on the test split (task ids 11-510), same scoring.
     ppl        perplexity and bits per byte on purify.py's held-out split of each domain (general, code, math,
-               knowledge), in non-overlapping windows of --ppl-len tokens.
+               knowledge), in non-overlapping windows of --seq-len tokens.
     integrated the paper's mixed-domain setting: all selected accuracy items of the tasks above pooled into one
                number. Every system picks its FFNs per prompt, so the pooled score over the union is the
                score of the shuffled mixture (order cannot change a per-prompt decision).
@@ -41,20 +41,7 @@ Systems (all at the same active FFN fraction as freemoe, except dense):
     The non-dense systems load the experts file of purify.py (and train_router.py's router) in `build_systems`;
     each row reports the active FFN fraction it actually ran at, averaged over items.
 
-Code execution (`run_sandboxed`): each program runs in a fresh process, never in the evaluator:
-    - its own temporary working directory, deleted afterwards; a minimal environment; python -I -S (isolated,
-      no site-packages); the interpreter is ours, or the system python3 when the sandbox uid cannot read ours
-    - a new network namespace (`unshare -n`: no interfaces but a down loopback) and a new pid namespace (when
-      its first process dies the kernel kills every process left in it, even ones that left the process group)
-    - as root: a fresh, otherwise unused uid with no groups, so it cannot write or delete the evaluator's files,
-      cannot signal the evaluator, and RLIMIT_NPROC (which root ignores) counts only its own processes
-    - RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NPROC (fork bombs), RLIMIT_NOFILE
-    - a wall-clock timeout, after which its whole process group is killed
-    - a pass needs exit code 0 AND a random marker printed after the tests, so sys.exit(0) early is a failure
-  Not covered: world-writable directories (/tmp, /dev/shm) stay writable by the sandbox uid; without root the
-  program runs as the evaluator's user (still in its own namespaces, with Python-level guards on sockets and
-  os.kill) and could touch that user's files; nothing here defends against kernel exploits. Use a VM or
-  container for untrusted models.
+Code execution: every HumanEval / MBPP program runs in sandbox.py (see its docstring for what it covers).
 
 Shape legend: B batch (rows), T time (tokens), C width, V vocab.
 """
@@ -64,19 +51,11 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -86,7 +65,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import purify
-from model import UserError, add_common_args, generate, load_for_cli, run_cli, shared_dir
+import sandbox
+from cli import UserError, add_common_args, run_cli, write_atomic
+from data import (LETTERS, gsm8k_prompt, heldout_text, humaneval_program, load_gsm8k, load_humaneval, load_mbpp,
+                  load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt)
+from model import generate, load_for_cli
 
 ALL_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp", "ppl")
 ALL_SYSTEMS = ("dense", "freemoe", "oracle", "mixed", "general", "random", "magnitude")
@@ -114,7 +97,6 @@ MMLU_CATEGORIES = {
               "professional_accounting", "professional_medicine", "virology"],
 }
 MMLU_SUBJECT_CATEGORY = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
-LETTERS = "ABCD"
 
 # Stop sequences. The chat-model end markers are there because an instruct model may close its turn in text.
 END_MARKERS = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"]
@@ -123,15 +105,7 @@ HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n
 MBPP_STOPS = ["[DONE]", "\n[BEGIN]"] + END_MARKERS
 
 
-# ----------------------------------------------------------------------------- data
-
-def data_root(data_dir: str | None) -> Path:
-    """The benchmark folder: <shared>/data, where <shared> is --data-dir, $FREE_MOE_SHARED or ../shared."""
-    return shared_dir(data_dir) / "data"
-
-
-read_text, read_jsonl = purify.read_text, purify.read_jsonl  # one reader for all data files (see purify.py)
-
+# ----------------------------------------------------------------------------- item selection
 
 def parse_limits(values: list[str] | None) -> dict:
     """--limit 100 humaneval=164 -> {"*": 100, "humaneval": 164}: a default for every task plus per-task overrides."""
@@ -160,89 +134,7 @@ def select(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in sorted(order[:limit])]
 
 
-def load_mmlu(root: Path, split: str) -> list[dict]:
-    rows = read_jsonl(root / "mmlu" / f"{split}.jsonl.gz", ("subject", "question", "choices", "answer"))
-    for r in rows:
-        if len(r["choices"]) != 4 or r["answer"] not in (0, 1, 2, 3):
-            raise UserError(f"corrupt data file {root / 'mmlu' / split}.jsonl.gz: bad item {r['question'][:40]!r}")
-    return rows
-
-
-def load_gsm8k(root: Path, split: str) -> list[dict]:
-    return read_jsonl(root / "gsm8k" / f"{split}.jsonl", ("question", "answer"))
-
-
-def load_humaneval(root: Path) -> list[dict]:
-    return read_jsonl(root / "humaneval" / "HumanEval.jsonl.gz",
-                      ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
-
-
-def load_mbpp(root: Path) -> list[dict]:
-    return read_jsonl(root / "mbpp" / "mbpp.jsonl", ("task_id", "text", "code", "test_list"))
-
-
-@lru_cache(maxsize=None)
-def ppl_text(domain: str, root: Path) -> str:
-    """The held-out text of a domain: purify.py's canonical split, never seen while purifying (general = WikiText-2
-    test articles, code = the last 10% of the Python files, math = GSM8K train problems after the math corpus,
-    knowledge = MMLU test items of the held-out bucket)."""
-    if domain not in PPL_DOMAINS:
-        raise UserError(f"unknown perplexity domain {domain!r} (expected one of {', '.join(PPL_DOMAINS)})")
-    return purify.heldout_text(domain, root)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-def mmlu_header(subject: str) -> str:
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-
-
-def mmlu_question(doc: dict) -> str:
-    """lm-evaluation-harness doc_to_text: question, the four options, then "Answer:" (no trailing space)."""
-    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(doc["choices"]))
-    return f"{doc['question'].strip()}{options}\nAnswer:"
-
-
-def mmlu_prompt(doc: dict, shots: list[dict]) -> str:
-    """Letter format: the continuations scored are " A", " B", " C", " D"."""
-    examples = "".join(mmlu_question(s) + f" {LETTERS[s['answer']]}\n\n" for s in shots)
-    return mmlu_header(doc["subject"]) + examples + mmlu_question(doc)
-
-
-def mmlu_cloze_prompt(doc: dict, shots: list[dict]) -> str:
-    """Cloze format: no options shown; the continuations scored are " " + each answer text."""
-    examples = "".join(f"{s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
-    return mmlu_header(doc["subject"]) + examples + f"{doc['question'].strip()}\nAnswer:"
-
-
-def strip_calculator(answer: str) -> str:
-    """GSM8K answers carry calculator annotations <<48/2=24>>; the shots read better without them."""
-    return re.sub(r"<<[^>]*>>", "", answer)
-
-
-def gsm8k_prompt(doc: dict, shots: list[dict]) -> str:
-    examples = "".join(f"Question: {s['question']}\nAnswer: {strip_calculator(s['answer'])}\n\n" for s in shots)
-    return examples + f"Question: {doc['question']}\nAnswer:"
-
-
-def mbpp_prompt(doc: dict, shots: list[dict]) -> str:
-    """The MBPP paper's prompt: task text, three tests, code between [BEGIN] and [DONE]."""
-    def block(d):
-        tests = "\n".join(d["test_list"])
-        return (f"You are an expert Python programmer, and here is your task: {d['text']} "
-                f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
-    examples = "".join(block(s) + s["code"].replace("\r\n", "\n") + "\n[DONE]\n\n" for s in shots)
-    return examples + block(doc)
-
-
-def humaneval_program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
-def mbpp_program(doc: dict, code: str) -> str:
-    tests = "\n".join(doc["test_list"])
-    return f"{code}\n\n{doc.get('test_setup_code', '')}\n{tests}\n"  # setup may use the solution's names
-
+# ----------------------------------------------------------------------------- completions
 
 def cut_at_stops(text: str, stops: list[str]) -> str:
     cuts = [text.find(s) for s in stops if s in text]
@@ -298,146 +190,6 @@ def gsm8k_reference(doc: dict) -> str:
     return normalize_number(doc["answer"].rsplit("####", 1)[1])
 
 
-# ----------------------------------------------------------------------------- sandboxed code execution
-
-# Runs inside the child, as its own process. Still root (if we were) for its first lines: set the limits,
-# drop to the sandbox uid, then run the program as __main__ in the same interpreter (one interpreter start
-# per program, not two).
-_BOOTSTRAP = r"""
-import json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-for name, value in cfg["limits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["uid"])
-    os.setuid(cfg["uid"])
-if cfg["guard"]:  # weak fallback only when the OS-level isolation is unavailable
-    import socket
-    def _blocked(*args, **kwargs):
-        raise PermissionError("blocked in the sandbox")
-    socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _blocked
-    os.kill = os.killpg = _blocked
-os.chdir(cfg["cwd"])
-sys.argv = ["program.py"]
-with open("program.py") as f:
-    code = compile(f.read(), "program.py", "exec")
-del json, os, resource, f, name, value, cfg
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-"""
-
-
-@dataclass
-class SandboxResult:
-    passed: bool      # exit code 0 and the marker printed after the tests
-    status: str       # "passed", "failed" (exception / nonzero exit / no marker) or "timeout"
-    detail: str = ""  # last lines of stderr, for debugging a failure
-    uid: int | None = None  # the uid it ran as (lets tests check no process of it survived)
-
-
-@dataclass
-class SandboxConfig:
-    namespaces: bool  # wrap in `unshare -n -p -f --kill-child`
-    drop_uid: bool    # root only: run as a fresh unprivileged uid
-    guard: bool       # Python-level socket/os.kill guards, used when the above are missing
-    python: str = sys.executable  # an interpreter whose standard library the sandbox uid can read
-
-    def describe(self) -> str:
-        if self.namespaces and self.drop_uid:
-            return f"network+pid namespaces, unprivileged uid, rlimits, timeout ({self.python})"
-        parts = ["network+pid namespaces" if self.namespaces else "no namespaces (unshare unavailable)",
-                 "unprivileged uid" if self.drop_uid else "same uid as the evaluator"]
-        return ", ".join(parts) + f", rlimits, timeout, Python guards (weak) ({self.python})"
-
-
-def _launch(source: str, cfg: SandboxConfig, timeout: float, memory_mb: int) -> SandboxResult:
-    marker = "SANDBOX-OK-" + secrets.token_hex(8)
-    # a fresh uid per run: RLIMIT_NPROC is counted per uid, so a fork bomb only exhausts its own quota
-    uid = 100_000 + secrets.randbelow(900_000) if cfg.drop_uid else None
-    workdir = tempfile.mkdtemp(prefix="free_moe_sandbox_")
-    try:
-        os.chmod(workdir, 0o700)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        with open(os.path.join(workdir, "program.py"), "w") as f:
-            f.write(source + f"\n\nprint({marker!r})\n")
-        limits = {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": memory_mb * 2**20, "RLIMIT_FSIZE": 16 * 2**20,
-                  "RLIMIT_NPROC": 32, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
-        config = json.dumps({"limits": limits, "uid": uid, "guard": cfg.guard, "cwd": workdir})
-        argv = [cfg.python, "-I", "-S", "-c", _BOOTSTRAP, config]  # isolated mode, no site-packages
-        if cfg.namespaces:  # without root, a user namespace (--map-root-user) makes the others possible
-            userns = [] if os.geteuid() == 0 else ["--map-root-user"]
-            argv = ["unshare", *userns, "--net", "--pid", "--fork", "--kill-child"] + argv
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        # stdout/stderr go to files (capped by RLIMIT_FSIZE), so a program printing forever cannot fill our memory
-        with open(os.path.join(workdir, "stdout"), "wb") as out, open(os.path.join(workdir, "stderr"), "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env,
-                                    start_new_session=True)  # own process group, killed as a whole below
-            try:
-                proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        stdout = _tail(os.path.join(workdir, "stdout"))
-        stderr = _tail(os.path.join(workdir, "stderr"))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if timed_out:
-        return SandboxResult(False, "timeout", stderr, uid)
-    lines = stdout.strip().splitlines()
-    passed = proc.returncode == 0 and bool(lines) and lines[-1] == marker
-    return SandboxResult(passed, "passed" if passed else "failed", stderr, uid)
-
-
-def _tail(path: str, n: int = 2000) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - n))
-        return f.read().decode("utf-8", "replace")
-
-
-@lru_cache(maxsize=1)
-def sandbox_config() -> SandboxConfig:
-    """The strongest isolation that works here, found by running a small program under each candidate.
-
-    The probe imports modules Python does not load at startup: as an unprivileged uid, an interpreter installed
-    under a private home (e.g. pyenv in /root) starts but cannot read its standard library, so the next
-    interpreter on the list (the system python3) is tried."""
-    root = os.geteuid() == 0
-    pythons = list(dict.fromkeys(p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
-                                 if p and os.path.exists(p)))
-    # (namespaces, drop_uid, guard): without root the program keeps our uid, so the Python guards stay on
-    modes = [(True, root, not root), (False, root, not root), (False, False, True)]
-    probe = "import copy, heapq, string, collections, math, re\nassert heapq.nlargest(1, [3, 1]) == [3]"
-    for namespaces, drop_uid, guard in modes:
-        if namespaces and not shutil.which("unshare"):
-            continue
-        for python in pythons:
-            cfg = SandboxConfig(namespaces, drop_uid, guard, python)
-            if _launch(probe, cfg, timeout=20, memory_mb=1024).passed:
-                return cfg
-    raise UserError("cannot run even a small program in the sandbox (no interpreter whose library is readable)")
-
-
-def run_sandboxed(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> SandboxResult:
-    """Run one Python program in the sandbox; it passes if it exits 0 and gets to the end."""
-    return _launch(source, sandbox_config(), timeout, memory_mb)
-
-
-def run_many(sources: list[str], timeout: float = 10.0, workers: int = 2, progress: bool = False) -> list[SandboxResult]:
-    """Run programs in parallel (threads only wait on child processes), results in input order."""
-    sandbox_config()  # probe once before the threads start
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        it = pool.map(lambda s: run_sandboxed(s, timeout), sources)
-        return list(tqdm(it, total=len(sources), desc="sandbox", disable=not progress, leave=False))
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
     if n - c < k:
@@ -479,14 +231,14 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], mlps=None
         for b, i in enumerate(batch):
             idx[b, :len(inputs[i])] = torch.tensor(inputs[i])
         # only the last logits come from the model; the few positions we score are projected here
-        _, hiddens = model(idx.to(device), mlps=mlps, last_only=True, return_hidden=True)
-        h = hiddens[-1]  # (B, T, C) final residual stream, before the final norm
+        x, rope, mask = model.embed(idx.to(device))
+        h = model.run_layers(x, rope, mask, mlps=mlps)  # (B, T, C) final residual stream, before the final norm
         for b, i in enumerate(batch):
             n = len(inputs[i])
             for r in users[i]:
                 cont = requests[r][1]
                 pos = torch.arange(n - len(cont), n, device=device)
-                logp = F.log_softmax(model.lm_head(model.norm(h[b, pos])).float(), dim=-1)  # (len(cont), V)
+                logp = F.log_softmax(model.head(h[b, pos]), dim=-1)  # (len(cont), V)
                 out[r] = logp[torch.arange(len(cont)), torch.tensor(cont, device=device)].sum().item()
         start = stop
     return out
@@ -599,7 +351,6 @@ class Runtime:
     model: object
     tokenizer: object
     args: argparse.Namespace
-    root: Path
 
 
 @dataclass
@@ -616,15 +367,15 @@ class Task:
 def prepare_mmlu(rt: Runtime) -> Task:
     k = rt.args.mmlu_shots
     dev: dict[str, list] = {}
-    for d in load_mmlu(rt.root, "dev"):
+    for d in load_mmlu("dev", rt.args.data_dir):
         dev.setdefault(d["subject"], []).append(d)
     unknown = sorted(set(dev) - set(MMLU_SUBJECT_CATEGORY))
     if unknown:
         raise UserError(f"unknown MMLU subjects in the data: {unknown[:3]}")
     test, counter = [], {}
-    for d in load_mmlu(rt.root, "test"):
+    for d in load_mmlu("test", rt.args.data_dir):
         i = counter[d["subject"]] = counter.get(d["subject"], -1) + 1
-        if purify.mmlu_bucket(d) != "eval":  # purify.py calibrates on 20% of MMLU test and holds out 10%
+        if mmlu_bucket(d) != "eval":  # purify.py calibrates on 20% of MMLU test and holds out 10%
             continue
         shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
         test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
@@ -663,9 +414,9 @@ def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
 
 def prepare_gsm8k(rt: Runtime) -> Task:
     k = rt.args.gsm8k_shots
-    train = load_gsm8k(rt.root, "train")
+    train = load_gsm8k("train", rt.args.data_dir)
     shots = select(train, k, rt.args.seed) if k else []  # the same k shots for every question
-    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)} for i, d in enumerate(load_gsm8k(rt.root, "test"))]
+    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)} for i, d in enumerate(load_gsm8k("test", rt.args.data_dir))]
     return Task("gsm8k", "math", select(test, limit_for(rt.args, "gsm8k"), rt.args.seed),
                 {"shots": k, "max_new_tokens": rt.args.gsm8k_max_tokens}, run_gsm8k)
 
@@ -684,13 +435,13 @@ def run_gsm8k(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
 
 
 def prepare_humaneval(rt: Runtime) -> Task:
-    items = [{"id": d["task_id"], "doc": d, "prompt": d["prompt"]} for d in load_humaneval(rt.root)]
+    items = [{"id": d["task_id"], "doc": d, "prompt": d["prompt"]} for d in load_humaneval(rt.args.data_dir)]
     return Task("humaneval", "code", select(items, limit_for(rt.args, "humaneval"), rt.args.seed), _code_settings(rt),
                 run_humaneval)
 
 
 def prepare_mbpp(rt: Runtime) -> Task:
-    rows = {d["task_id"]: d for d in load_mbpp(rt.root)}
+    rows = {d["task_id"]: d for d in load_mbpp(rt.args.data_dir)}
     shots = [rows[i] for i in (2, 3, 4) if i in rows]  # the standard prompt split is task ids 1-10
     items = [{"id": str(i), "doc": rows[i], "prompt": mbpp_prompt(rows[i], shots)} for i in range(11, 511) if i in rows]
     return Task("mbpp", "code", select(items, limit_for(rt.args, "mbpp"), rt.args.seed), _code_settings(rt), run_mbpp)
@@ -698,13 +449,13 @@ def prepare_mbpp(rt: Runtime) -> Task:
 
 def _code_settings(rt: Runtime) -> dict:
     a = rt.args
-    return {"samples": a.samples, "temperature": a.temperature if a.samples > 1 else 0.0,
+    return {"samples": a.samples, "temperature": a.temperature,
             "max_new_tokens": a.code_max_tokens, "timeout": a.timeout}
 
 
 def _run_code(rt, system, items, stops, to_program) -> list[dict]:
     a = rt.args
-    n, temperature = a.samples, (a.temperature if a.samples > 1 else 0.0)
+    n, temperature = a.samples, a.temperature
     prompts = [it["prompt"] for it in items]
     mlps, frac = system.pick([rt.tokenizer.encode(p) for p in prompts], "code")
     samples, n_tok = [[] for _ in items], 0
@@ -714,7 +465,7 @@ def _run_code(rt, system, items, stops, to_program) -> list[dict]:
         for j, text in enumerate(texts):
             samples[j].append(text)
     programs = [to_program(it, c) for it, cs in zip(items, samples) for c in cs]
-    results = run_many(programs, a.timeout, a.workers)
+    results = sandbox.run_many(programs, a.timeout, a.workers)
     records = []
     for j, it in enumerate(items):
         res = results[j * n:(j + 1) * n]
@@ -735,15 +486,15 @@ def run_mbpp(rt, system, items):
 
 
 def prepare_ppl(rt: Runtime) -> Task:
-    """Windows of --ppl-len tokens; the first token of a window has no context and is not scored."""
-    n = rt.args.ppl_len
+    """Windows of --seq-len tokens; the first token of a window has no context and is not scored."""
+    n = rt.args.seq_len
     items = []
     for domain in rt.args.ppl_domains:
-        ids = rt.tokenizer.encode(ppl_text(domain, rt.root))
+        ids = rt.tokenizer.encode(heldout_text(domain, rt.args.data_dir))
         windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n) if len(ids[i:i + n]) > 1]
         picked = select(list(enumerate(windows)), rt.args.ppl_windows or limit_for(rt.args, "ppl"), rt.args.seed)
         items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
-    return Task("ppl", "mixed", items, {"ppl_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)
+    return Task("ppl", "mixed", items, {"seq_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)
 
 
 def run_ppl(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
@@ -764,21 +515,18 @@ def run_ppl(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
 def check_data(args):
     """Read every data file the requested tasks need, so a missing or corrupt file is reported in a second,
     before the model loads."""
-    root = data_root(args.data_dir)
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (pass --data-dir)")
     for t in args.tasks:
         if t == "mmlu":
-            load_mmlu(root, "dev"), load_mmlu(root, "test")
+            load_mmlu("dev", args.data_dir), load_mmlu("test", args.data_dir)
         elif t == "gsm8k":
-            load_gsm8k(root, "train"), load_gsm8k(root, "test")
+            load_gsm8k("train", args.data_dir), load_gsm8k("test", args.data_dir)
         elif t == "humaneval":
-            load_humaneval(root)
+            load_humaneval(args.data_dir)
         elif t == "mbpp":
-            load_mbpp(root)
+            load_mbpp(args.data_dir)
         elif t == "ppl":
             for d in args.ppl_domains:
-                ppl_text(d, root)
+                heldout_text(d, args.data_dir)
 
 
 PREPARE = {"mmlu": prepare_mmlu, "gsm8k": prepare_gsm8k, "humaneval": prepare_humaneval, "mbpp": prepare_mbpp,
@@ -1015,18 +763,12 @@ def markdown_table(result: dict, timings: dict) -> str:
     return "\n".join(lines) + "\n" + notes
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_common_args(p, out_default="results")
     p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
     p.add_argument("--limit", nargs="+", default=None, metavar="N|TASK=N",
@@ -1040,18 +782,17 @@ def parse_args(argv=None):
     p.add_argument("--gsm8k-shots", type=int, default=8)
     p.add_argument("--gsm8k-max-tokens", type=int, default=256, help="generation budget per GSM8K answer")
     p.add_argument("--code-max-tokens", type=int, default=384, help="generation budget per HumanEval/MBPP answer")
-    p.add_argument("--samples", type=int, default=1, help="samples per code problem (n of pass@k; >1 samples with --temperature)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--samples", type=int, default=1, help="samples per code problem (n of pass@k; >1 needs --temperature)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of code samples (0 = greedy)")
     p.add_argument("--ppl-domains", nargs="+", default=list(PPL_DOMAINS), help="held-out domains for perplexity")
-    p.add_argument("--ppl-len", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--ppl-windows", type=int, default=None, help="windows per domain (default: --limit, else all)")
     p.add_argument("--batch-size", type=int, default=8, help="items per batch")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")
     p.add_argument("--workers", type=int, default=2, help="sandboxed programs run in parallel")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-    args.out = Path(args.out or "results")
+    args.out = Path(args.out)
     for t in args.tasks:
         if t not in ALL_TASKS:
             raise UserError(f"unknown task {t!r} (expected one of {', '.join(ALL_TASKS)})")
@@ -1063,16 +804,18 @@ def parse_args(argv=None):
         raise UserError(f"--mmlu-per-subject must be >= 1, got {args.mmlu_per_subject}")
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and args.temperature <= 0:
+        raise UserError(f"--samples {args.samples} draws identical greedy answers: pass --temperature > 0 (e.g. 0.8)")
     return args
 
 
 def run(args, model, tokenizer) -> dict:
     """Everything after loading the model: prepare tasks, score every system, write the reports."""
-    rt = Runtime(model, tokenizer, args, data_root(args.data_dir))
+    rt = Runtime(model, tokenizer, args)
     tasks = [PREPARE[name](rt) for name in dict.fromkeys(args.tasks)]  # data errors surface before any scoring
     systems = build_systems(args, model)
     if any(t.name in ("humaneval", "mbpp") for t in tasks):
-        print(f"sandbox: {sandbox_config().describe()}", file=sys.stderr)
+        print(f"sandbox: {sandbox.sandbox_config().describe()}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     records = {}
     for s in systems:

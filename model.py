@@ -4,7 +4,8 @@ Pipeline position: this is the base every other script builds on
     model.py  ->  purify.py (DOWP, DSS-Experts)  ->  train_router.py / router.py  ->  evaluate.py
 
 What goes in:  a checkpoint — a GGUF file, an HF-layout directory (config.json + *.safetensors or
-               pytorch_model.bin), or a hub id (downloaded with plain urllib when online).
+               pytorch_model.bin), or a hub id (downloaded with plain urllib when online). The file formats
+               and key maps live in checkpoints.py, the tokenizers in tokenizer.py; this file is the model.
 What comes out: a `Transformer` in plain torch plus a tiktoken-based `Tokenizer`; the CLI generates text.
 
     python model.py --prompt "The capital of France is" --max-new-tokens 20
@@ -25,55 +26,25 @@ D head dim, F FFN neurons, V vocab, L layers.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import importlib.util
 import json
 import math
-import mmap
 import os
-import struct
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO_DIR = Path(__file__).resolve().parent
+import checkpoints as ckpt
+from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli, shared_dir
+from tokenizer import Tokenizer
+
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------- errors and paths
-
-class UserError(ValueError):
-    """A mistake the user can fix (bad path, wrong file, unknown name): printed as one line, no traceback."""
-
-
-def die(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        die("interrupted", 130)
-
-
-def shared_dir(data_dir: str | None = None) -> Path:
-    """Where the real assets live: --data-dir, else $FREE_MOE_SHARED, else ../shared beside the repo."""
-    return Path(data_dir or os.environ.get("FREE_MOE_SHARED") or REPO_DIR.parent / "shared")
 
 
 def default_model_path() -> Path:
@@ -369,13 +340,23 @@ class Transformer(nn.Module):
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
         x, rope, mask = self.embed(idx, start_pos, valid)
         hiddens = [x]
-        for i, blk in enumerate(self.layers):
-            x = blk(x, rope, start_pos, mask, mlps[i] if mlps is not None else None)
+        for i in range(len(self.layers)):
+            x = self.run_layers(x, rope, mask, i, i + 1, start_pos, mlps)
             if return_hidden:
                 hiddens.append(x)
-        x = self.norm(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x).float()  # (B, T, V)
+        logits = self.head(x[:, -1:] if last_only else x)  # (B, T, V)
         return (logits, hiddens) if return_hidden else logits
+
+    # --- the public pieces of the forward, so the router and the evaluator call the model instead of copying it
+    def run_layers(self, x, rope, mask, start: int = 0, stop: int | None = None, start_pos: int = 0, mlps=None):
+        """Blocks start .. stop-1 on the residual stream x (B, T, C); `embed` gives rope and mask."""
+        for i in range(start, len(self.layers) if stop is None else stop):
+            x = self.layers[i](x, rope, start_pos, mask, mlps[i] if mlps is not None else None)
+        return x  # (B, T, C)
+
+    def head(self, x):
+        """Final norm and LM head: residual stream (..., C) -> float32 logits (..., V)."""
+        return self.lm_head(self.norm(x)).float()
 
     def embed(self, idx, start_pos: int = 0, valid=None):
         """What every layer needs before the first block: token (+ position) embeddings x (B, T, C), the RoPE
@@ -426,285 +407,6 @@ def fingerprint(model: Transformer) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + sample).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- checkpoint readers
-# Each reader returns {name: tensor} in the checkpoint's own naming; a key map then renames to ours.
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path, with_metadata: bool = False):
-    """safetensors = 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-    then one raw buffer. We map the file (copy-on-write), so tensors already in the target dtype cost no copy."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise UserError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) bytes of the whole file
-    out = {}
-    for name, info in header.items():
-        start, end = (8 + n + o for o in info["data_offsets"])
-        if end > size:
-            raise UserError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dt = SAFETENSORS_DTYPES[info["dtype"]]
-        chunk = raw[start:end]
-        if start % dt.itemsize:
-            chunk = chunk.clone()  # .view(dtype) needs an aligned start
-        out[name] = chunk.view(dt).reshape(info["shape"])
-    return (out, metadata) if with_metadata else out
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Write the same format atomically (temp file + rename), so a killed run never leaves half a file."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # pad so the data starts 8-byte aligned
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
-
-def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many kinds for a broken zip/pickle
-        raise UserError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-# --- GGUF: header, metadata key/values, tensor table, then aligned raw tensor data
-
-GGUF_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
-              12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
-# bytes per block and weights per block for the types we can dequantize
-GGML_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32)}
-
-
-class _Reader:
-    """Little-endian cursor over a memory-mapped file, with truncation checks."""
-
-    def __init__(self, buf, path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def take(self, n):
-        if self.pos + n > len(self.buf):
-            raise UserError(f"{self.path}: truncated GGUF file (needed byte {self.pos + n}, file has {len(self.buf)})")
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-    def scalar(self, fmt):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self):
-        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype):
-        if vtype == GGUF_STRING:
-            return self.string()
-        if vtype == GGUF_ARRAY:
-            etype, n = self.scalar("<I"), self.scalar("<Q")
-            if etype in GGUF_VALUE:  # numeric arrays in one read
-                fmt = GGUF_VALUE[etype]
-                return list(np.frombuffer(self.take(n * struct.calcsize(fmt)), dtype=np.dtype(fmt)))
-            return [self.value(etype) for _ in range(n)]
-        if vtype not in GGUF_VALUE:
-            raise UserError(f"{self.path}: corrupt GGUF metadata (value type {vtype})")
-        return self.scalar(GGUF_VALUE[vtype])
-
-
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse a GGUF file: returns (metadata, {gguf tensor name: float32 tensor in torch (out, in) layout})."""
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise UserError(f"{path}: empty file") from None
-    r = _Reader(buf, path)
-    if r.take(4) != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (bad magic)")
-    version = r.scalar("<I")
-    if version not in (2, 3):
-        raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = r.string()
-        meta[key] = r.value(r.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = r.string()
-        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]  # ne0 first: the contiguous axis
-        infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
-    align = int(meta.get("general.alignment", 32))
-    data_start = (r.pos + align - 1) // align * align
-    tensors = {}
-    for name, dims, ttype, offset in infos:
-        kind = GGML_TYPES.get(ttype, f"type {ttype}")
-        if kind not in GGML_BLOCK:
-            raise UserError(f"{path}: tensor {name} uses quantization {kind}, which is not supported "
-                            f"(supported: {', '.join(GGML_BLOCK)})")
-        n = int(np.prod(dims))
-        block_bytes, block_size = GGML_BLOCK[kind]
-        start = data_start + offset
-        end = start + n // block_size * block_bytes
-        if end > len(buf):
-            raise UserError(f"{path}: truncated GGUF file: tensor {name} ends at byte {end}, file has {len(buf)}")
-        raw = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
-        w = dequantize(raw, kind)
-        tensors[name] = torch.from_numpy(w.reshape(list(reversed(dims))))  # [ne0, ne1] -> (ne1, ne0) = (out, in)
-    return meta, tensors
-
-
-def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
-    """Bytes -> float32 weights, vectorised over all blocks at once. Block layouts (32 weights each):
-    Q8_0: fp16 scale d, 32 x int8 q            -> w = d * q
-    Q4_0: fp16 scale d, 16 bytes of nibbles    -> w = d * (code - 8)
-    Q4_1: fp16 scale d, fp16 min m, 16 bytes   -> w = d * code + m
-    In the 4-bit types byte j holds weight j in its low nibble and weight j+16 in its high nibble."""
-    if kind == "F32":
-        return raw.view(np.float32).copy()
-    if kind == "F16":
-        return raw.view(np.float16).astype(np.float32)
-    if kind == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    block_bytes = GGML_BLOCK[kind][0]
-    blocks = raw.reshape(-1, block_bytes)  # (n_blocks, bytes)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
-    if kind == "Q8_0":
-        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
-    qs = blocks[:, -16:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-    if kind == "Q4_0":
-        return (d * (codes - 8.0)).reshape(-1)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return (d * codes + m).reshape(-1)
-
-
-def config_from_gguf(meta: dict, name: str) -> Config:
-    arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise UserError(f"{name}: GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2)")
-    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
-    n_head = int(g("attention.head_count"))
-    vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(g("vocab_size"))
-    return Config(arch="gpt2" if arch == "gpt2" else "llama", vocab_size=vocab, n_layer=int(g("block_count")),
-                  n_head=n_head, n_kv_head=int(g("attention.head_count_kv", n_head)), n_embd=int(g("embedding_length")),
-                  n_ffn=int(g("feed_forward_length")), max_seq_len=int(g("context_length")),
-                  norm_eps=float(g("attention.layer_norm_rms_epsilon", g("attention.layer_norm_epsilon", 1e-5))),
-                  rope_theta=float(g("rope.freq_base", 10000.0)), qkv_bias=arch == "qwen2", tie_embeddings=True,
-                  name=name)
-
-
-# ----------------------------------------------------------------------------- key maps: checkpoint names -> ours
-# Each map returns ({our name: tensor}, [dropped checkpoint names]). Tied lm_head is dropped (it *is* tok_emb).
-
-def map_hf_llama(sd: dict, cfg: Config) -> tuple[dict, list]:
-    sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    out, used = {"tok_emb.weight": sd.get("embed_tokens.weight"), "norm.weight": sd.get("norm.weight")}, set()
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd.get("lm_head.weight")
-    for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        out[p + "attn_norm.weight"] = sd.get(p + "input_layernorm.weight")
-        out[p + "mlp_norm.weight"] = sd.get(p + "post_attention_layernorm.weight")
-        qkv = [sd.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
-        out[p + "attn.wqkv.weight"] = _cat(qkv, p + "self_attn.{q,k,v}_proj.weight")
-        if cfg.qkv_bias:
-            out[p + "attn.wqkv.bias"] = _cat([sd.get(p + f"self_attn.{x}_proj.bias") for x in "qkv"], p + "self_attn.{q,k,v}_proj.bias")
-            used |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
-        out[p + "attn.wo.weight"] = sd.get(p + "self_attn.o_proj.weight")
-        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            out[p + f"mlp.{ours}.weight"] = sd.get(p + f"mlp.{theirs}.weight")
-        used |= {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
-        used |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
-        used |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
-    used |= {"embed_tokens.weight", "norm.weight"} | ({"lm_head.weight"} if not cfg.tie_embeddings else set())
-    return out, sorted(set(sd) - used)
-
-
-def map_hf_gpt2(sd: dict, cfg: Config) -> tuple[dict, list]:
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    t = lambda w: None if w is None else w.t()  # HF GPT-2 uses Conv1D: weights stored (in, out)
-    out = {"tok_emb.weight": sd.get("wte.weight"), "pos_emb.weight": sd.get("wpe.weight"),
-           "norm.weight": sd.get("ln_f.weight"), "norm.bias": sd.get("ln_f.bias")}
-    renames = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.wqkv", "attn.c_proj": "attn.wo",
-               "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
-    for i in range(cfg.n_layer):
-        for theirs, ours in renames.items():
-            w, b = sd.get(f"h.{i}.{theirs}.weight"), sd.get(f"h.{i}.{theirs}.bias")
-            out[f"layers.{i}.{ours}.weight"] = w if theirs.startswith("ln") else t(w)
-            out[f"layers.{i}.{ours}.bias"] = b
-    used = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
-    used |= {f"h.{i}.{x}.{y}" for i in range(cfg.n_layer) for x in renames for y in ("weight", "bias")}
-    return out, sorted(set(sd) - used)  # dropped: attn.bias / attn.masked_bias buffers, tied lm_head
-
-
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows permuted for adjacent-pair RoPE; put them back in HF's half-split order."""
-    out, inp = w.shape
-    return w.reshape(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def map_gguf(sd: dict, cfg: Config, meta: dict) -> tuple[dict, list]:
-    arch, used = meta["general.architecture"], set()
-    get = lambda k: (used.add(k), sd.get(k))[1]
-    out = {"tok_emb.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
-    if "output.weight" in sd:  # untied head
-        cfg.tie_embeddings = False
-        out["lm_head.weight"] = get("output.weight")
-    if arch == "gpt2":
-        out["pos_emb.weight"], out["norm.bias"] = get("position_embd.weight"), get("output_norm.bias")
-    for i in range(cfg.n_layer):
-        b, p = f"blk.{i}.", f"layers.{i}."
-        out[p + "attn_norm.weight"], out[p + "mlp_norm.weight"] = get(b + "attn_norm.weight"), get(b + "ffn_norm.weight")
-        out[p + "attn.wo.weight"] = get(b + "attn_output.weight")
-        out[p + "mlp.up.weight"], out[p + "mlp.down.weight"] = get(b + "ffn_up.weight"), get(b + "ffn_down.weight")
-        if arch == "gpt2":
-            out[p + "attn.wqkv.weight"], out[p + "attn.wqkv.bias"] = get(b + "attn_qkv.weight"), get(b + "attn_qkv.bias")
-            for x, y in (("attn_norm", "attn_norm"), ("ffn_norm", "mlp_norm"), ("attn_output", "attn.wo"),
-                         ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down")):
-                out[p + y + ".bias"] = get(b + x + ".bias")
-            continue
-        out[p + "mlp.gate.weight"] = get(b + "ffn_gate.weight")
-        q, k, v = get(b + "attn_q.weight"), get(b + "attn_k.weight"), get(b + "attn_v.weight")
-        if arch == "llama" and q is not None and k is not None:  # only llama-arch GGUFs are permuted
-            q, k = unpermute_qk(q, cfg.n_head), unpermute_qk(k, cfg.n_kv_head)
-        out[p + "attn.wqkv.weight"] = _cat([q, k, v], b + "attn_{q,k,v}.weight")
-        if cfg.qkv_bias:
-            out[p + "attn.wqkv.bias"] = _cat([get(b + f"attn_{x}.bias") for x in "qkv"], b + "attn_{q,k,v}.bias")
-    return out, sorted(set(sd) - used)
-
-
-def _cat(parts, what):
-    return None if any(p is None for p in parts) else torch.cat(parts, dim=0)
-
-
 def load_weights(model: Transformer, weights: dict, source: str):
     """Check every expected tensor is present with the right shape (naming the offender), then assign."""
     expected = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
@@ -721,62 +423,22 @@ def load_weights(model: Transformer, weights: dict, source: str):
         model.lm_head.weight = model.tok_emb.weight
 
 
-# ----------------------------------------------------------------------------- from_pretrained
-
-HF_FILES = ["config.json", "tokenizer.json", "model.safetensors.index.json", "model.safetensors"]
-
-
-def hub_download(repo_id: str) -> Path:
-    """Fetch an HF hub model into ~/.cache/free-moe with plain urllib (config, tokenizer, safetensors)."""
-    cache = Path(os.environ.get("FREE_MOE_CACHE", Path.home() / ".cache" / "free-moe")) / repo_id.replace("/", "--")
-    cache.mkdir(parents=True, exist_ok=True)
-
-    def fetch(fname, required=True):
-        dest = cache / fname
-        if dest.exists():
-            return dest
-        url = f"https://huggingface.co/{repo_id}/resolve/main/{fname}"
-        try:
-            with urllib.request.urlopen(url, timeout=30) as resp, open(str(dest) + ".part", "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-        except urllib.error.HTTPError as e:
-            if not required and e.code == 404:
-                return None
-            raise UserError(f"cannot download {url}: HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError) as e:
-            if not required:  # offline: an optional file that is not cached is simply absent (cached models load)
-                return None
-            raise UserError(f"cannot download {repo_id!r} (offline?): pass a local path with --model ({e})") from None
-        os.replace(str(dest) + ".part", dest)
-        return dest
-
-    fetch("config.json")
-    for optional in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # eos id, chat template
-        fetch(optional, required=False)
-    index = fetch("model.safetensors.index.json", required=False)
-    if index:
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            fetch(shard)
-    else:
-        fetch("model.safetensors")
-    return cache
-
+# ----------------------------------------------------------------------------- load_model
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
-            path = hub_download(str(path))
+            path = ckpt.hub_download(str(path))
         else:
             raise UserError(f"model path {path} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a .gguf file or an HF model directory")
-        meta, tensors = read_gguf(path)
-        cfg = config_from_gguf(meta, path.name)
-        weights, _dropped = map_gguf(tensors, cfg, meta)
+        meta, tensors = ckpt.read_gguf(path)
+        cfg = Config(**ckpt.config_from_gguf(meta, path.name))
+        weights, dropped = ckpt.map_gguf(tensors, cfg, meta)
         tokenizer = Tokenizer.from_gguf_meta(meta, path)
     else:
         cfg_file = path / "config.json"
@@ -788,224 +450,17 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
             raise UserError(f"{cfg_file}: bad config ({type(e).__name__}: {e})") from None
         except UserError as e:  # unknown model_type, unsupported activation...: name the file
             raise UserError(f"{cfg_file}: {e}") from None
-        sd = read_hf_state_dict(path)
-        weights, _dropped = (map_hf_gpt2 if cfg.arch == "gpt2" else map_hf_llama)(sd, cfg)
-        tokenizer = Tokenizer.from_dir(path, cfg)
+        sd = ckpt.read_hf_state_dict(path)
+        weights, dropped = (ckpt.map_hf_gpt2 if cfg.arch == "gpt2" else ckpt.map_hf_llama)(sd, cfg)
+        tokenizer = Tokenizer.from_dir(path)
     model = Transformer(cfg)  # built on the meta device would be faster; the small models here load in seconds
     load_weights(model, weights, str(path))
+    if dropped:  # the key map's explicit list of what the checkpoint had and we do not use (STYLE.md habit 4)
+        print(f"{path.name}: ignored {len(dropped)} checkpoint tensors: {', '.join(dropped[:4])}"
+              + (" ..." if len(dropped) > 4 else ""), file=sys.stderr)
     model.fingerprint = fingerprint(model)
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype), tokenizer
-
-
-def read_hf_state_dict(path: Path) -> dict:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        sd = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            if not (path / shard).exists():
-                raise UserError(f"{path}: shard {shard} listed in the index is missing")
-            sd.update(read_safetensors(path / shard))
-        return sd
-    if (path / "model.safetensors").exists():
-        return read_safetensors(path / "model.safetensors")
-    if (path / "pytorch_model.bin").exists():
-        return read_torch_bin(path / "pytorch_model.bin")
-    raise UserError(f"{path}: no model.safetensors, index or pytorch_model.bin found")
-
-
-from_pretrained = load_model
-
-
-# ----------------------------------------------------------------------------- tokenizer (tiktoken)
-
-# Pre-tokenisation regexes: text is first split into chunks, BPE runs inside each chunk.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GGUF_PRE = {"gpt2": GPT2_PATTERN, "smollm": GPT2_PATTERN, "default": GPT2_PATTERN,
-            "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
-
-
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: each byte is shown as a printable unicode char ('Ġ' is a space)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def ranks_from_byte_level(vocab: dict[str, int], merges: list) -> dict[bytes, int]:
-    """Turn an HF/GGUF byte-level BPE vocab into tiktoken's {token bytes: rank}, with rank = token id.
-
-    tiktoken merges the pair whose result has the lowest rank; HF merges by position in the merge list.
-    The two agree when ids grow with merge order, which we check rather than assume. Several merges may build
-    the same token (Llama-3's tokenizer.json lists every split of a token), so equal neighbours are fine."""
-    dec = byte_decoder()
-    to_bytes = lambda s: bytes(dec[c] for c in s)
-    ids = [vocab.get("".join(m) if isinstance(m, (list, tuple)) else m.replace(" ", "", 1)) for m in merges]
-    if any(i is None for i in ids) or any(a > b for a, b in zip(ids, ids[1:])):
-        raise UserError("BPE vocab ids do not follow merge order; this tokenizer cannot be expressed in tiktoken")
-    ranks = {}
-    for tok, i in vocab.items():
-        try:
-            ranks[to_bytes(tok)] = i
-        except KeyError:
-            continue  # not a byte-level token (e.g. an added special token stored in the vocab)
-    return ranks
-
-
-class Tokenizer:
-    """A tiktoken Encoding plus the special tokens and chat template of the model."""
-
-    def __init__(self, name, pattern, ranks, special: dict[str, int], bos=None, eos=None, pad=None,
-                 chat_format=None, default_system=None):
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-        self.special = special
-        self.bos_id, self.eos_id = bos, eos
-        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
-        self.chat_format, self.default_system = chat_format, default_system
-        self.stop_ids = {i for i in (eos,) if i is not None}
-        if chat_format == "chatml" and "<|im_end|>" in special:
-            self.stop_ids.add(special["<|im_end|>"])
-        if chat_format == "llama3":
-            self.stop_ids |= {special[t] for t in ("<|eot_id|>", "<|end_of_text|>") if t in special}
-
-    @property
-    def n_vocab(self) -> int:
-        return self.enc.n_vocab
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        # special-token strings in the text become special tokens, as with HF tokenizers
-        ids = self.enc.encode(text, allowed_special="all")
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
-
-    def chat_prompt(self, user: str, system: str | None = None) -> str:
-        """Wrap one user turn in the model's chat template, ending where the assistant starts speaking."""
-        system = system if system is not None else self.default_system
-        if self.chat_format == "chatml":
-            sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            return f"{sys_part}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
-            h = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"
-            return ("<|begin_of_text|>" + (h("system", system) if system else "") + h("user", user)
-                    + "<|start_header_id|>assistant<|end_header_id|>\n\n")
-        raise UserError("this tokenizer has no chat template; drop --chat")
-
-    # --- constructors, one per file format
-
-    @classmethod
-    def from_gguf_meta(cls, meta: dict, path) -> "Tokenizer":
-        if meta.get("tokenizer.ggml.model") != "gpt2":
-            raise UserError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported "
-                            "(only byte-level BPE, 'gpt2')")
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE:
-            raise UserError(f"{path}: pre-tokenizer {pre!r} is not supported ({', '.join(GGUF_PRE)})")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
-        types = types if types is not None else [1] * len(tokens)
-        special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control / user-defined
-        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4)}
-        ranks = ranks_from_byte_level(vocab, meta.get("tokenizer.ggml.merges", []))
-        template = meta.get("tokenizer.chat_template", "")
-        get = lambda k: int(meta[k]) if k in meta else None
-        return cls(Path(path).stem, GGUF_PRE[pre], ranks, special, bos=get("tokenizer.ggml.bos_token_id"),
-                   eos=get("tokenizer.ggml.eos_token_id"), pad=get("tokenizer.ggml.padding_token_id"),
-                   **_chat_format(template))
-
-    @classmethod
-    def from_tokenizer_json(cls, path: Path, config: dict | None = None) -> "Tokenizer":
-        """HF `tokenizer.json` with a byte-level BPE model (SmolLM2, Qwen2, Llama-3, GPT-2)."""
-        try:
-            tj = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read tokenizer ({e})") from None
-        if tj.get("model", {}).get("type") != "BPE":
-            raise UserError(f"{path}: tokenizer model {tj.get('model', {}).get('type')!r} is not supported (BPE)")
-        pattern = _pattern_from_pretokenizer(tj.get("pre_tokenizer"), path)
-        special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        vocab = {k: v for k, v in tj["model"]["vocab"].items() if k not in special}
-        ranks = ranks_from_byte_level(vocab, tj["model"]["merges"])
-        cfg = config or {}
-        template = cfg.get("chat_template", "") or ""
-        tid = lambda key: special.get(cfg[key]) if isinstance(cfg.get(key), str) else None
-        return cls(Path(path).parent.name, pattern, ranks, special, bos=tid("bos_token"), eos=tid("eos_token"),
-                   pad=tid("pad_token"), **_chat_format(template))
-
-    @classmethod
-    def from_gpt2_files(cls, encoder_json: Path, vocab_bpe: Path) -> "Tokenizer":
-        """OpenAI's original GPT-2 files (HF names them vocab.json and merges.txt)."""
-        encoder = json.loads(Path(encoder_json).read_text())
-        merges = [ln for ln in Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:] if ln]
-        special = {"<|endoftext|>": encoder.pop("<|endoftext|>", 50256)}
-        ranks = ranks_from_byte_level(encoder, merges)
-        eot = special["<|endoftext|>"]
-        return cls("gpt2", GPT2_PATTERN, ranks, special, bos=eot, eos=eot, pad=eot)
-
-    @classmethod
-    def from_tiktoken_file(cls, path: Path) -> "Tokenizer":
-        """Meta's Llama-3 `tokenizer.model`: lines of base64(token bytes) and rank, plus 256 special tokens."""
-        ranks = {}
-        for line in Path(path).read_text().splitlines():
-            if line:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-        n = len(ranks)
-        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-        names += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
-        special = {t: n + i for i, t in enumerate(names)}
-        return cls("llama3", LLAMA3_PATTERN, ranks, special, bos=special["<|begin_of_text|>"],
-                   eos=special["<|end_of_text|>"], chat_format="llama3")
-
-    @classmethod
-    def from_dir(cls, path: Path, cfg: Config) -> "Tokenizer":
-        tok_cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
-        if (path / "chat_template.jinja").exists():
-            tok_cfg["chat_template"] = (path / "chat_template.jinja").read_text()
-        if (path / "tokenizer.json").exists():
-            return cls.from_tokenizer_json(path / "tokenizer.json", tok_cfg)
-        if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
-        if (path / "tokenizer.model").exists():
-            return cls.from_tiktoken_file(path / "tokenizer.model")
-        raise UserError(f"{path}: no tokenizer.json, vocab.json+merges.txt or tokenizer.model found")
-
-
-def _pattern_from_pretokenizer(pre: dict | None, path) -> str:
-    """Read the split regex out of an HF pre_tokenizer: ByteLevel(use_regex) = GPT-2's, or an explicit Split."""
-    if pre is None:
-        raise UserError(f"{path}: tokenizer has no pre_tokenizer")
-    if pre["type"] == "ByteLevel":
-        return GPT2_PATTERN
-    if pre["type"] == "Sequence":
-        for p in pre["pretokenizers"]:
-            if p["type"] == "Split" and "Regex" in p.get("pattern", {}):
-                return p["pattern"]["Regex"]
-            if p["type"] == "ByteLevel" and p.get("use_regex", True):
-                return GPT2_PATTERN
-    raise UserError(f"{path}: pre_tokenizer {pre['type']!r} is not supported")
-
-
-def _chat_format(template: str) -> dict:
-    if "<|im_start|>" in template:
-        import re
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template)
-        return {"chat_format": "chatml", "default_system": m.group(1) if m else None}
-    if "<|start_header_id|>" in template:
-        return {"chat_format": "llama3"}
-    return {}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -1096,20 +551,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, sto
     return texts
 
 
-# ----------------------------------------------------------------------------- shared CLI vocabulary
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_common_args(p: argparse.ArgumentParser):
-    """The flags every script shares, with the same meaning everywhere."""
-    p.add_argument("--model", default=None, help="GGUF file, HF model dir or hub id (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default: float32)")
-    p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
-    p.add_argument("--out", default=None, help="output path")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-
+# ----------------------------------------------------------------------------- CLI
 
 def load_for_cli(args) -> tuple[Transformer, "Tokenizer"]:
     """The start every script shares: threads (--threads, when the script has it), seed, then the model."""
@@ -1119,19 +561,9 @@ def load_for_cli(args) -> tuple[Transformer, "Tokenizer"]:
     return load_model(args.model, resolve_device(args), resolve_dtype(args))
 
 
-def resolve_device(args) -> torch.device:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} requested but CUDA is not available")
-    return torch.device(args.device)
-
-
-def resolve_dtype(args) -> torch.dtype:
-    return DTYPES[args.dtype]
-
-
 def main():
     p = argparse.ArgumentParser(description="Generate text with a GPT-2/Llama-family model loaded from scratch.")
-    add_common_args(p)
+    add_common_args(p, out_default=None)
     p.add_argument("--prompt", default="The capital of France is", help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -1139,9 +571,8 @@ def main():
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, resolve_device(args), resolve_dtype(args))
+    model, tok = load_for_cli(args)
     print(f"loaded {model.config.name} ({model.num_params() / 1e6:.1f}M params) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     prompt = tok.chat_prompt(args.prompt) if args.chat else args.prompt

@@ -56,21 +56,9 @@ All choices in one place:
                   (`allocate_keep`) keeping the mean keep fraction.
     perplexity    exp(mean next-token NLL) over non-overlapping windows of --seq-len tokens of held-out text.
 
-DOMAIN DATA (built-in; all paths under <shared>/data; every document split is deterministic):
-    general    calib: WikiText-2 valid (articles)          held-out: WikiText-2 test (articles)
-    code       calib: CPython stdlib corpus, all but the last files   held-out: the last files (>= 10% of bytes)
-               (the files are split at their "# ===== file:" header lines; disjoint from HumanEval / MBPP)
-    math       calib: GSM8K train corpus (first 5526 train problems)
-               held-out: GSM8K train problems 5527..7473 (not in the corpus; disjoint from GSM8K test,
-               which evaluate.py scores)
-    knowledge  MMLU items as "question / A.-D. options / Answer: X. text". Each test item goes to one bucket by
-               sha256(subject + question): 0-1 of 10 -> calib, 2 -> held-out, 3-9 -> "eval" (never used here,
-               left for benchmarks; `mmlu_bucket` lets evaluate.py skip the calib/held-out items).
-               calib = dev (285 items) + calib-bucket test items; held-out = held-out-bucket test items.
-    NAME=path  a .txt (documents = blank-line-separated paragraphs) or .jsonl (the "text" field, else all string
-               fields joined); the last 10% of documents are the held-out split.
-Within a split, documents are shuffled with --seed (calib) or seed 0 (held-out, canonical), joined with a blank
-line, tokenized and cut into windows of --seq-len tokens.
+DOMAIN DATA: the built-in domains (general, code, math, knowledge) or NAME=path.txt|.jsonl, each with a fixed
+"calib" and "heldout" split, are defined in data.py (see its docstring): calibration windows of --seq-len tokens
+come from the calib split only, the report's perplexities from the held-out split only.
 
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k kept neurons, N windows.
 """
@@ -78,17 +66,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import hashlib
 import json
 import math
-import random
-import re
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -96,206 +80,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints as ckpt
+import data
 import model as M
+from cli import UserError, add_common_args, run_cli, shared_dir
 
-BUILTIN_DOMAINS = ("general", "code", "math", "knowledge")
 BASELINES = ("random", "magnitude", "general", "mixed")
 SCORES = ("dowp",) + BASELINES
 STATS = ("mean_abs", "mean_sq", "fire_rate", "max_abs", "down_norm")  # each (L, F); plus "count" (tokens)
 DEFAULT_CONTRAST = 0.0  # lam of score_dowp; chosen by held-out perplexity (MEASURED in the module docstring)
 PROTECT_FACTOR = 50.0  # super neuron: max |a| above this many times the layer's median max |a|
 FIRE_REL = 0.1  # "fires" = |a_j| above this fraction of the token's RMS activation
-HELDOUT_FRACTION = 0.1  # user domains: last 10% of documents are held out
 EXPERTS_FORMAT = "free-moe-experts/1"
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
-LETTERS = "ABCD"
 
 
 # ----------------------------------------------------------------------------- DOWP step 1: domain calibration
-
-@lru_cache(maxsize=None)  # evaluate.py checks every data file before the (slow) model load, then reads them again
-def read_text(path: Path) -> str:
-    """A (gzipped) UTF-8 text file; a missing, truncated or undecodable file is a one-line UserError."""
-    if not path.exists():
-        raise M.UserError(f"data file {path} does not exist (see shared/data/MANIFEST.md; set --data-dir or "
-                          f"$FREE_MOE_SHARED)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated .gz or a binary file: one line, no traceback
-        raise M.UserError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
-
-
-def read_jsonl(path: Path, fields: tuple = ()) -> list[dict]:
-    """Rows of a (gzipped) JSONL file, each checked for `fields`; an empty or malformed file is a one-line UserError."""
-    rows = []
-    for i, line in enumerate(read_text(path).split("\n")):  # not splitlines: items hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise M.UserError(f"corrupt data file {path}: line {i + 1} is not JSON ({e})") from None
-        missing = [k for k in fields if k not in row]
-        if missing:
-            raise M.UserError(f"corrupt data file {path}: line {i + 1} lacks {missing}")
-        rows.append(row)
-    if not rows:
-        raise M.UserError(f"corrupt data file {path}: no rows")
-    return rows
-
-
-def mmlu_text(row: dict) -> str:
-    """One MMLU item as plain text: the knowledge domain's document unit."""
-    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
-    a = int(row["answer"])
-    return f"{row['question'].strip()}{options}\nAnswer: {LETTERS[a]}. {row['choices'][a]}"
-
-
-def mmlu_bucket(row: dict) -> str:
-    """Which use an MMLU test item is reserved for: "calib", "heldout" or "eval" (free for benchmarks)."""
-    h = int(hashlib.sha256((row["subject"] + "\n" + row["question"]).encode()).hexdigest(), 16) % 10
-    return "calib" if h < 2 else "heldout" if h == 2 else "eval"
-
-
-def gsm8k_text(row: dict) -> str:
-    return f"Question: {row['question']}\nAnswer: {row['answer']}"
-
-
-def wikitext_articles(text: str) -> list[str]:
-    """Split WikiText at its top-level headings (" = Title = "); undo its @-@ style number/hyphen splitting."""
-    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    parts = re.split(r"\n(?= = [^=].* = \n)", "\n" + text)
-    return [p.strip("\n") for p in parts if p.strip()]
-
-
-def code_files(text: str) -> list[str]:
-    parts = re.split(r"(?m)^(?=# ===== file: )", text)
-    return [p for p in parts if p.strip()]
-
-
-def builtin_documents(domain: str, split: str, root: Path) -> list[str]:
-    """The documents of a built-in domain's split (see DOMAIN DATA in the module docstring)."""
-    corpora = root / "corpora"
-    if domain == "general":
-        name = "english_wikitext2_valid.txt.gz" if split == "calib" else "english_wikitext2_test.txt.gz"
-        return wikitext_articles(read_text(corpora / name))
-    if domain == "code":
-        files = code_files(read_text(corpora / "code_python.txt.gz"))
-        total, tail, cut = sum(map(len, files)), 0, len(files)
-        while tail < HELDOUT_FRACTION * total:  # held-out = the last whole files covering >= 10% of the bytes
-            cut -= 1
-            tail += len(files[cut])
-        return files[:cut] if split == "calib" else files[cut:]
-    if domain == "math":
-        corpus = read_text(corpora / "math_gsm8k_train.txt.gz")
-        problems = [p.strip("\n") for p in re.split(r"\n\n(?=Question: )", corpus) if p.strip()]
-        if split == "calib":
-            return problems
-        rows = read_jsonl(root / "gsm8k" / "train.jsonl")  # the train problems the corpus stops before
-        if gsm8k_text(rows[len(problems) - 1]) != problems[-1]:
-            raise M.UserError(f"{corpora / 'math_gsm8k_train.txt.gz'}: corpus does not end at GSM8K train row "
-                              f"{len(problems)}; cannot derive a disjoint held-out split")
-        return [gsm8k_text(r) for r in rows[len(problems):]]
-    if domain == "knowledge":
-        test = read_jsonl(root / "mmlu" / "test.jsonl.gz")
-        docs = [mmlu_text(r) for r in test if mmlu_bucket(r) == split]
-        if split == "calib":
-            docs = [mmlu_text(r) for r in read_jsonl(root / "mmlu" / "dev.jsonl.gz")] + docs
-        return docs
-    raise M.UserError(f"unknown domain {domain!r} (built-in: {', '.join(BUILTIN_DOMAINS)}; or NAME=path.txt|.jsonl)")
-
-
-def user_documents(path: Path) -> list[str]:
-    """A user corpus: .jsonl rows ("text" field, else every string field) or .txt paragraphs."""
-    if not path.exists():
-        raise M.UserError(f"domain file {path} does not exist")
-    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
-        docs = []
-        for row in read_jsonl(path):
-            if not isinstance(row, dict):
-                raise M.UserError(f"{path}: each line must be a JSON object")
-            text = row.get("text") if isinstance(row.get("text"), str) else \
-                "\n".join(v for v in row.values() if isinstance(v, str))
-            docs.append(text)
-    else:
-        docs = re.split(r"\n\s*\n", read_text(path))
-    return [d.strip() for d in docs if d.strip()]
-
-
-def parse_domain(spec: str) -> tuple[str, Path | None]:
-    """"code" -> ("code", None); "legal=docs.txt" -> ("legal", Path("docs.txt"))."""
-    name, _, path = spec.partition("=")
-    name = name.strip()
-    if not NAME_RE.match(name) or name == "baseline" or name == "stats":
-        raise M.UserError(f"bad domain name {name!r} (lowercase letters, digits, _ or -; not 'baseline'/'stats')")
-    if path:
-        return name, Path(path)
-    if name not in BUILTIN_DOMAINS:
-        raise M.UserError(f"unknown domain {name!r} (built-in: {', '.join(BUILTIN_DOMAINS)}; or NAME=path.txt|.jsonl)")
-    return name, None
-
-
-def domain_documents(domain: str, split: str = "calib", data_dir=None) -> list[str]:
-    """Documents of `domain` ("general" or "NAME=path") for split "calib" or "heldout", in file order."""
-    if split not in ("calib", "heldout"):
-        raise ValueError(f"split must be 'calib' or 'heldout', got {split!r}")
-    name, path = parse_domain(domain)
-
-    def split_docs(which: str) -> list[str]:
-        if path is None:
-            return builtin_documents(name, which, M.shared_dir(data_dir) / "data")
-        all_docs = user_documents(path)
-        if len(all_docs) < 2:
-            raise M.UserError(f"domain {name}: {path} has {len(all_docs)} documents; need at least 2 "
-                              "(one for calibration, one held out)")
-        cut = len(all_docs) - max(1, round(HELDOUT_FRACTION * len(all_docs)))
-        return all_docs[:cut] if which == "calib" else all_docs[cut:]
-
-    docs = split_docs(split)
-    if split == "heldout":  # a document repeated in the corpus (MMLU has duplicate items) stays out of held-out
-        seen = set(split_docs("calib"))
-        docs = [d for d in docs if not (d in seen or seen.add(d))]
-    if not docs:
-        raise M.UserError(f"domain {name}: the {split} split is empty")
-    return docs
-
-
-def shuffled(docs: list[str], seed: int) -> list[str]:
-    docs = list(docs)
-    random.Random(seed).shuffle(docs)
-    return docs
-
-
-def heldout_text(domain: str, root=None) -> str:
-    """The canonical held-out text of a domain (documents shuffled with seed 0, blank-line separated).
-    `root` is the data dir (<shared>/data) as evaluate.py passes it, or None for the default."""
-    data_dir = Path(root).parent if root is not None else None
-    return "\n\n".join(shuffled(domain_documents(domain, "heldout", data_dir), 0))
-
-
-def load_domain_tokens(domain: str, tokenizer, data_dir=None, split: str = "calib", n_tokens: int = 32768,
-                       seed: int = 0, seq_len: int = 512) -> torch.Tensor:
-    """DOWP step 1: token windows of one domain, (N, T) long with N = n_tokens // seq_len (at least 1).
-
-    calib: documents shuffled by `seed`; heldout: shuffled by seed 0 always (the canonical split evaluate.py
-    uses). Documents are joined by a blank line and tokenized only until the budget is reached."""
-    if n_tokens < seq_len:
-        raise M.UserError(f"token budget {n_tokens} is smaller than one window of {seq_len} tokens")
-    docs = shuffled(domain_documents(domain, split, data_dir), seed if split == "calib" else 0)
-    need = n_tokens // seq_len * seq_len
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer.encode(doc + "\n\n")
-        if len(ids) >= need:
-            break
-    n = len(ids) // seq_len
-    if n == 0:
-        raise M.UserError(f"domain {domain}: the {split} split has only {len(ids)} tokens, fewer than one "
-                          f"window of {seq_len}")
-    return torch.tensor(ids[:min(n * seq_len, need)], dtype=torch.long).view(-1, seq_len)  # (N, T)
-
 
 # ----------------------------------------------------------------------------- DOWP step 2: statistics
 
@@ -341,7 +140,7 @@ def collect_stats(model: M.Transformer, windows: torch.Tensor, batch_size: int =
     mean_abs = E|a_j|, mean_sq = E a_j^2, fire_rate = P(|a_j| > FIRE_REL * rms_token), max_abs = max |a_j|,
     down_norm = ||W_down[:, j]||; expectations over every token of every window."""
     if windows.ndim != 2 or windows.numel() == 0:
-        raise M.UserError(f"need (N, T) token windows, got shape {tuple(windows.shape)}")
+        raise UserError(f"need (N, T) token windows, got shape {tuple(windows.shape)}")
     recorders = [RecordingMLP(blk.mlp) for blk in model.layers]
     device = model.tok_emb.weight.device
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
@@ -382,9 +181,9 @@ def score_dowp(stats_by_domain: dict[str, dict], domain: str, contrast: float = 
     all domains gain rank; a neuron equally important everywhere keeps its plain importance; one important
     only for other domains is pushed down (purified). Computed in log space for stability."""
     if domain not in stats_by_domain:
-        raise M.UserError(f"no statistics for domain {domain!r} (have {', '.join(stats_by_domain)})")
+        raise UserError(f"no statistics for domain {domain!r} (have {', '.join(stats_by_domain)})")
     if contrast < 0:
-        raise M.UserError(f"--contrast must be >= 0, got {contrast}")
+        raise UserError(f"--contrast must be >= 0, got {contrast}")
     eps = 1e-12
     norm = {d: wanda_importance(s) for d, s in stats_by_domain.items()}
     norm = {d: I / I.mean(1, keepdim=True).clamp_min(eps) for d, I in norm.items()}  # (L, F) each, layer mean 1
@@ -416,18 +215,18 @@ def score_neurons(stats_by_domain: dict[str, dict] | None, model: M.Transformer,
     if method == "magnitude":
         return score_magnitude(model)
     if not stats_by_domain:
-        raise M.UserError(f"score {method!r} needs calibration statistics")
+        raise UserError(f"score {method!r} needs calibration statistics")
     if method == "dowp":
         if domain is None:
             raise ValueError("score 'dowp' needs a domain")
         return score_dowp(stats_by_domain, domain, contrast)
     if method == "general":
         if "general" not in stats_by_domain:
-            raise M.UserError("baseline 'general' needs statistics of the general domain")
+            raise UserError("baseline 'general' needs statistics of the general domain")
         return wanda_importance(stats_by_domain["general"])
     if method == "mixed":
         return wanda_importance(pool_stats(stats_by_domain))
-    raise M.UserError(f"unknown score {method!r} (expected one of {', '.join(SCORES)})")
+    raise UserError(f"unknown score {method!r} (expected one of {', '.join(SCORES)})")
 
 
 # ----------------------------------------------------------------------------- DOWP step 4: budget
@@ -450,17 +249,17 @@ def select_neurons(scores: torch.Tensor, keep, protect: torch.Tensor | None = No
     L, n = scores.shape
     keeps = [float(keep)] * L if isinstance(keep, (int, float)) else [float(k) for k in keep]
     if len(keeps) != L:
-        raise M.UserError(f"keep has {len(keeps)} entries for {L} layers")
+        raise UserError(f"keep has {len(keeps)} entries for {L} layers")
     out = []
     for l, kf in enumerate(keeps):
         if not 0 < kf <= 1:
-            raise M.UserError(f"keep must be in (0, 1], got {kf} (layer {l})")
+            raise UserError(f"keep must be in (0, 1], got {kf} (layer {l})")
         k = max(1, min(n, round(kf * n)))
         s = scores[l].float().clone()
         if protect is not None and protect[l].any():
             n_prot = int(protect[l].sum())
             if n_prot > k:
-                raise M.UserError(f"layer {l}: {n_prot} protected neurons exceed the budget of {k}; "
+                raise UserError(f"layer {l}: {n_prot} protected neurons exceed the budget of {k}; "
                                   "raise --keep or --protect")
             s[protect[l]] = float("inf")
         idx = torch.topk(s, k, sorted=False).indices  # ties broken by topk, deterministic on CPU
@@ -491,7 +290,7 @@ def materialize(model: M.Transformer, indices: list) -> list[nn.Module]:
 
     A None entry, or an index set holding every neuron, keeps that layer's original dense MLP."""
     if len(indices) != model.config.n_layer:
-        raise M.UserError(f"{len(indices)} index sets for a model with {model.config.n_layer} layers")
+        raise UserError(f"{len(indices)} index sets for a model with {model.config.n_layer} layers")
     out = []
     for blk, idx in zip(model.layers, indices):
         if idx is None or len(idx) == blk.mlp.n_neurons:
@@ -557,7 +356,7 @@ def save_experts(path, experts: dict[str, list[torch.Tensor]], meta: dict, basel
                 stats_domains=list(stats or {}), content_sha256=_content_hash(tensors))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    M.write_safetensors(path, tensors, {"free_moe": json.dumps(meta)})
+    ckpt.write_safetensors(path, tensors, {"free_moe": json.dumps(meta)})
 
 
 @dataclass
@@ -579,7 +378,7 @@ class Experts:
         key = name.removeprefix("baseline.")
         if key in self.baselines:
             return self.baselines[key]
-        raise M.UserError(f"experts file has no expert or baseline {name!r} "
+        raise UserError(f"experts file has no expert or baseline {name!r} "
                           f"(domains: {', '.join(self.domains)}; baselines: {', '.join(self.baselines) or 'none'})")
 
     def mlps(self, name: str) -> list[nn.Module]:
@@ -597,39 +396,39 @@ def load_experts(path, model: M.Transformer) -> Experts:
     set (1-D, sorted, unique, in range, all layers present) and the content checksum. A mismatch is a UserError."""
     path = Path(path)
     if not path.exists():
-        raise M.UserError(f"experts file {path} does not exist (run purify.py first)")
+        raise UserError(f"experts file {path} does not exist (run purify.py first)")
     try:
-        tensors, md = M.read_safetensors(path, with_metadata=True)
-    except M.UserError:
+        tensors, md = ckpt.read_safetensors(path, with_metadata=True)
+    except UserError:
         raise
     except Exception as e:  # a damaged file can fail in many ways inside the parser
-        raise M.UserError(f"{path}: not a readable experts file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable experts file ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(md["free_moe"])
     except (KeyError, json.JSONDecodeError):
-        raise M.UserError(f"{path}: no free-moe metadata (not an experts file from purify.py)") from None
+        raise UserError(f"{path}: no free-moe metadata (not an experts file from purify.py)") from None
     if meta.get("format") != EXPERTS_FORMAT:
-        raise M.UserError(f"{path}: format {meta.get('format')!r}, expected {EXPERTS_FORMAT!r}")
+        raise UserError(f"{path}: format {meta.get('format')!r}, expected {EXPERTS_FORMAT!r}")
     cfg = model.config
     if meta.get("fingerprint") != model.fingerprint:
-        raise M.UserError(f"{path}: built for model fingerprint {meta.get('fingerprint')}, but the loaded model is "
+        raise UserError(f"{path}: built for model fingerprint {meta.get('fingerprint')}, but the loaded model is "
                           f"{model.fingerprint} ({cfg.name}); re-run purify.py for this model")
     if meta.get("n_layer") != cfg.n_layer or meta.get("n_ffn") != cfg.n_ffn:
-        raise M.UserError(f"{path}: built for {meta.get('n_layer')} layers x {meta.get('n_ffn')} neurons, "
+        raise UserError(f"{path}: built for {meta.get('n_layer')} layers x {meta.get('n_ffn')} neurons, "
                           f"model has {cfg.n_layer} x {cfg.n_ffn}")
     if _content_hash(tensors) != meta.get("content_sha256"):
-        raise M.UserError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+        raise UserError(f"{path}: checksum mismatch: the file is corrupted or was edited")
 
     def index_list(prefix: str) -> list[torch.Tensor]:
         out = []
         for l in range(cfg.n_layer):
             t = tensors.get(f"{prefix}.{l}")
             if t is None:
-                raise M.UserError(f"{path}: missing index set {prefix}.{l}")
+                raise UserError(f"{path}: missing index set {prefix}.{l}")
             if t.dtype != torch.int64 or t.ndim != 1 or len(t) == 0:
-                raise M.UserError(f"{path}: index set {prefix}.{l} must be non-empty 1-D int64")
+                raise UserError(f"{path}: index set {prefix}.{l} must be non-empty 1-D int64")
             if int(t.min()) < 0 or int(t.max()) >= cfg.n_ffn or not bool((t[1:] > t[:-1]).all()):
-                raise M.UserError(f"{path}: index set {prefix}.{l} is not sorted unique indices in [0, {cfg.n_ffn})")
+                raise UserError(f"{path}: index set {prefix}.{l} is not sorted unique indices in [0, {cfg.n_ffn})")
             out.append(t.clone())
         return out
 
@@ -640,10 +439,10 @@ def load_experts(path, model: M.Transformer) -> Experts:
         st = {k: tensors.get(f"stats.{d}.{k}") for k in STATS + ("count",)}
         missing = [k for k, v in st.items() if v is None]
         if missing:
-            raise M.UserError(f"{path}: statistics of {d} lack {', '.join(missing)}")
+            raise UserError(f"{path}: statistics of {d} lack {', '.join(missing)}")
         for k in STATS:
             if tuple(st[k].shape) != (cfg.n_layer, cfg.n_ffn):
-                raise M.UserError(f"{path}: stats.{d}.{k} has shape {tuple(st[k].shape)}, "
+                raise UserError(f"{path}: stats.{d}.{k} has shape {tuple(st[k].shape)}, "
                                   f"expected {(cfg.n_layer, cfg.n_ffn)}")
         stats[d] = {k: v.clone().reshape(()) if k == "count" else v.clone() for k, v in st.items()}
     return Experts(list(meta["domains"]), indices, meta, baselines, stats, model)
@@ -660,7 +459,7 @@ def baseline_indices(method: str, model: M.Transformer, stats, keep, seed: int =
             protect = float(stats.meta.get("protect", PROTECT_FACTOR))
         stats = stats.stats
     if method not in BASELINES:
-        raise M.UserError(f"unknown baseline {method!r} (expected one of {', '.join(BASELINES)})")
+        raise UserError(f"unknown baseline {method!r} (expected one of {', '.join(BASELINES)})")
     protect = PROTECT_FACTOR if protect is None else protect
     mask = super_neurons(stats, protect) if stats else None
     return select_neurons(score_neurons(stats, model, method, seed=seed), keep, mask)
@@ -752,7 +551,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
     then loads in transformers with a tokenizer from elsewhere, and in model.load_model not at all)."""
     ks = sorted({model.config.n_ffn if i is None else len(i) for i in indices})
     if len(ks) != 1:
-        raise M.UserError(f"export needs the same number of kept neurons in every layer (HF has one "
+        raise UserError(f"export needs the same number of kept neurons in every layer (HF has one "
                           f"intermediate_size), got {ks[0]}..{ks[-1]}; use uniform allocation")
     cfg = M.Config(**{**asdict(model.config), "n_ffn": ks[0]})
     out_dir = Path(out_dir)
@@ -761,7 +560,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
     hf["torch_dtype"] = "float32"
     hf["free_moe"] = meta or {}
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
-    M.write_safetensors(out_dir / "model.safetensors", hf_state_dict(model, materialize(model, indices)),
+    ckpt.write_safetensors(out_dir / "model.safetensors", hf_state_dict(model, materialize(model, indices)),
                         {"format": "pt"})
     copied = []
     if tokenizer_dir is not None:
@@ -777,20 +576,20 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
 def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: int, key: dict) -> dict:
     """Statistics of one domain, cached in out_dir/stats.{name}.safetensors: a re-run with the same model, data
     and budget reuses them (so a killed run resumes after the last finished domain)."""
-    name = parse_domain(spec)[0]
+    name = data.parse_domain(spec)[0]
     path = out_dir / f"stats.{name}.safetensors"
     if path.exists():
         try:
-            tensors, md = M.read_safetensors(path, with_metadata=True)
+            tensors, md = ckpt.read_safetensors(path, with_metadata=True)
             if json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",)):
                 return {k: tensors[k].clone().reshape(()) if k == "count" else tensors[k].clone()
                         for k in STATS + ("count",)}
-        except (M.UserError, json.JSONDecodeError):
+        except (UserError, json.JSONDecodeError):
             pass  # unreadable cache: recompute
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {name}")
     print(f"stats {name}: {int(stats['count'])} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    M.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)})
+    ckpt.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)})
     return stats
 
 
@@ -872,8 +671,8 @@ def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    M.add_common_args(p)
-    p.add_argument("--domains", nargs="+", default=list(BUILTIN_DOMAINS),
+    add_common_args(p, out_default="experts")
+    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
                    help="domains: built-in names and/or NAME=path.txt|.jsonl")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
                    help="an extra user domain (repeatable)")
@@ -890,27 +689,25 @@ def parse_args(argv=None):
     p.add_argument("--heldout-tokens", type=int, default=16384, help="held-out tokens per domain for the report")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-report", action="store_true", help="skip the perplexity report")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     p.add_argument("--export", default=None, metavar="DIR", help="write one domain expert as an HF checkpoint here")
     p.add_argument("--export-domain", default=None, help="which domain to export (default: the first)")
-    p.set_defaults(out="experts")
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
-        raise M.UserError(f"--keep must be in (0, 1], got {args.keep}")
+        raise UserError(f"--keep must be in (0, 1], got {args.keep}")
     if args.tokens < args.seq_len or args.heldout_tokens < args.seq_len:
-        raise M.UserError(f"--tokens/--heldout-tokens must be at least --seq-len ({args.seq_len})")
+        raise UserError(f"--tokens/--heldout-tokens must be at least --seq-len ({args.seq_len})")
     specs = list(args.domains) + list(args.domain)
-    names = [parse_domain(s)[0] for s in specs]  # validates every name (and path syntax) before loading anything
+    names = [data.parse_domain(s)[0] for s in specs]  # validates every name (and path syntax) before loading anything
     if len(set(names)) != len(names):
-        raise M.UserError(f"duplicate domain names in {names}")
+        raise UserError(f"duplicate domain names in {names}")
     for s in specs:
-        path = parse_domain(s)[1]
+        path = data.parse_domain(s)[1]
         if path is not None and not path.exists():
-            raise M.UserError(f"domain file {path} does not exist")
+            raise UserError(f"domain file {path} does not exist")
     if args.export_domain is not None and args.export_domain not in names:
-        raise M.UserError(f"--export-domain {args.export_domain!r} is not one of the domains {names}")
+        raise UserError(f"--export-domain {args.export_domain!r} is not one of the domains {names}")
     args.specs, args.names = specs, names
     return args
 
@@ -927,7 +724,7 @@ def main(argv=None):
     cfg = model.config
 
     # DOWP step 1: calibration windows (and held-out windows, kept apart, for the report)
-    calib = {n: load_domain_tokens(s, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
+    calib = {n: data.load_domain_tokens(s, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
              for n, s in zip(args.names, args.specs)}
     # DOWP step 2: statistics, one streamed pass per domain (cached per domain)
     stats = {}
@@ -970,7 +767,7 @@ def main(argv=None):
         d = args.export_domain or args.names[0]
         tok_dir = None
         if args.model is None:
-            tok_dir = M.shared_dir(args.data_dir) / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+            tok_dir = shared_dir(args.data_dir) / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
         elif Path(args.model).is_dir():
             tok_dir = Path(args.model)
         copied = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta})
@@ -984,7 +781,7 @@ def main(argv=None):
 def report(args, model, tok, stats, experts, baselines, protect, keep, sens, meta, out_dir: Path):
     """DOWP step 7: cross-domain perplexity matrix, expert overlap, protection ablation; markdown + JSON."""
     names = args.names
-    heldout = {n: load_domain_tokens(s, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
+    heldout = {n: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
                for n, s in zip(args.names, args.specs)}
     cache = RowCache(out_dir / "report.rows.json", {"fingerprint": model.fingerprint, "specs": args.specs,
                                                     "heldout_tokens": args.heldout_tokens, "seq_len": args.seq_len})
@@ -1053,4 +850,4 @@ def report(args, model, tok, stats, experts, baselines, protect, keep, sens, met
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

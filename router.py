@@ -46,7 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints as ckpt
 import model as M
+from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli
 
 ROUTER_FORMAT = "free-moe-router/1"
 
@@ -66,11 +68,11 @@ class RouterConfig:
 
     def __post_init__(self):
         if self.fallback not in ("dense", "top2"):
-            raise M.UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
+            raise UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
         if not 0 <= self.route_layer <= self.n_layer:
-            raise M.UserError(f"route_layer must be in [0, {self.n_layer}], got {self.route_layer}")
+            raise UserError(f"route_layer must be in [0, {self.n_layer}], got {self.route_layer}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise M.UserError(f"threshold must be in [0, 1], got {self.threshold}")
+            raise UserError(f"threshold must be in [0, 1], got {self.threshold}")
 
 
 def default_route_layer(n_layer: int) -> int:
@@ -85,9 +87,7 @@ def prefix_hidden(model: M.Transformer, idx, valid, n_layers: int):
     Same positions, mask and RoPE as `Transformer.forward` (no KV cache), so it equals
     `model(idx, valid=valid, return_hidden=True)[1][n_layers]` exactly — tests check it."""
     x, rope, mask = model.embed(idx, 0, valid)  # (B, T, C), RoPE, (B, 1, T, T) or None
-    for blk in model.layers[:n_layers]:
-        x = blk(x, rope, 0, mask)
-    return x
+    return model.run_layers(x, rope, mask, stop=n_layers)  # (B, T, C)
 
 
 def pooled(hidden, valid):
@@ -104,7 +104,7 @@ def prompt_features(model: M.Transformer, prompts: list[list[int]], route_layer:
     """Pooled early-layer features of each prompt (N, C). Prompts are batched by length (little padding)."""
     device = model.tok_emb.weight.device
     if any(len(p) == 0 for p in prompts):
-        raise M.UserError("cannot route an empty prompt")
+        raise UserError("cannot route an empty prompt")
     prompts = [list(p)[-max_tokens:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = torch.empty(len(prompts), model.config.n_embd)  # (N, C)
@@ -199,18 +199,18 @@ class FreeMoE:
                  threshold: float | None = None, fallback: str | None = None):
         cfg = router.cfg
         if list(experts.domains) != list(cfg.domains):
-            raise M.UserError(f"router domains {cfg.domains} differ from the experts' domains {list(experts.domains)}")
+            raise UserError(f"router domains {cfg.domains} differ from the experts' domains {list(experts.domains)}")
         if cfg.n_layer != model.config.n_layer or cfg.n_embd != model.config.n_embd:
-            raise M.UserError(f"router built for L={cfg.n_layer}, C={cfg.n_embd}; model has "
+            raise UserError(f"router built for L={cfg.n_layer}, C={cfg.n_embd}; model has "
                               f"L={model.config.n_layer}, C={model.config.n_embd}")
         if budget is not None and not 0.0 <= budget <= 1.0:
-            raise M.UserError(f"budget must be in [0, 1], got {budget}")
+            raise UserError(f"budget must be in [0, 1], got {budget}")
         self.model, self.experts, self.router = model, experts, router.to(model.tok_emb.weight.device).eval()
         self.budget = budget
         self.threshold = cfg.threshold if threshold is None else threshold
         self.fallback = cfg.fallback if fallback is None else fallback
         if self.fallback not in ("dense", "top2"):
-            raise M.UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
+            raise UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
         self._layer_cache: dict = {}   # (domains, layer) -> compact MLP
         self._sizes: dict = {}         # domains -> per-layer kept-neuron counts
 
@@ -243,7 +243,7 @@ class FreeMoE:
         L = self.model.config.n_layer
         for d in domains:
             if d not in self.router.cfg.domains:
-                raise M.UserError(f"unknown domain {d!r} (router has {', '.join(self.router.cfg.domains)})")
+                raise UserError(f"unknown domain {d!r} (router has {', '.join(self.router.cfg.domains)})")
         if not domains:
             use_expert = (False,) * L
         elif use_expert is None:
@@ -345,8 +345,8 @@ class FreeMoE:
         model, r = self.model, self.router.cfg.route_layer
         x, rope, mask = model.embed(idx, 0, valid)  # (B, T, C)
         hiddens = [x]
-        for blk in model.layers[:r]:  # dense, writing the KV cache of layers < r
-            x = blk(x, rope, 0, mask)
+        for i in range(r):  # dense, writing the KV cache of layers < r
+            x = model.run_layers(x, rope, mask, i, i + 1)
             hiddens.append(x)
         feats = pooled(x, valid[:, :idx.shape[1]] if valid is not None else None)  # (B, C)
         probs = self.router.domain_probs(feats.to(self.router.feat_mean.device)).cpu()  # (B, D)
@@ -355,10 +355,8 @@ class FreeMoE:
             raise _SplitBatch
         mlps = self.mlps_for(decided[0])
         first = next((i for i in range(r) if decided[0].use_expert[i]), r)  # first layer the prefix got wrong
-        x = hiddens[first]
-        for i in range(first, len(model.layers)):
-            x = model.layers[i](x, rope, 0, mask, mlps[i])
-        return model.lm_head(model.norm(x[:, -1:])).float(), mlps  # (B, 1, V)
+        x = model.run_layers(hiddens[first], rope, mask, start=first, mlps=mlps)
+        return model.head(x[:, -1:]), mlps  # (B, 1, V)
 
     def _generate_grouped(self, prompts, decisions, max_new_tokens, **kw):
         """Generate each group of prompts that share a decision in one batch (routing already done)."""
@@ -421,22 +419,22 @@ def save_router(path, router: Router, model: M.Transformer, experts, hparams: di
             "config": json.dumps(asdict(router.cfg)), "hparams": json.dumps(hparams or {}),
             "n_params": str(router.num_params())}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    M.write_safetensors(Path(path), {k: v.detach().cpu() for k, v in router.state_dict().items()}, meta)
+    ckpt.write_safetensors(Path(path), {k: v.detach().cpu() for k, v in router.state_dict().items()}, meta)
 
 
 def read_router(path) -> tuple[Router, dict]:
     """Read a router file without checking what it belongs to (load_router does the checks)."""
     path = Path(path)
     if not path.exists():
-        raise M.UserError(f"router file {path} not found (run train_router.py first)")
-    tensors, meta = M.read_safetensors(path, with_metadata=True)
+        raise UserError(f"router file {path} not found (run train_router.py first)")
+    tensors, meta = ckpt.read_safetensors(path, with_metadata=True)
     if meta.get("format") != ROUTER_FORMAT:
-        raise M.UserError(f"{path} is not a router file (format {meta.get('format')!r}, expected {ROUTER_FORMAT!r})")
+        raise UserError(f"{path} is not a router file (format {meta.get('format')!r}, expected {ROUTER_FORMAT!r})")
     try:
         router = Router(RouterConfig(**json.loads(meta["config"])))
         router.load_state_dict({k: v.clone() for k, v in tensors.items()})
     except (KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
-        raise M.UserError(f"{path}: corrupt router file ({type(e).__name__}: {str(e)[:160]})") from None
+        raise UserError(f"{path}: corrupt router file ({type(e).__name__}: {str(e)[:160]})") from None
     return router, meta
 
 
@@ -446,11 +444,11 @@ def load_router(path, model: M.Transformer, experts, **kw) -> FreeMoE:
     Keyword args (budget, threshold, fallback) override the trained defaults."""
     router, meta = read_router(path)
     if meta.get("fingerprint") != model.fingerprint:
-        raise M.UserError(f"{path} was trained for model fingerprint {meta.get('fingerprint')}, but the loaded model "
+        raise UserError(f"{path} was trained for model fingerprint {meta.get('fingerprint')}, but the loaded model "
                           f"is {model.fingerprint}: retrain it with train_router.py for this model")
     ident = experts_identity(experts)
     if meta.get("experts_identity") != ident:
-        raise M.UserError(f"{path} was trained for experts {meta.get('experts_identity')}, but the given experts are "
+        raise UserError(f"{path} was trained for experts {meta.get('experts_identity')}, but the given experts are "
                           f"{ident}: retrain it with train_router.py --experts for these experts")
     return FreeMoE(model, experts, router.to(model.tok_emb.weight.device), **kw)
 
@@ -460,7 +458,7 @@ def load_router(path, model: M.Transformer, experts, **kw) -> FreeMoE:
 def main():
     p = argparse.ArgumentParser(description="Route a prompt with a trained Free-MoE router and generate with the "
                                             "chosen DSS-Expert.")
-    M.add_common_args(p)
+    add_common_args(p, out_default=None)
     p.add_argument("--experts", required=True, help="experts file from purify.py")
     p.add_argument("--router", required=True, help="router file from train_router.py")
     p.add_argument("--prompt", required=True, help="prompt text")
@@ -471,7 +469,7 @@ def main():
     p.add_argument("--fallback", choices=["dense", "top2"], default=None)
     args = p.parse_args()
     import purify
-    model, tok = M.load_model(args.model, M.resolve_device(args), M.resolve_dtype(args))
+    model, tok = M.load_for_cli(args)
     experts = purify.load_experts(args.experts, model)
     moe = load_router(args.router, model, experts, budget=args.budget, threshold=args.threshold,
                       fallback=args.fallback)
@@ -487,4 +485,4 @@ def main():
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

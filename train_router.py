@@ -5,13 +5,13 @@ Pipeline position: the third stage
 
 What goes in:  a model (--model, default SmolLM2-135M-Instruct), the experts file from purify.py (--experts) and the
                domain data of purify.py (calibration split for training, the canonical held-out split for metrics).
-What comes out (--out, default runs/router.safetensors, plus beside it):
+What comes out (in the --out directory, default runs/router):
     router.safetensors     the router parameters; metadata = model fingerprint, experts identity, config, hyper-params
     router.json / .md      level 1 held-out accuracy + confusion matrix, level 2 gates, active fraction and perplexity
     l1_features.*.safetensors   cached pooled early-layer features (a re-run with the same settings skips that pass)
 
-    python train_router.py --experts experts/experts.safetensors --out runs/router.safetensors
-    python train_router.py --experts experts/experts.safetensors --lam 0.3 --l2-steps 8 --out runs/r_lam03.safetensors
+    python train_router.py --experts experts/experts.safetensors --out runs/router
+    python train_router.py --experts experts/experts.safetensors --sparsity-weight 0.3 --out runs/router_sw03
 
 Training choices, all in one place:
     Level 1 (domain head). Data: per domain, random windows of 16..256 tokens (log-uniform length, so short prompts are
@@ -23,7 +23,7 @@ Training choices, all in one place:
         0.05. Held-out split "heldout": windows and snippets from purify's held-out documents, plus benchmark-style
         prompts never used in training: MMLU held-out-bucket questions (knowledge), GSM8K test questions (math) and
         HumanEval prompts (code).
-    Level 2 (per-layer gates). Loss = KL(dense || routed) per token + lam * active FFN fraction, on calibration
+    Level 2 (per-layer gates). Loss = KL(dense || routed) per token + w * active FFN fraction (w = --sparsity-weight), on calibration
         windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an expert is safe,
         independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
         (router.MixedMLP, passed through mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
@@ -38,7 +38,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k ke
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -52,7 +51,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints as ckpt
+import data
 import model as M
+from cli import add_common_args, run_cli
 import purify
 import router as R
 
@@ -96,7 +98,7 @@ def question_snippet(domain: str, doc: str, rng: random.Random) -> str | None:
 
 
 def domain_snippets(domain: str, split: str, n: int, data_dir, rng: random.Random) -> list[str]:
-    docs = purify.domain_documents(domain, split, data_dir)
+    docs = data.domain_documents(domain, split, data_dir)
     out, tries = [], 0
     while len(out) < n and tries < 20 * n:
         tries += 1
@@ -106,28 +108,16 @@ def domain_snippets(domain: str, split: str, n: int, data_dir, rng: random.Rando
     return out
 
 
-def mbpp_texts(data_dir, lo: int, hi: int) -> list[str]:
-    """MBPP task texts with task_id in [lo, hi] (601..974 is MBPP's train split; evaluate.py scores 11..510)."""
-    rows = purify.read_jsonl(M.shared_dir(data_dir) / "data" / "mbpp" / "mbpp.jsonl")
-    return [r["text"] for r in rows if lo <= int(r["task_id"]) <= hi]
-
-
 def benchmark_prompts(domain: str, n: int, data_dir, rng: random.Random) -> list[str]:
-    """Held-out, benchmark-style prompts (never used in training): MMLU held-out bucket, GSM8K test, HumanEval."""
-    root = M.shared_dir(data_dir) / "data"
+    """Held-out, benchmark-style prompts (never used in training): MMLU held-out bucket, GSM8K test, HumanEval,
+    in the zero-shot form of evaluate.py's prompts."""
     if domain == "knowledge":
-        rows = [r for r in purify.read_jsonl(root / "mmlu" / "test.jsonl.gz") if purify.mmlu_bucket(r) == "heldout"]
-        texts = []
-        for r in rows:
-            subj = r["subject"].replace("_", " ")
-            opts = "".join(f"\n{purify.LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
-            texts.append(f"The following are multiple choice questions (with answers) about {subj}.\n\n"
-                         f"{r['question'].strip()}{opts}\nAnswer:")
+        rows = [r for r in data.load_mmlu("test", data_dir) if data.mmlu_bucket(r) == "heldout"]
+        texts = [data.mmlu_prompt(r, []) for r in rows]
     elif domain == "math":
-        texts = [f"Question: {r['question']}\nAnswer:" for r in purify.read_jsonl(root / "gsm8k" / "test.jsonl")]
+        texts = [data.gsm8k_prompt(r, []) for r in data.load_gsm8k("test", data_dir)]
     elif domain == "code":
-        with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
-            texts = [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+        texts = [r["prompt"] for r in data.load_humaneval(data_dir)]
     else:
         return []
     return rng.sample(texts, min(n, len(texts)))
@@ -140,12 +130,12 @@ def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippet
     rng = random.Random(f"{seed}-{split}")
     prompts, labels, sources = [], [], []
     for label, d in enumerate(domains):
-        windows = purify.load_domain_tokens(d, tok, data_dir, split, n_tokens=max(256, n_windows * 64), seed=seed,
+        windows = data.load_domain_tokens(d, tok, data_dir, split, n_tokens=max(256, n_windows * 64), seed=seed,
                                             seq_len=256)  # (N, 256)
         items = [("window", p) for p in random_windows(windows, n_windows, rng, hi=max_len)]
         texts = domain_snippets(d, split, n_snippets, data_dir, rng)
         if d == "code" and split == "calib":
-            texts += rng.sample(mbpp_texts(data_dir, 601, 974), min(n_snippets // 2, 374))
+            texts += rng.sample(data.mbpp_texts(601, 974, data_dir), min(n_snippets // 2, 374))
         for t in texts:  # a fifth in the chat template: instruct-model prompts look like that
             t = tok.chat_prompt(t) if rng.random() < 0.2 else t
             items.append(("snippet", tok.encode(t)))
@@ -164,10 +154,10 @@ def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, ta
     h = hashlib.sha256(json.dumps([model.fingerprint, route_layer, max_tokens, prompts]).encode()).hexdigest()[:16]
     path = cache_dir / f"l1_features.{tag}.{h}.safetensors"
     if path.exists():
-        return M.read_safetensors(path)["feats"].clone()
+        return ckpt.read_safetensors(path)["feats"].clone()
     feats = R.prompt_features(model, prompts, route_layer, max_tokens, progress=True)  # (N, C)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    M.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint})
+    ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint})
     return feats
 
 
@@ -242,7 +232,7 @@ def kl_dense_routed(dense_logp, routed_logits):
     return (dense_logp.exp() * (dense_logp - logq)).sum(-1).mean()
 
 
-def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], lam: float, epochs: int, lr: float, tau: float,
+def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight: float, epochs: int, lr: float, tau: float,
                  relax: str, batch_size: int, seed: int, log=print):
     """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen."""
     model, router = moe.model, moe.router
@@ -268,7 +258,7 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], lam: float, epo
                 mix.g = gates[l]
             kl = kl_dense_routed(teacher[bi].float(), model(x, mlps=mixers[d]))
             frac = expected_fraction(gates, kept[d], Fn)
-            loss = kl + lam * frac
+            loss = kl + sparsity_weight * frac
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -382,10 +372,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the Free-MoE router (level 1 domain head, level 2 layer gates); "
                                             "the LLM stays frozen.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    M.add_common_args(p)
-    p.set_defaults(out="runs/router.safetensors")
+    add_common_args(p, out_default="runs/router")
     p.add_argument("--experts", required=True, help="experts file from purify.py")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g = p.add_argument_group("router")
     g.add_argument("--route-layer", type=int, default=None, help="level 1 reads the stream entering this layer "
                                                                  "(default L//4)")
@@ -400,9 +388,9 @@ def parse_args(argv=None):
     g.add_argument("--l1-epochs", type=int, default=60)
     g.add_argument("--l1-lr", type=float, default=3e-3)
     g = p.add_argument_group("level 2")
-    g.add_argument("--lam", type=float, default=1.0, help="weight of the active-fraction penalty")
+    g.add_argument("--sparsity-weight", type=float, default=1.0, help="weight of the active-fraction penalty")
     g.add_argument("--l2-windows", type=int, default=4, help="calibration windows per domain")
-    g.add_argument("--l2-len", type=int, default=64, help="tokens per level 2 window")
+    g.add_argument("--seq-len", type=int, default=64, help="tokens per level 2 window")
     g.add_argument("--l2-batch", type=int, default=2)
     g.add_argument("--l2-epochs", type=int, default=3)
     g.add_argument("--l2-lr", type=float, default=0.2)
@@ -420,7 +408,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "router.safetensors"  # beside it: router.json, router.md and the feature cache
     t_start = time.perf_counter()
     model, tok = M.load_for_cli(args)
     model.requires_grad_(False)  # tuning-free: only router parameters ever get gradients
@@ -443,8 +433,8 @@ def main(argv=None):
                                    args.l1_snippets, 0, args.seed)
     va_p, va_y, va_src = level1_prompts([spec(d) for d in domains], tok, args.data_dir, "heldout", args.l1_heldout,
                                         args.l1_heldout, args.l1_heldout, args.seed)
-    tr_f = cached_features(model, tr_p, cfg.route_layer, cfg.max_route_tokens, out.parent, "calib")
-    va_f = cached_features(model, va_p, cfg.route_layer, cfg.max_route_tokens, out.parent, "heldout")
+    tr_f = cached_features(model, tr_p, cfg.route_layer, cfg.max_route_tokens, out_dir, "calib")
+    va_f = cached_features(model, va_p, cfg.route_layer, cfg.max_route_tokens, out_dir, "heldout")
     t_feat = time.perf_counter() - t0
     t0 = time.perf_counter()
     acc = train_level1(router, tr_f, tr_y, va_f, va_y, args.l1_epochs, args.l1_lr, args.seed,
@@ -461,16 +451,16 @@ def main(argv=None):
           f"by source {json.dumps({k: round(v, 3) for k, v in by_source.items()})}; "
           f"below threshold {fallback:.3f}", file=sys.stderr)
 
-    # Level 2: per-layer gates with KL(dense || routed) + lam * active fraction
+    # Level 2: per-layer gates with KL(dense || routed) + sparsity_weight * active fraction
     t0 = time.perf_counter()
     l2 = {}
     if not args.skip_level2:
-        calib = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.l2_len,
-                                              args.seed + 1, args.l2_len) for d in domains}
-        train_level2(moe, calib, args.lam, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
+        calib = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.seq_len,
+                                              args.seed + 1, args.seq_len) for d in domains}
+        train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
                      args.seed, log=lambda s: print(s, file=sys.stderr))
         t_l2 = time.perf_counter() - t0
-        heldout = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
+        heldout = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
                    for d in domains}
         l2 = level2_heldout(moe, heldout, batch_size=4)
     else:
@@ -483,7 +473,7 @@ def main(argv=None):
     t_train = time.perf_counter() - t_start
     comparison = None
     if args.compare:
-        heldout = {d: purify.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.compare_windows * 256, 0,
+        heldout = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.compare_windows * 256, 0,
                                                 256) for d in domains}
         speed_prompts = {d: w[-1, :48].tolist() for d, w in heldout.items()}  # (48,) a short real prompt per domain
         comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
@@ -501,7 +491,7 @@ def main(argv=None):
           f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "", confusion_markdown(conf, domains),
           "", "by source: " + ", ".join(f"{k} {v:.3f}" for k, v in by_source.items()), ""]
     if l2:
-        md += [f"## level 2 (lam {args.lam}): held-out perplexity with the true domain's expert", "",
+        md += [f"## level 2 (sparsity weight {args.sparsity_weight}): held-out perplexity with the true domain's expert", "",
                "| domain | dense | gated expert | gated frac | full expert | full frac |", "|---|---|---|---|---|---|"]
         md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_fraction']:.3f} | "
                f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]
@@ -519,4 +509,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 
-DATA = E.data_root(None)
+DATA = data.data_file("")  # the data folder, for tests that copy files out of it
 HF_TOKENIZER = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer" / "tokenizer.json"
 
 
@@ -37,24 +38,24 @@ def test_mmlu_prompt_golden():
     shot = {"subject": "high_school_physics", "question": " What is 1+1? ", "choices": ["1", "2", "3", "4"], "answer": 1}
     doc = {"subject": "high_school_physics", "question": "Which is a vector?", "choices": ["mass", "speed", "velocity", "time"],
            "answer": 2}
-    assert E.mmlu_prompt(doc, [shot]) == (
+    assert data.mmlu_prompt(doc, [shot]) == (
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
         "Which is a vector?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:")
-    assert E.mmlu_cloze_prompt(doc, [shot]) == (
+    assert data.mmlu_cloze_prompt(doc, [shot]) == (
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "What is 1+1?\nAnswer: 2\n\nWhich is a vector?\nAnswer:")
 
 
 def test_mmlu_categories_cover_the_data():
-    subjects = {d["subject"] for d in E.load_mmlu(DATA, "test")}
+    subjects = {d["subject"] for d in data.load_mmlu("test")}
     assert subjects == set(E.MMLU_SUBJECT_CATEGORY) and len(subjects) == 57
     assert [len(v) for v in E.MMLU_CATEGORIES.values()] == [19, 13, 12, 13]
 
 
 def test_gsm8k_prompt_and_reference():
-    train = E.load_gsm8k(DATA, "train")
-    p = E.gsm8k_prompt({"question": "Q?"}, train[:1])
+    train = data.load_gsm8k("train")
+    p = data.gsm8k_prompt({"question": "Q?"}, train[:1])
     assert p.startswith("Question: Natalia sold clips") and "<<" not in p and p.endswith("\n\nQuestion: Q?\nAnswer:")
     assert E.gsm8k_reference(train[0]) == "72"
 
@@ -110,9 +111,9 @@ def test_bootstrap_is_deterministic_and_brackets_the_mean():
 # ----------------------------------------------------------------------------- sandbox
 
 def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail():
-    problems = E.load_humaneval(DATA)
-    good = E.run_many([E.humaneval_program(p, p["canonical_solution"]) for p in problems], timeout=10)
-    bare = E.run_many([E.humaneval_program(p, "") for p in problems], timeout=10)
+    problems = data.load_humaneval()
+    good = E.run_many([data.humaneval_program(p, p["canonical_solution"]) for p in problems], timeout=10)
+    bare = E.run_many([data.humaneval_program(p, "") for p in problems], timeout=10)
     assert [p["task_id"] for p, r in zip(problems, good) if not r.passed] == []
     assert [p["task_id"] for p, r in zip(problems, bare) if r.passed] == []
     assert len(problems) == 164
@@ -121,9 +122,9 @@ def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail():
 @pytest.mark.slow
 def test_mbpp_reference_code_passes_and_no_code_fails():
     """The test split (task ids 11-510); `python -c` over all 974 also passes but doubles the time."""
-    docs = [d for d in E.load_mbpp(DATA) if 11 <= d["task_id"] <= 510]
-    good = E.run_many([E.mbpp_program(d, d["code"]) for d in docs], timeout=10)
-    bare = E.run_many([E.mbpp_program(d, "") for d in docs], timeout=10)
+    docs = [d for d in data.load_mbpp() if 11 <= d["task_id"] <= 510]
+    good = E.run_many([data.mbpp_program(d, d["code"]) for d in docs], timeout=10)
+    bare = E.run_many([data.mbpp_program(d, "") for d in docs], timeout=10)
     assert [d["task_id"] for d, r in zip(docs, good) if not r.passed] == []
     assert [d["task_id"] for d, r in zip(docs, bare) if r.passed] == []
     assert len(docs) == 500
@@ -283,7 +284,7 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
     model, tok = tiny_model_and_tokenizer()
     # 2 shots: prompts of unequal lengths (some > 1000 tokens), so several padded forwards of mixed rows
     args = E.parse_args(["--limit", "5", "--mmlu-shots", "2", "--batch-tokens", "1500"])
-    rt = E.Runtime(model, tok, args, DATA)
+    rt = E.Runtime(model, tok, args)
     task = E.prepare_mmlu(rt)
     recs = E.run_mmlu(rt, E.System("dense"), task.items)
     for it, rec in zip(task.items, recs):
@@ -298,7 +299,7 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
 def tiny_args(out):
     return E.parse_args(["--tasks", "mmlu", "gsm8k", "humaneval", "ppl", "--limit", "4", "--batch-size", "2",
                          "--gsm8k-shots", "2", "--gsm8k-max-tokens", "6", "--code-max-tokens", "6",
-                         "--ppl-len", "64", "--mmlu-shots", "1", "--timeout", "5", "--out", str(out)])
+                         "--seq-len", "64", "--mmlu-shots", "1", "--timeout", "5", "--out", str(out)])
 
 
 def run_tiny(out, kill_after_batches=None):
@@ -368,7 +369,7 @@ def real(real_model):
 def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
     model, tok = real
     args = E.parse_args(["--limit", "2", "--mmlu-shots", "0"])  # short prompts: this CPU is slow
-    rt = E.Runtime(model, tok, args, DATA)
+    rt = E.Runtime(model, tok, args)
     task = E.prepare_mmlu(rt)
     recs = E.run_mmlu(rt, E.System("dense"), task.items)
     for it, rec in zip(task.items, recs):
@@ -381,7 +382,7 @@ def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
     assert batched == single
     # a short end-to-end run through the CLI code path
     args = E.parse_args(["--tasks", "gsm8k", "ppl", "--limit", "1", "--gsm8k-shots", "0", "--gsm8k-max-tokens", "16",
-                         "--ppl-len", "256", "--ppl-domains", "general", "--out", str(tmp_path)])
+                         "--seq-len", "256", "--ppl-domains", "general", "--out", str(tmp_path)])
     result = E.run(args, model, tok)
     bpb = result["systems"]["dense"]["tasks"]["bpb_general"]["value"]
     assert 0.3 < bpb < 3.0, bpb  # a trained model compresses English text to roughly 1 bit per byte
@@ -421,7 +422,7 @@ def test_sparse_systems_run_their_experts(tmp_path):
     R.save_router(router_path, router, model, experts)
     args = E.parse_args(["--systems", "dense", "oracle", "random", "general", "mixed", "magnitude", "freemoe",
                          "--experts", str(experts_path), "--router", str(router_path), "--tasks", "mmlu", "ppl",
-                         "--limit", "2", "--mmlu-shots", "0", "--ppl-len", "32", "--ppl-domains", "code", "math",
+                         "--limit", "2", "--mmlu-shots", "0", "--seq-len", "32", "--ppl-domains", "code", "math",
                          "--out", str(tmp_path / "out")])
     result = E.run(args, model, tok)["systems"]
     assert set(result) == {"dense", "oracle", "random", "general", "mixed", "magnitude", "freemoe"}
@@ -431,7 +432,7 @@ def test_sparse_systems_run_their_experts(tmp_path):
         assert "delta_vs_dense" in result[name]["tasks"]["bpb_code"]
     assert result["freemoe"]["active_fraction"] == 0.5
     # the oracle runs the expert of the item's domain: its numbers equal a direct run with that expert
-    rt = E.Runtime(model, tok, args, DATA)
+    rt = E.Runtime(model, tok, args)
     task = E.prepare_ppl(rt)
     oracle = {json.loads(line)["id"]: json.loads(line) for line in
               (tmp_path / "out" / "items" / "oracle" / "ppl.jsonl").read_text().splitlines()[1:]}
@@ -461,7 +462,7 @@ def test_per_task_limits_and_mmlu_per_subject():
         with pytest.raises(M.UserError, match="--limit"):
             E.parse_args(bad)
     model, tok = tiny_model_and_tokenizer()
-    rt = E.Runtime(model, tok, args, DATA)
+    rt = E.Runtime(model, tok, args)
     items = E.prepare_mmlu(rt).items
     per = {}
     for it in items:
@@ -506,6 +507,6 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     batches = [[{"id": "a", "domain": "code", "prompt": [1, 2]}, {"id": "e", "domain": "general", "prompt": [8, 9]}],
                [{"id": "b", "domain": "code", "prompt": [3, 4]}], [{"id": "c", "domain": "code", "prompt": [5]}],
                [{"id": "d", "domain": "math", "prompt": [6, 7]}]]
-    rt = E.Runtime(model=None, tokenizer=None, args=None, root=None)
+    rt = E.Runtime(model=None, tokenizer=None, args=None)
     E.warm_up(rt, system, task, batches)
     assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first

@@ -21,6 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
+import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
 import purify as P  # noqa: E402
 
@@ -203,7 +205,7 @@ def test_experts_file_roundtrip_and_refusals(tmp_path):
     bad.write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(M.UserError, match="truncated"):
         P.load_experts(bad, m)
-    M.write_safetensors(bad, {"x": torch.zeros(3)}, {"hello": "world"})
+    ckpt.write_safetensors(bad, {"x": torch.zeros(3)}, {"hello": "world"})
     with pytest.raises(M.UserError, match="not an experts file"):
         P.load_experts(bad, m)
     with pytest.raises(M.UserError, match="does not exist"):
@@ -235,50 +237,6 @@ def test_export_loads_in_transformers(tmp_path, arch, tie):
             assert (m2(w) - ours).abs().max() <= 1e-5
     with pytest.raises(M.UserError, match="same number of kept neurons"):
         P.export_hf(m, [idx[0], idx[1], idx[2][:5]], tmp_path / "bad")
-
-
-# ----------------------------------------------------------------------------- domain data (real files, no model)
-
-def test_domain_splits_disjoint_and_deterministic():
-    for d in P.BUILTIN_DOMAINS:
-        calib, held = P.domain_documents(d, "calib"), P.domain_documents(d, "heldout")
-        assert calib and held
-        assert not set(calib) & set(held), d
-    assert P.heldout_text("math") == P.heldout_text("math")
-    rows = P.read_jsonl(M.shared_dir() / "data" / "gsm8k" / "test.jsonl")
-    math_docs = set(P.domain_documents("math", "calib")) | set(P.domain_documents("math", "heldout"))
-    assert not math_docs & {P.gsm8k_text(r) for r in rows}  # GSM8K test (scored by evaluate.py) never used
-    buckets = [P.mmlu_bucket(r) for r in P.read_jsonl(M.shared_dir() / "data" / "mmlu" / "test.jsonl.gz")]
-    assert 0.15 < buckets.count("calib") / len(buckets) < 0.25 and 0.05 < buckets.count("heldout") / len(buckets) < 0.15
-
-
-class CharTok:
-    def encode(self, text, bos=False):
-        return [ord(c) % 96 for c in text]
-
-
-def test_user_domain_and_errors(tmp_path):
-    f = tmp_path / "legal.txt"
-    f.write_text("\n\n".join(f"Clause {i}: the party of the first part shall pay." for i in range(20)))
-    calib = P.load_domain_tokens(f"legal={f}", CharTok(), split="calib", n_tokens=256, seq_len=64, seed=1)
-    assert calib.shape == (4, 64)
-    assert torch.equal(calib, P.load_domain_tokens(f"legal={f}", CharTok(), split="calib", n_tokens=256,
-                                                   seq_len=64, seed=1))  # deterministic by seed
-    held = P.domain_documents(f"legal={f}", "heldout")
-    assert len(held) == 2 and not set(held) & set(P.domain_documents(f"legal={f}", "calib"))
-    j = tmp_path / "qa.jsonl"
-    j.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(10)))
-    assert P.domain_documents(f"qa={j}", "heldout") == ["doc 9"]
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n  \n")
-    with pytest.raises(M.UserError, match="0 documents"):
-        P.domain_documents(f"e={empty}")
-    with pytest.raises(M.UserError, match="unknown domain"):
-        P.domain_documents("poetry")
-    with pytest.raises(M.UserError, match="does not exist"):
-        P.domain_documents(f"x={tmp_path / 'nope.txt'}")
-    with pytest.raises(M.UserError, match="bad domain name"):
-        P.parse_domain("Bad Name=x.txt")
 
 
 def test_cli_user_errors_are_one_line():
@@ -330,12 +288,12 @@ REAL_CALIB, REAL_HELDOUT, REAL_T = 4096, 512, 256  # tokens per domain: small, s
 @pytest.fixture(scope="module")
 def real(real_model):
     model, tok = real_model  # tests/conftest.py
-    stats = {d: P.collect_stats(model, P.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
-             for d in P.BUILTIN_DOMAINS}
-    heldout = {d: P.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)
-               for d in P.BUILTIN_DOMAINS}
+    stats = {d: P.collect_stats(model, data.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
+             for d in data.BUILTIN_DOMAINS}
+    heldout = {d: data.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)
+               for d in data.BUILTIN_DOMAINS}
     protect = P.super_neurons(stats)
-    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect) for d in P.BUILTIN_DOMAINS}
+    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect) for d in data.BUILTIN_DOMAINS}
     return {"model": model, "tok": tok, "stats": stats, "heldout": heldout, "protect": protect, "experts": experts,
             "ppl": {}}
 
@@ -352,11 +310,11 @@ def real_ppl(real, name, indices, domain):
 def test_real_domain_expert_is_best_on_its_own_domain(real):
     """keep=0.5: in each held-out column, the expert built for that domain has the lowest perplexity."""
     table = {(e, d): real_ppl(real, f"expert:{e}", real["experts"][e], d)
-             for e in P.BUILTIN_DOMAINS for d in P.BUILTIN_DOMAINS}
-    print("\n" + "\n".join(f"{e:>10}: " + " ".join(f"{table[e, d]:8.2f}" for d in P.BUILTIN_DOMAINS)
-                           for e in P.BUILTIN_DOMAINS))
-    for d in P.BUILTIN_DOMAINS:
-        others = {e: table[e, d] for e in P.BUILTIN_DOMAINS if e != d}
+             for e in data.BUILTIN_DOMAINS for d in data.BUILTIN_DOMAINS}
+    print("\n" + "\n".join(f"{e:>10}: " + " ".join(f"{table[e, d]:8.2f}" for d in data.BUILTIN_DOMAINS)
+                           for e in data.BUILTIN_DOMAINS))
+    for d in data.BUILTIN_DOMAINS:
+        others = {e: table[e, d] for e in data.BUILTIN_DOMAINS if e != d}
         assert table[d, d] < min(others.values()), (d, table[d, d], others)
 
 
@@ -365,7 +323,7 @@ def test_real_dowp_beats_random_and_magnitude(real):
     model = real["model"]
     for b in ("random", "magnitude"):
         idx = P.select_neurons(P.score_neurons(real["stats"], model, b), 0.5, real["protect"])
-        for d in P.BUILTIN_DOMAINS:
+        for d in data.BUILTIN_DOMAINS:
             ours, theirs = real_ppl(real, f"expert:{d}", real["experts"][d], d), real_ppl(real, b, idx, d)
             assert ours < theirs, (b, d, ours, theirs)
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
 import router as R  # noqa: E402
 
@@ -206,7 +208,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         moe.router.gate_logits.normal_()
         moe.router.feat_mean.normal_()
     path = tmp_path / "router.safetensors"
-    R.save_router(path, moe.router, m, ex, {"lam": 0.5})
+    R.save_router(path, moe.router, m, ex, {"sparsity_weight": 0.5})
     back = R.load_router(path, m, ex)
     for k, v in moe.router.state_dict().items():
         assert torch.equal(back.router.state_dict()[k], v)
@@ -223,7 +225,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         R.load_router(path, m, ex2)
     # not a router file at all
     bad = tmp_path / "bad.safetensors"
-    M.write_safetensors(bad, {"x": torch.zeros(1)}, {"format": "something"})
+    ckpt.write_safetensors(bad, {"x": torch.zeros(1)}, {"format": "something"})
     with pytest.raises(M.UserError, match="not a router file"):
         R.load_router(bad, m, ex)
 
@@ -237,7 +239,7 @@ def test_level2_training_changes_only_gate_logits():
     head_before = {k: v.clone() for k, v in moe.router.head.state_dict().items()}
     calib = {"math": ids(4, 16, seed=3), "code": ids(4, 16, seed=4)}
     logs = []
-    TR.train_level2(moe, calib, lam=1.0, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0, log=logs.append)
+    TR.train_level2(moe, calib, sparsity_weight=1.0, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0, log=logs.append)
     assert len(logs) == 2 and logs[0].startswith("level2 epoch   1 | kl ")
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # the LLM is frozen
     assert all(torch.equal(v, head_before[k]) for k, v in moe.router.head.state_dict().items())
@@ -318,8 +320,8 @@ def test_lambda_sweep_lowers_active_fraction(real):
     import train_router as TR
     m, tok = real
     experts = magnitude_experts(m)
-    calib = {"math": purify.load_domain_tokens("math", tok, None, "calib", 4 * 48, 1, 48)}  # (4, 48)
-    heldout = purify.load_domain_tokens("math", tok, None, "heldout", 2 * 128, 0, 128)  # (2, 128)
+    calib = {"math": data.load_domain_tokens("math", tok, None, "calib", 4 * 48, 1, 48)}  # (4, 48)
+    heldout = data.load_domain_tokens("math", tok, None, "heldout", 2 * 128, 0, 128)  # (2, 128)
     dense_ppl = purify.perplexity(m, heldout)
     rows = []
     for lam in (0.0, 0.3, 3.0):
