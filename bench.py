@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
+import purify
+import router
 from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli, write_atomic
 
 FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256)}
@@ -286,14 +288,9 @@ def bench_dense(model, hf, plan, device) -> list[dict]:
 
 def expert_systems(model, args) -> tuple[dict, str | None]:
     """{name: per-layer mlps} of each DSS-Expert at keep 0.5, built by purify.materialize, or (_, why skipped)."""
-    if importlib.util.find_spec("purify") is None:
-        return {}, "purify.py not found: expert rows skipped"
-    import purify
-    if not hasattr(purify, "materialize"):
-        return {}, "purify.py has no materialize(): expert rows skipped"
     if args.experts:
         ex = purify.load_experts(args.experts, model)
-        keeps = {d: purify.active_fraction(ex.indices[d], model) for d in ex.domains}
+        keeps = {d: purify.kept_fraction(ex.indices[d], model) for d in ex.domains}
         note = None if all(abs(k - args.keep) < 0.02 for k in keeps.values()) else \
             f"experts file keeps {keeps}, not {args.keep}: measured as stored"
         return {f"expert:{d}": purify.materialize(model, ex.indices[d]) for d in ex.domains}, note
@@ -305,12 +302,8 @@ def expert_systems(model, args) -> tuple[dict, str | None]:
 
 
 def load_freemoe(model, args):
-    if importlib.util.find_spec("router") is None:
-        return None, "router.py not found: FreeMoE rows skipped"
     if not (args.router and args.experts):
         return None, "FreeMoE needs --experts and --router (train_router.py output): rows skipped"
-    import purify
-    import router
     return router.load_router(args.router, model, purify.load_experts(args.experts, model)), None
 
 
@@ -343,7 +336,6 @@ def bench_router(model, fm, plan, device) -> dict:
     """What routing adds to a request. Side by side: the routed request `fm.generate` (routing rides on the prefill's
     first layers) and the same request with the decision's FFNs given up front (no routing at all); the difference,
     per decode step, is the router overhead. `route()` alone (a separate truncated forward) is timed too."""
-    import model as M
     cfg, N = model.config, plan["new_tokens"]
     T = max(t for _, t in plan["sizes"])
     prompt = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(2)).tolist()  # 1 x T
@@ -376,7 +368,6 @@ def freemoe_system(model, fm, plan) -> dict:
 # ----------------------------------------------------------------------------- 5. statistics collection cost
 
 def bench_stats(model, plan, device) -> dict:
-    import purify
     n, T = plan["stats_windows"]
     windows = torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(3))
 
@@ -646,11 +637,8 @@ def main(argv=None):
                 res["systems"] = bench_systems(model, systems, plan, device)
             save(res, out)
     if "stats" in args.sections:
-        if importlib.util.find_spec("purify") is not None:
-            with torch.no_grad():
-                res["stats"] = bench_stats(model, plan, device)
-        else:
-            res["notes"].append("purify.py not found: statistics-collection cost skipped")
+        with torch.no_grad():
+            res["stats"] = bench_stats(model, plan, device)
     if "memory" in args.sections:
         res["memory"] = bench_memory(["dense"] + list(systems), argv)
     res["goals"] = goals(res)

@@ -300,6 +300,43 @@ def _cat(parts, what):
     return None if any(p is None for p in parts) else torch.cat(parts, dim=0)
 
 
+def to_hf(sd: dict, cfg) -> dict:
+    """The inverse key map, ours -> HF (used to export an expert that `transformers` loads):
+        llama: tok_emb -> model.embed_tokens, layers.i.attn.wqkv -> split into self_attn.{q,k,v}_proj,
+               attn.wo -> self_attn.o_proj, attn_norm -> input_layernorm, mlp_norm -> post_attention_layernorm,
+               mlp.{gate,up,down} -> mlp.{gate,up,down}_proj, norm -> model.norm, lm_head (only if untied)
+        gpt2:  tok_emb -> transformer.wte, pos_emb -> wpe, attn.wqkv -> attn.c_attn, attn.wo -> attn.c_proj,
+               attn_norm -> ln_1, mlp_norm -> ln_2, mlp.up -> mlp.c_fc, mlp.down -> mlp.c_proj, norm -> ln_f
+               (HF GPT-2 Linear weights are Conv1D: stored transposed, (in, out))."""
+    if cfg.arch == "gpt2":
+        out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+               "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"]}
+        renames = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.wqkv": "attn.c_attn", "attn.wo": "attn.c_proj",
+                   "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+        for i in range(cfg.n_layer):
+            for ours, theirs in renames.items():
+                w = sd[f"layers.{i}.{ours}.weight"]
+                out[f"transformer.h.{i}.{theirs}.weight"] = w if ours.endswith("norm") else w.t().contiguous()
+                out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"layers.{i}.{ours}.bias"]
+        return out
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim  # rows of wq and of wk / wv in wqkv
+    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = sd[p + "attn_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[p + "mlp_norm.weight"]
+        for kind in ("weight", "bias"):
+            if p + f"attn.wqkv.{kind}" in sd:
+                for x, part in zip("qkv", sd[p + f"attn.wqkv.{kind}"].split([q, kv, kv], dim=0)):
+                    out[h + f"self_attn.{x}_proj.{kind}"] = part.contiguous()
+        out[h + "self_attn.o_proj.weight"] = sd[p + "attn.wo.weight"]
+        for x in ("gate", "up", "down"):
+            out[h + f"mlp.{x}_proj.weight"] = sd[p + f"mlp.{x}.weight"]
+    return out
+
+
 # ----------------------------------------------------------------------------- hub download
 
 HF_FILES = ["config.json", "tokenizer.json", "model.safetensors.index.json", "model.safetensors"]

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import purify
+import router
 import sandbox
 from cli import UserError, add_common_args, run_cli, write_atomic
 from data import (LETTERS, gsm8k_prompt, heldout_text, humaneval_program, load_gsm8k, load_humaneval, load_mbpp,
@@ -295,19 +296,18 @@ def build_systems(args, model) -> list[System]:
             raise UserError("system freemoe needs --router FILE (run train_router.py first)")
         experts = experts or purify.load_experts(args.experts, model)
         if args.router and moe is None:
-            import router  # only a routed comparison needs it
             moe = router.load_router(args.router, model, experts)
         if name == "freemoe":
             systems.append(routed_system(name, moe))
         elif name == "oracle":
             def pick(prompts, domain, e=experts):
-                return e.mlps(domain), purify.active_fraction(e.index_sets(domain), model)
+                return e.mlps(domain), purify.kept_fraction(e.index_sets(domain), model)
             systems.append(System(name, pick))
         elif moe is not None and experts.stats:
             systems.append(System(name, budget_matched(name, model, experts, moe)))
         else:
             key = BASELINE_OF[name]
-            mlps, frac = experts.mlps(key), purify.active_fraction(experts.index_sets(key), model)
+            mlps, frac = experts.mlps(key), purify.kept_fraction(experts.index_sets(key), model)
             systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f)))
     return systems
 
@@ -339,7 +339,7 @@ def budget_matched(name: str, model, experts, moe):
         if domain not in cache:
             frac = moe.decision_for((domain,)).active_fraction
             idx = purify.baseline_indices(BASELINE_OF[name].removeprefix("baseline."), model, experts, frac)
-            cache[domain] = purify.materialize(model, idx), purify.active_fraction(idx, model)
+            cache[domain] = purify.materialize(model, idx), purify.kept_fraction(idx, model)
         return cache[domain]
     return pick
 

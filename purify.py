@@ -94,7 +94,7 @@ FIRE_REL = 0.1  # "fires" = |a_j| above this fraction of the token's RMS activat
 EXPERTS_FORMAT = "free-moe-experts/1"
 
 
-# ----------------------------------------------------------------------------- DOWP step 1: domain calibration
+# DOWP step 1 (calibration windows of a domain) is data.load_domain_tokens.
 
 # ----------------------------------------------------------------------------- DOWP step 2: statistics
 
@@ -242,10 +242,10 @@ def super_neurons(stats_by_domain: dict[str, dict], factor: float = PROTECT_FACT
     return peak > factor * peak.median(dim=1, keepdim=True).values
 
 
-def select_neurons(scores: torch.Tensor, keep, protect: torch.Tensor | None = None) -> list[torch.Tensor]:
+def select_neurons(scores: torch.Tensor, keep, protected: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per layer, the indices (sorted) of the round(keep_l * F) highest-scoring neurons; protected ones first.
 
-    keep: a float for every layer, or a list of L floats. protect: (L, F) bool or None."""
+    keep: a float for every layer, or a list of L floats. protected: (L, F) bool or None."""
     L, n = scores.shape
     keeps = [float(keep)] * L if isinstance(keep, (int, float)) else [float(k) for k in keep]
     if len(keeps) != L:
@@ -256,12 +256,12 @@ def select_neurons(scores: torch.Tensor, keep, protect: torch.Tensor | None = No
             raise UserError(f"keep must be in (0, 1], got {kf} (layer {l})")
         k = max(1, min(n, round(kf * n)))
         s = scores[l].float().clone()
-        if protect is not None and protect[l].any():
-            n_prot = int(protect[l].sum())
+        if protected is not None and protected[l].any():
+            n_prot = int(protected[l].sum())
             if n_prot > k:
                 raise UserError(f"layer {l}: {n_prot} protected neurons exceed the budget of {k}; "
                                   "raise --keep or --protect")
-            s[protect[l]] = float("inf")
+            s[protected[l]] = float("inf")
         idx = torch.topk(s, k, sorted=False).indices  # ties broken by topk, deterministic on CPU
         out.append(idx.sort().values.long())
     return out
@@ -315,7 +315,7 @@ class MaskedMLP(nn.Module):
         return self.mlp.project(self.mlp.neurons(x) * self.mask)
 
 
-def active_fraction(indices: list, model: M.Transformer) -> float:
+def kept_fraction(indices: list, model: M.Transformer) -> float:
     """Fraction of the model's FFN neurons an index set keeps (None = dense layer)."""
     F_ = model.config.n_ffn
     kept = sum(F_ if idx is None else len(idx) for idx in indices)
@@ -386,10 +386,6 @@ class Experts:
             self._cache[name] = materialize(self.model, self.index_sets(name))
         return self._cache[name]
 
-    @property
-    def active_fraction(self) -> float:
-        return sum(active_fraction(self.indices[d], self.model) for d in self.domains) / len(self.domains)
-
 
 def load_experts(path, model: M.Transformer) -> Experts:
     """Read and validate an experts file against `model`: format, fingerprint, layer count, width, every index
@@ -449,96 +445,30 @@ def load_experts(path, model: M.Transformer) -> Experts:
 
 
 def baseline_indices(method: str, model: M.Transformer, stats, keep, seed: int = 0,
-                     protect: float | None = None) -> list[torch.Tensor]:
+                     protect_factor: float | None = None) -> list[torch.Tensor]:
     """A baseline's index sets at ANY keep, rebuilt from saved statistics (`stats`: an experts file path, an
-    Experts, or {domain: stats}). protect: super-neuron factor (None = the one the file was built with)."""
+    Experts, or {domain: stats}). protect_factor: super-neuron factor (None = the one the file was built with)."""
     if isinstance(stats, (str, Path)):
         stats = load_experts(stats, model)
     if isinstance(stats, Experts):
-        if protect is None:
-            protect = float(stats.meta.get("protect", PROTECT_FACTOR))
+        if protect_factor is None:
+            protect_factor = float(stats.meta.get("protect", PROTECT_FACTOR))
         stats = stats.stats
     if method not in BASELINES:
         raise UserError(f"unknown baseline {method!r} (expected one of {', '.join(BASELINES)})")
-    protect = PROTECT_FACTOR if protect is None else protect
-    mask = super_neurons(stats, protect) if stats else None
-    return select_neurons(score_neurons(stats, model, method, seed=seed), keep, mask)
-
-
-# ----------------------------------------------------------------------------- DOWP step 7: perplexity
-
-@torch.no_grad()
-def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over all windows (N, T); every position but the first of a window is predicted."""
-    device = model.tok_emb.weight.device
-    total, n = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(device)  # (B, T)
-        logits = model(x, mlps=mlps)  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        n += x[:, 1:].numel()
-    return math.exp(total / n)
-
-
-def layer_sensitivity(model: M.Transformer, windows: torch.Tensor, scores: torch.Tensor, keep: float,
-                      protect: torch.Tensor | None = None, batch_size: int = 8) -> torch.Tensor:
-    """DOWP step 4 (optional): how much the calibration loss grows when ONLY layer l is purified to `keep`
-    (by `scores`): log ppl(purified l) - log ppl(dense), one number per layer, (L,). Costs L + 1 passes."""
-    base = math.log(perplexity(model, windows, None, batch_size))
-    idx = select_neurons(scores, keep, protect)
-    out = []
-    for l in tqdm(range(model.config.n_layer), desc="layer sensitivity", leave=False):
-        mlps = [blk.mlp for blk in model.layers]
-        mlps[l] = model.layers[l].mlp.select(idx[l])
-        out.append(math.log(perplexity(model, windows, mlps, batch_size)) - base)
-    return torch.tensor(out)
+    protect_factor = PROTECT_FACTOR if protect_factor is None else protect_factor
+    protected = super_neurons(stats, protect_factor) if stats else None
+    return select_neurons(score_neurons(stats, model, method, seed=seed), keep, protected)
 
 
 # ----------------------------------------------------------------------------- DOWP step 6: export
 
 def hf_state_dict(model: M.Transformer, mlps: list[M.MLP]) -> dict[str, torch.Tensor]:
-    """Our weights (with the given per-layer FFNs) under HF names. The key map, ours -> HF:
-        llama: tok_emb -> model.embed_tokens, layers.i.attn.wqkv -> split into self_attn.{q,k,v}_proj,
-               attn.wo -> self_attn.o_proj, attn_norm -> input_layernorm, mlp_norm -> post_attention_layernorm,
-               mlp.{gate,up,down} -> mlp.{gate,up,down}_proj, norm -> model.norm, lm_head (only if untied)
-        gpt2:  tok_emb -> transformer.wte, pos_emb -> wpe, attn.wqkv -> attn.c_attn, attn.wo -> attn.c_proj,
-               attn_norm -> ln_1, mlp_norm -> ln_2, mlp.up -> mlp.c_fc, mlp.down -> mlp.c_proj, norm -> ln_f
-               (HF GPT-2 Linear weights are Conv1D: stored transposed, (in, out))."""
-    cfg = model.config
-    c = lambda t: t.detach().to("cpu", torch.float32).contiguous()
-    out = {}
-    if cfg.arch == "llama":
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        out["model.embed_tokens.weight"] = c(model.tok_emb.weight)
-        out["model.norm.weight"] = c(model.norm.weight)
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = c(model.lm_head.weight)
-        for i, (blk, mlp) in enumerate(zip(model.layers, mlps)):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = c(blk.attn_norm.weight)
-            out[p + "post_attention_layernorm.weight"] = c(blk.mlp_norm.weight)
-            for name, w in zip("qkv", blk.attn.wqkv.weight.split([H * D, K * D, K * D], dim=0)):
-                out[p + f"self_attn.{name}_proj.weight"] = c(w)
-            if blk.attn.wqkv.bias is not None:
-                for name, b in zip("qkv", blk.attn.wqkv.bias.split([H * D, K * D, K * D], dim=0)):
-                    out[p + f"self_attn.{name}_proj.bias"] = c(b)
-            out[p + "self_attn.o_proj.weight"] = c(blk.attn.wo.weight)
-            out[p + "mlp.gate_proj.weight"] = c(mlp.gate.weight)
-            out[p + "mlp.up_proj.weight"] = c(mlp.up.weight)
-            out[p + "mlp.down_proj.weight"] = c(mlp.down.weight)
-        return out
-    out["transformer.wte.weight"] = c(model.tok_emb.weight)
-    out["transformer.wpe.weight"] = c(model.pos_emb.weight)
-    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = c(model.norm.weight), c(model.norm.bias)
-    for i, (blk, mlp) in enumerate(zip(model.layers, mlps)):
-        p = f"transformer.h.{i}."
-        for theirs, mod in (("ln_1", blk.attn_norm), ("ln_2", blk.mlp_norm)):
-            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = c(mod.weight), c(mod.bias)
-        for theirs, lin in (("attn.c_attn", blk.attn.wqkv), ("attn.c_proj", blk.attn.wo),
-                            ("mlp.c_fc", mlp.up), ("mlp.c_proj", mlp.down)):
-            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = c(lin.weight.t()), c(lin.bias)
-    return out
+    """Our weights, with the given per-layer FFNs in place of the dense ones, under HF names (checkpoints.to_hf)."""
+    sd = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    for i, mlp in enumerate(mlps):
+        sd.update({f"layers.{i}.mlp.{k}": v for k, v in mlp.state_dict().items()})
+    return ckpt.to_hf({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}, model.config)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -571,7 +501,37 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
     return copied
 
 
-# ----------------------------------------------------------------------------- DOWP step 7: report
+# ----------------------------------------------------------------------------- DOWP step 7: report (held-out perplexity)
+
+@torch.no_grad()
+def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over all windows (N, T); every position but the first of a window is predicted."""
+    device = model.tok_emb.weight.device
+    total, n = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)  # (B, T)
+        logits = model(x, mlps=mlps)  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        n += x[:, 1:].numel()
+    return math.exp(total / n)
+
+
+def layer_sensitivity(model: M.Transformer, windows: torch.Tensor, scores: torch.Tensor, keep: float,
+                      protected: torch.Tensor | None = None, batch_size: int = 8) -> torch.Tensor:
+    """DOWP step 4 (optional): how much the calibration loss grows when ONLY layer l is purified to `keep`
+    (by `scores`): log ppl(purified l) - log ppl(dense), one number per layer, (L,). Costs L + 1 passes."""
+    base = math.log(perplexity(model, windows, None, batch_size))
+    idx = select_neurons(scores, keep, protected)
+    out = []
+    for l in tqdm(range(model.config.n_layer), desc="layer sensitivity", leave=False):
+        mlps = [blk.mlp for blk in model.layers]
+        mlps[l] = model.layers[l].mlp.select(idx[l])
+        out.append(math.log(perplexity(model, windows, mlps, batch_size)) - base)
+    return torch.tensor(out)
+
+
+# ----------------------------------------------------------------------------- DOWP step 7: report (the matrix, overlap, caches)
 
 def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: int, key: dict) -> dict:
     """Statistics of one domain, cached in out_dir/stats.{name}.safetensors: a re-run with the same model, data
@@ -712,8 +672,8 @@ def parse_args(argv=None):
     return args
 
 
-def build_experts(stats, model, names, score, keep, contrast, protect_mask, seed):
-    return {d: select_neurons(score_neurons(stats, model, score, d, contrast, seed), keep, protect_mask) for d in names}
+def build_experts(stats, model, names, score, keep, contrast, protected, seed):
+    return {d: select_neurons(score_neurons(stats, model, score, d, contrast, seed), keep, protected) for d in names}
 
 
 def main(argv=None):
@@ -734,21 +694,21 @@ def main(argv=None):
         stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
 
     # DOWP step 4: protection and budget
-    protect = super_neurons(stats, args.protect)
-    n_protected = int(protect.sum())
+    protected = super_neurons(stats, args.protect)  # (L, F) bool: the super neurons every method keeps
+    n_protected = int(protected.sum())
     print(f"protected super neurons: {n_protected} "
-          f"({', '.join(f'L{l}:{int(c)}' for l, c in enumerate(protect.sum(1)) if c)})", file=sys.stderr)
+          f"({', '.join(f'L{l}:{int(c)}' for l, c in enumerate(protected.sum(1)) if c)})", file=sys.stderr)
     keep = args.keep
     sens = None
     if args.alloc == "sensitivity":
         probe = torch.cat([w[:2] for w in calib.values()])  # (2D, T) a little of every domain
-        sens = layer_sensitivity(model, probe, score_neurons(stats, model, "mixed"), args.keep, protect,
+        sens = layer_sensitivity(model, probe, score_neurons(stats, model, "mixed"), args.keep, protected,
                                  args.batch_size)
         keep = allocate_keep(sens, args.keep)
 
     # DOWP step 3 + 5: scores -> DSS-Experts; baselines at the same per-layer budget
-    experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protect, args.seed)
-    baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), keep, protect)
+    experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protected, args.seed)
+    baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), keep, protected)
                  for b in BASELINES if b != "general" or "general" in stats}
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
             "score": args.score, "contrast": args.contrast, "keep": args.keep, "alloc": args.alloc,
@@ -760,7 +720,7 @@ def main(argv=None):
     experts_path = out_dir / "experts.safetensors"
     save_experts(experts_path, experts, meta, baselines, stats)
     print(f"wrote {experts_path}: {len(experts)} experts, active fraction "
-          f"{active_fraction(next(iter(experts.values())), model):.3f}", file=sys.stderr)
+          f"{kept_fraction(next(iter(experts.values())), model):.3f}", file=sys.stderr)
 
     # DOWP step 6: export
     if args.export:
@@ -775,10 +735,10 @@ def main(argv=None):
               file=sys.stderr)
 
     if not args.no_report:
-        report(args, model, tok, stats, experts, baselines, protect, keep, sens, meta, out_dir)
+        report(args, model, tok, stats, experts, baselines, protected, keep, sens, meta, out_dir)
 
 
-def report(args, model, tok, stats, experts, baselines, protect, keep, sens, meta, out_dir: Path):
+def report(args, model, tok, stats, experts, baselines, protected, keep, sens, meta, out_dir: Path):
     """DOWP step 7: cross-domain perplexity matrix, expert overlap, protection ablation; markdown + JSON."""
     names = args.names
     heldout = {n: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
@@ -796,11 +756,11 @@ def report(args, model, tok, stats, experts, baselines, protect, keep, sens, met
     order = sorted(systems, key=lambda r: r.startswith("expert:"))
     done = {r: cache.get(model, heldout, systems[r], bs, r) for r in tqdm(order, desc="ppl matrix")}
     matrix = {r: done[r] for r in systems}  # (display order)
-    fractions = {r: active_fraction(idx, model) for r, idx in systems.items()}
+    fractions = {r: kept_fraction(idx, model) for r, idx in systems.items()}
 
     sweep = {}  # the contrast sweep scores each expert on its own domain only (D runs per lambda, not D x D)
     for lam in args.sweep_contrast or []:
-        ex = build_experts(stats, model, names, "dowp", keep, lam, protect, args.seed)
+        ex = build_experts(stats, model, names, "dowp", keep, lam, protected, args.seed)
         sweep[str(lam)] = {d: cache.get(model, {d: heldout[d]}, ex[d], bs, f"lam={lam} {d}")[d] for d in names}
 
     L = model.config.n_layer
@@ -813,7 +773,7 @@ def report(args, model, tok, stats, experts, baselines, protect, keep, sens, met
     summary = {"diagonal_best": diag_ok, **{f"beats_{b}": vs(b) for b in baselines}}
     result = {"meta": meta, "heldout_tokens": {d: int(w.numel()) for d, w in heldout.items()},
               "matrix": matrix, "active_fraction": fractions, "summary": summary, "jaccard_per_layer": jac,
-              "protected_per_layer": protect.sum(1).tolist(), "n_protected": int(protect.sum()),
+              "protected_per_layer": protected.sum(1).tolist(), "n_protected": int(protected.sum()),
               "contrast_sweep": sweep, "layer_sensitivity": sens.tolist() if sens is not None else None}
     tmp = out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 import checkpoints as ckpt
 import model as M
-from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli
+import purify
+from cli import UserError, add_common_args, run_cli
 
 ROUTER_FORMAT = "free-moe-router/1"
 
@@ -282,10 +283,6 @@ class FreeMoE:
         kept = self._kept(tuple(domains))
         return sum(k if u else Fn for k, u in zip(kept, use_expert)) / (L * Fn)
 
-    def active_fraction(self, decision: Decision) -> float:
-        """Fraction of the FFN neurons used per token for this request (1.0 = dense)."""
-        return decision.active_fraction
-
     # --- materialized experts
     def _union_indices(self, domains: tuple[str, ...]) -> list:
         """Per layer: the kept neurons of one expert, or the sorted union over several (None = layer left dense)."""
@@ -314,10 +311,6 @@ class FreeMoE:
         """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else the dense one."""
         return [self.expert_mlp(decision.domains, i) if u else blk.mlp
                 for i, (blk, u) in enumerate(zip(self.model.layers, decision.use_expert))]
-
-    def mlps(self, prompt: list[int]) -> list:
-        """Route one prompt and return its FFN modules (the seam evaluate.py calls)."""
-        return self.mlps_for(self.route([prompt])[0])
 
     # --- convenience: generation and scoring
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[list[list[int]], list[Decision]]:
@@ -468,7 +461,6 @@ def main():
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the trained one)")
     p.add_argument("--fallback", choices=["dense", "top2"], default=None)
     args = p.parse_args()
-    import purify
     model, tok = M.load_for_cli(args)
     experts = purify.load_experts(args.experts, model)
     moe = load_router(args.router, model, experts, budget=args.budget, threshold=args.threshold,

@@ -332,7 +332,7 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
         speed["mixed"].append(decode_speed(model, p, mixed, n_new))
     fractions = {"dense": 1.0, "freemoe": frac,
                  "oracle": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
-                 "mixed": purify.active_fraction(mixed_idx, model)}
+                 "mixed": purify.kept_fraction(mixed_idx, model)}
     return {"ppl": res, "fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
             "freemoe_routing_accuracy": sum(hits) / len(hits)}
 

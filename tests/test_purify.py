@@ -105,8 +105,8 @@ def test_keep_one_is_exactly_dense():
         assert all(torch.equal(i, torch.arange(48)) for i in idx)
         with torch.no_grad():
             assert torch.equal(m(w, mlps=P.materialize(m, idx)), m(w))
-    assert P.active_fraction(idx, m) == 1.0
-    assert P.active_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
+    assert P.kept_fraction(idx, m) == 1.0
+    assert P.kept_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
 
 
 def test_select_neurons_budget_and_protection():
@@ -180,7 +180,7 @@ def test_experts_file_roundtrip_and_refusals(tmp_path):
         # a baseline rebuilt from the saved statistics (at the file's keep) is the stored one
         assert all(torch.equal(x, y) for x, y in zip(P.baseline_indices(b, m, path, 0.5), baselines[b]))
     assert len(P.baseline_indices("mixed", m, ex, 0.25)[0]) == 12  # any keep
-    assert ex.active_fraction == 0.5
+    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
     assert ex.mlps("code")[0].n_neurons == 24
     assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("general"), experts["general"]))  # domain first
     assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("baseline.general"), baselines["general"]))
@@ -266,7 +266,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     model, _ = M.load_model(tmp_path / "tiny")
     ex = P.load_experts(out / "experts.safetensors", model)
     assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)
-    assert ex.active_fraction == 0.5 and ex.meta["tokens"] == {"general": 256, "code": 256}
+    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains) and ex.meta["tokens"] == {"general": 256, "code": 256}
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
     assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
