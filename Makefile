@@ -2,7 +2,7 @@
 # make test: the full test suite (slow real-model tests included, as in CI).
 PY ?= python3
 
-.PHONY: install install-dev demo test test-fast
+.PHONY: install install-dev demo lint test test-fast
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -34,7 +34,10 @@ $(DEMO)/eval/results.json: $(DEMO)/router/router.safetensors
 	  --experts $(DEMO)/experts/experts.safetensors --router $< --limit 4 --mmlu-shots 1 \
 	  --gsm8k-shots 2 --gsm8k-max-tokens 96 --code-max-tokens 96 --ppl-windows 2 --out $(DEMO)/eval
 
-test: install-dev
+lint: install-dev
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 test-fast: install-dev
