@@ -48,7 +48,8 @@ def test_decode_flops_match_torch_counter_with_cache():
         m(x, 0, last_only=True)
         counted = matmul_flops(lambda: [m(x[:, :1], 5 + s) for s in range(4)])
         m.clear_cache()
-    expected = bench.decode_flops(m.config, [48, 48], 2, 5, 4) - sum(attention_flops(m.config, 2, 1, 5 + s) for s in range(4))
+    attention = sum(attention_flops(m.config, 2, 1, 5 + s) for s in range(4))
+    expected = bench.decode_flops(m.config, [48, 48], 2, 5, 4) - attention
     assert expected == counted
 
 

@@ -544,7 +544,8 @@ RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon
 def test_real_model_loads(real):
     model, tok = real
     cfg = model.config
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_ffn, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 1536, 9, 3, 49152)
+    shape = (cfg.n_layer, cfg.n_embd, cfg.n_ffn, cfg.n_head, cfg.n_kv_head, cfg.vocab_size)
+    assert shape == (30, 576, 1536, 9, 3, 49152)
     assert cfg.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
     assert tok.n_vocab == 49152 and tok.eos_id == 2 and 2 in tok.stop_ids
     assert re.fullmatch(r"[0-9a-f]{16}", model.fingerprint)
@@ -678,12 +679,15 @@ def test_wikitext2_perplexity(real, hf_real):
 # ============================================================================ tokenizers vs transformers
 
 UNICODE = [
-    "Hello world, this is GPT-2!", "This is a test sentence.", "", " ", "  two  spaces  ", "\t\ttabs\tand\n\nnewlines\r\n",
+    "Hello world, this is GPT-2!", "This is a test sentence.", "", " ", "  two  spaces  ",
+    "\t\ttabs\tand\n\nnewlines\r\n",
     "I'm, you're, we've, they'll, he'd, she's, IT'S, WE'LL", "numbers 1234567890 3.14159 1,000,000 1e-9",
-    "naïve café résumé Zürich São Paulo", "Ελληνικά και ∑ ∫ ∂ √ ∞ ≈ ≠", "日本語のテキスト、漢字とかな。", "中文分词测试：你好，世界！",
+    "naïve café résumé Zürich São Paulo", "Ελληνικά και ∑ ∫ ∂ √ ∞ ≈ ≠", "日本語のテキスト、漢字とかな。",
+    "中文分词测试：你好，世界！",
     "한국어 텍스트", "Русский текст, ёлки-палки", "عربي: مرحبا بالعالم", "हिन्दी पाठ", "emoji 😀👍🏽👨‍👩‍👧‍👦 🇫🇷",
     "zero\u200bwidth and combining e\u0301", "code: `x = f(a, b) ** 2  # comment`", "    indented\n        more",
-    "trailing spaces   \n", "\n\n\n", "a\u00a0nbsp", "$$\\frac{a}{b} = \\sqrt{x^2}$$", "<html><body>&amp;</body></html>",
+    "trailing spaces   \n", "\n\n\n", "a\u00a0nbsp", "$$\\frac{a}{b} = \\sqrt{x^2}$$",
+    "<html><body>&amp;</body></html>",
 ]
 
 

@@ -86,7 +86,8 @@ def test_forced_domain_equals_materialized_expert():
     assert dec.active_fraction == pytest.approx(0.5)
     # a mixed gate pattern: expert where the gate says so, dense elsewhere
     pattern = (True, False, True, False)
-    ref = m(x, mlps=[blk.mlp.select(idx) if u else blk.mlp for blk, idx, u in zip(m.layers, ex.indices["code"], pattern)])
+    ref = m(x, mlps=[blk.mlp.select(idx) if u else blk.mlp
+                     for blk, idx, u in zip(m.layers, ex.indices["code"], pattern)])
     dec = moe.decision_for(("code",), use_expert=pattern)
     assert torch.equal(m(x, mlps=moe.mlps_for(dec)), ref)
     assert dec.active_fraction == pytest.approx((2 * 128 + 2 * 256) / (4 * 256))
@@ -239,7 +240,8 @@ def test_level2_training_changes_only_gate_logits():
     head_before = {k: v.clone() for k, v in moe.router.head.state_dict().items()}
     calib = {"math": ids(4, 16, seed=3), "code": ids(4, 16, seed=4)}
     logs = []
-    TR.train_level2(moe, calib, sparsity_weight=1.0, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0, log=logs.append)
+    TR.train_level2(moe, calib, sparsity_weight=1.0, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0,
+                    log=logs.append)
     assert len(logs) == 2 and logs[0].startswith("level2 epoch   1 | kl ")
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # the LLM is frozen
     assert all(torch.equal(v, head_before[k]) for k, v in moe.router.head.state_dict().items())
