@@ -1,8 +1,6 @@
 """Tests for evaluate.py.
 
-Sandbox: every HumanEval canonical solution and MBPP reference passes, the bare prompts fail, and hostile programs
-(infinite loop, fork bomb, huge allocation, huge file, deleting files, network, killing the evaluator, exiting early)
-end as failures within the timeout without touching anything outside their temporary directory.
+The sandbox that runs HumanEval / MBPP programs has its own tests: tests/test_sandbox.py.
 Scoring: answer extraction, pass@k, prompt format (golden string), batched log-likelihood = a brute-force forward
 per choice on a tiny random model, resume after a SIGKILL gives byte-identical results.json, data errors are one line.
 Slow: the same machinery on the real SmolLM2-135M model.
@@ -12,10 +10,8 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -106,109 +102,6 @@ def test_bootstrap_is_deterministic_and_brackets_the_mean():
     assert lo < x.mean() < hi and [lo, hi] == E.bootstrap(x, ones, seed=0)
     dlo, dhi = E.bootstrap(x, ones, seed=0, ref=(x, ones))
     assert dlo == dhi == 0.0
-
-
-# ----------------------------------------------------------------------------- sandbox
-
-def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail():
-    problems = data.load_humaneval()
-    good = E.run_many([data.humaneval_program(p, p["canonical_solution"]) for p in problems], timeout=10)
-    bare = E.run_many([data.humaneval_program(p, "") for p in problems], timeout=10)
-    assert [p["task_id"] for p, r in zip(problems, good) if not r.passed] == []
-    assert [p["task_id"] for p, r in zip(problems, bare) if r.passed] == []
-    assert len(problems) == 164
-
-
-@pytest.mark.slow
-def test_mbpp_reference_code_passes_and_no_code_fails():
-    """The test split (task ids 11-510); `python -c` over all 974 also passes but doubles the time."""
-    docs = [d for d in data.load_mbpp() if 11 <= d["task_id"] <= 510]
-    good = E.run_many([data.mbpp_program(d, d["code"]) for d in docs], timeout=10)
-    bare = E.run_many([data.mbpp_program(d, "") for d in docs], timeout=10)
-    assert [d["task_id"] for d, r in zip(docs, good) if not r.passed] == []
-    assert [d["task_id"] for d, r in zip(docs, bare) if r.passed] == []
-    assert len(docs) == 500
-
-
-def _processes_of(uid):
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                for line in (d / "status").read_text().splitlines():
-                    if line.startswith("Uid:") and int(line.split()[1]) == uid:
-                        pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-@pytest.fixture
-def protected(tmp_path):
-    """A directory outside the sandbox with a file the hostile programs try to delete or overwrite."""
-    d = tmp_path / "protected"
-    d.mkdir()
-    (d / "keep.txt").write_text("precious")
-    os.chmod(d, 0o755)
-    return d
-
-
-def _hostile_programs(protected, port):
-    return {
-        "infinite_loop": "while True:\n    pass",
-        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-        "alloc_50GB": "x = bytearray(50 * 2**30)\nx[-1] = 1",
-        "write_10GB_file": "with open('big.bin', 'wb') as f:\n    for _ in range(10 * 1024):\n        f.write(b'x' * 2**20)",
-        "delete_outside": (f"import os, shutil\nos.remove({str(protected / 'keep.txt')!r})\n"
-                           f"shutil.rmtree({str(protected)!r})"),
-        "write_outside": f"open({str(protected / 'keep.txt')!r}, 'w').write('gone')",
-        "socket_to_localhost": (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                                "s.sendall(b'hello')"),
-        "kill_parent": f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)\nos.kill(os.getppid(), signal.SIGKILL)",
-        "kill_all": "import os, signal\nos.kill(-1, signal.SIGKILL)",
-        "exit_before_tests": "import sys\nsys.exit(0)\nassert False",
-    }
-
-
-HOSTILE = ["infinite_loop", "fork_bomb", "alloc_50GB", "write_10GB_file", "delete_outside", "write_outside",
-           "socket_to_localhost", "kill_parent", "kill_all", "exit_before_tests"]
-
-
-@pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_program_fails_safely(name, protected):
-    cfg = E.sandbox_config()
-    if name == "fork_bomb" and not (cfg.drop_uid or os.geteuid() != 0):
-        pytest.skip("RLIMIT_NPROC does not bind root: never run a fork bomb without the uid drop")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    source = _hostile_programs(protected, port)[name] + "\n\nassert True  # the 'tests'"
-    before = sorted(os.listdir(protected))
-    t0 = time.time()
-    res = E.run_sandboxed(source, timeout=3, memory_mb=1024)
-    elapsed = time.time() - t0
-    assert not res.passed, (name, res)
-    assert elapsed < 3 + 5, elapsed
-    assert sorted(os.listdir(protected)) == before and (protected / "keep.txt").read_text() == "precious"
-    with pytest.raises(socket.timeout):  # nobody connected to our listening socket
-        server.accept()
-    server.close()
-    if res.uid is not None:  # nothing of the sandbox survives (fork bomb children included); SIGKILLed
-        deadline = time.time() + 5  # processes may take a moment to be reaped
-        while _processes_of(res.uid) and time.time() < deadline:
-            time.sleep(0.05)
-        assert _processes_of(res.uid) == []
-    assert E.run_sandboxed("print('still fine')").passed  # and the evaluator carries on
-
-
-def test_sandbox_needs_the_marker_after_the_tests():
-    assert E.run_sandboxed("assert 1 + 1 == 2").passed
-    assert not E.run_sandboxed("assert 1 + 1 == 3").passed
-    assert not E.run_sandboxed("import os\nos._exit(0)").passed
-    r = E.run_sandboxed("import time\ntime.sleep(30)", timeout=1)
-    assert r.status == "timeout"
 
 
 # ----------------------------------------------------------------------------- data errors
