@@ -61,7 +61,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import purify
@@ -200,21 +199,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # ----------------------------------------------------------------------------- model scoring
 
+HEAD_ROWS = 1024  # scored positions per LM-head call: bounds the (rows, V) float32 logits to ~200 MB at V = 49k
+
+
+def default_batch_tokens(device) -> int:
+    """Padded tokens per scoring forward: small on a CPU (memory, no gain beyond a few thousand), large on a GPU,
+    where a forward of a few thousand tokens of a 135M model is too short to keep it busy."""
+    return 32768 if torch.device(device).type == "cuda" else 4096
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device without making the host wait for the GPU: pinned memory, asynchronous copy."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @torch.no_grad()
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], mlps=None, batch_tokens: int = 4096) -> list[float]:
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], mlps=None,
+                   batch_tokens: int | None = None) -> list[float]:
     """Sum of log p(continuation | context) for each (context ids, continuation ids) request.
 
     Requests whose inputs (context + continuation minus its last token) are the same share one row, so the
     four MMLU letters cost one forward, not four. Rows are right-padded: with causal attention a real token
     never sees the padding after it, so no mask is needed. Over-long inputs keep their end (left truncation).
+    Batches hold at most batch_tokens padded tokens (default_batch_tokens: by device).
+
+    Built so the device never waits on Python: per batch one host->device copy of the tokens and one of the
+    indices of the scored positions, the blocks (only the final residual stream is kept), one gather of the
+    positions that predict a continuation token (each once, however many requests score it), the LM head on
+    those rows only, then per token logit[target] - logsumexp(logits), summed per request on the device. One
+    device->host copy at the very end; no `.item()` per request.
     """
     max_len = model.config.max_seq_len
     device = model.tok_emb.weight.device
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     rows: dict[tuple, int] = {}
     users: list[list[int]] = []  # row -> indices of the requests it serves
     for r, (ctx, cont) in enumerate(requests):
-        if not cont:
-            raise ValueError(f"request {r} has an empty continuation")
+        if not cont or not ctx:
+            raise ValueError(f"request {r} has an empty {'continuation' if not cont else 'context'}")
+        if len(cont) > max_len:
+            raise ValueError(f"request {r}: continuation of {len(cont)} tokens exceeds max_seq_len {max_len}")
         inp = tuple((ctx + cont)[-(max_len + 1):-1])
         if inp not in rows:
             rows[inp] = len(rows)
@@ -222,26 +248,49 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], mlps=None
         users[rows[inp]].append(r)
     inputs = list(rows)
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))  # longest first: little padding
-    out = [0.0] * len(requests)
+    sums, served = [], []  # per batch: (requests,) float64 on the device, and the request ids they belong to
     start = 0
     while start < len(order):
         width = len(inputs[order[start]])
-        stop = start + max(1, batch_tokens // width)
-        batch = order[start:stop]
-        idx = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T), right padded with 0
-        for b, i in enumerate(batch):
-            idx[b, :len(inputs[i])] = torch.tensor(inputs[i])
-        # only the last logits come from the model; the few positions we score are projected here
-        x, rope, mask = model.embed(idx.to(device))
-        h = model.run_layers(x, rope, mask, mlps=mlps)  # (B, T, C) final residual stream, before the final norm
+        batch = order[start:start + max(1, batch_tokens // width)]
+        start += len(batch)
+        # Host side: which flat position (row * width + column) predicts each continuation token, its target,
+        # and which request (numbered within this batch) it counts for. A position is gathered once.
+        where: dict[int, int] = {}  # flat position -> its row in the gathered (U, C)
+        unique, targets, ids = [], [], []  # targets: (gathered row, token id, request within batch)
         for b, i in enumerate(batch):
             n = len(inputs[i])
             for r in users[i]:
                 cont = requests[r][1]
-                pos = torch.arange(n - len(cont), n, device=device)
-                logp = F.log_softmax(model.head(h[b, pos]), dim=-1)  # (len(cont), V)
-                out[r] = logp[torch.arange(len(cont)), torch.tensor(cont, device=device)].sum().item()
-        start = stop
+                for j, t in enumerate(cont):
+                    flat = b * width + n - len(cont) + j
+                    if flat not in where:
+                        where[flat] = len(unique)
+                        unique.append(flat)
+                    targets.append((where[flat], t, len(ids)))
+                ids.append(r)
+        targets.sort()  # by gathered row, so each LM-head chunk scores a contiguous run of targets
+        idx = torch.tensor([list(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])  # (B, T) right padded
+        meta = torch.tensor([[u for u, _, _ in targets], [t for _, t, _ in targets], [o for _, _, o in targets]])
+        idx, meta, unique_d = to_device(idx, device), to_device(meta, device), to_device(torch.tensor(unique), device)
+        x, rope, mask = model.embed(idx)
+        h = model.run_layers(x, rope, mask, mlps=mlps)  # (B, T, C) final residual stream, before the final norm
+        h = h.reshape(-1, h.shape[-1])[unique_d]  # (U, C): one gather of every scored position
+        token_logp = torch.empty(len(targets), dtype=torch.float64, device=device)  # (N,)
+        lo = 0
+        for a in range(0, len(unique), HEAD_ROWS):
+            hi = lo
+            while hi < len(targets) and targets[hi][0] < a + HEAD_ROWS:
+                hi += 1
+            logits = model.head(h[a:a + HEAD_ROWS])  # (u, V) float32
+            u, t = meta[0, lo:hi] - a, meta[1, lo:hi]
+            token_logp[lo:hi] = logits[u, t] - logits.logsumexp(-1)[u]  # = log_softmax(logits)[u, t]
+            lo = hi
+        sums.append(torch.zeros(len(ids), dtype=torch.float64, device=device).index_add_(0, meta[2], token_logp))
+        served += ids
+    out = [0.0] * len(requests)
+    for r, v in zip(served, torch.cat(sums).tolist() if sums else []):  # the one device->host copy
+        out[r] = v
     return out
 
 
@@ -465,7 +514,7 @@ def _run_code(rt, system, items, stops, to_program) -> list[dict]:
         for j, text in enumerate(texts):
             samples[j].append(text)
     programs = [to_program(it, c) for it, cs in zip(items, samples) for c in cs]
-    results = sandbox.run_many(programs, a.timeout, a.workers)
+    results = sandbox.run_many(programs, a.timeout, a.workers, allow_unsandboxed=a.allow_unsandboxed)
     records = []
     for j, it in enumerate(items):
         res = results[j * n:(j + 1) * n]
@@ -684,9 +733,11 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
     """results.json: deterministic (no wall-clock numbers), items in selection order."""
     cols: dict[str, dict[str, tuple]] = {}
     result = {"model": {"name": model.config.name, "fingerprint": model.fingerprint},
-              "settings": {"limit": args.limits, "mmlu_per_subject": args.mmlu_per_subject, "seed": args.seed, "tasks": {t.name: t.settings for t in tasks},
-                           "n_items": {t.name: len(t.items) for t in tasks}},
+              "settings": {"limit": args.limits, "mmlu_per_subject": args.mmlu_per_subject, "seed": args.seed,
+                           "tasks": {t.name: t.settings for t in tasks}, "n_items": {t.name: len(t.items) for t in tasks}},
               "systems": {}}
+    if any(t.name in ("humaneval", "mbpp") for t in tasks):  # how generated code ran; UNSANDBOXED is said here
+        result["settings"]["sandbox"] = sandbox.sandbox_config(args.allow_unsandboxed).describe()
     for s in systems:
         cols[s.name] = {}
         entry = {"tasks": {}, "details": {}}
@@ -750,6 +801,8 @@ def markdown_table(result: dict, timings: dict) -> str:
     notes = ("\nAccuracies in %, with 95% bootstrap intervals over items; bpb = bits per byte (lower is better); "
              "Δ = difference to dense (paired). Items per task: "
              + ", ".join(f"{k} {v}" for k, v in result["settings"]["n_items"].items()) + ".\n")
+    if "sandbox" in result["settings"]:
+        notes += f"Generated code ran in: {result['settings']['sandbox']}.\n"
     mmlu = {name: s["details"]["mmlu"] for name, s in result["systems"].items() if s["details"].get("mmlu")}
     if mmlu:  # MMLU by category (mean over the subjects present), letters / cloze
         cats = list(MMLU_CATEGORIES)
@@ -791,6 +844,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")
     p.add_argument("--workers", type=int, default=2, help="sandboxed programs run in parallel")
+    p.add_argument("--allow-unsandboxed", action="store_true",
+                   help="run generated code without isolation when unshare cannot isolate it (network, host "
+                        "processes and files reachable); named in the results")
     args = p.parse_args(argv)
     args.out = Path(args.out)
     for t in args.tasks:
@@ -815,7 +871,7 @@ def run(args, model, tokenizer) -> dict:
     tasks = [PREPARE[name](rt) for name in dict.fromkeys(args.tasks)]  # data errors surface before any scoring
     systems = build_systems(args, model)
     if any(t.name in ("humaneval", "mbpp") for t in tasks):
-        print(f"sandbox: {sandbox.sandbox_config().describe()}", file=sys.stderr)
+        print(f"sandbox: {sandbox.sandbox_config(args.allow_unsandboxed).describe()}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     records = {}
     for s in systems:

@@ -24,7 +24,6 @@ import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 
-DATA = data.data_file("")  # the data folder, for tests that copy files out of it
 HF_TOKENIZER = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer" / "tokenizer.json"
 
 
@@ -119,7 +118,7 @@ def test_help():
 def _broken_data(tmp_path, case):
     d = tmp_path / "data"
     (d / "mmlu").mkdir(parents=True)
-    good = (DATA / "mmlu" / "dev.jsonl.gz").read_bytes()
+    good = data.data_file("mmlu/dev.jsonl.gz").read_bytes()
     (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
     test = d / "mmlu" / "test.jsonl.gz"
     if case == "truncated_gzip":
