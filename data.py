@@ -3,7 +3,7 @@
 Used by purify.py (domain calibration / held-out text), train_router.py (level-1 prompts) and evaluate.py
 (benchmarks, prompts, held-out perplexity text) alike, so all three see the same splits and the same formats.
 
-    data_file(name)        where a data file is: --data-dir / $FREE_MOE_SHARED / ../shared (its data/ folder)
+    data_file(name)        where a data file is (DATA FILES below), fetched into the user cache if need be
     read_text, read_jsonl  (gzipped) files; a missing, truncated or malformed file is a one-line UserError
     load_mmlu/gsm8k/...    the benchmark sets, each row checked for its fields
     domain_documents       the documents of a domain's "calib" or "heldout" split (DOMAIN DATA below)
@@ -26,21 +26,42 @@ DOMAIN DATA (built-in domains; their splits are fixed so experts are never measu
 Within a split, documents are shuffled with a seed (calib) or seed 0 (held-out, canonical), joined with a blank
 line, tokenized and cut into windows.
 
+DATA FILES (FILES at the bottom: each file's pinned upstream URLs, their sha256, a build step for derived files
+and the sha256 of what it builds). data_file(name) looks in
+    1. <shared>/data/<name>: --data-dir, else $FREE_MOE_SHARED, else ../shared beside the repo (used as it is)
+    2. the user cache: $FREE_MOE_CACHE, else ~/.cache/free-moe/data
+    3. else downloads into the cache: once, with a progress bar, every sha256 checked before anything is written,
+       then written atomically (a killed download leaves no half file). A hash mismatch is refused by name.
+Offline, step 3 is one line naming the file, its URL and where to put it by hand. $FREE_MOE_DATA_URL=<base>
+fetches https://<host>/<path> from <base>/<host>/<path> instead (a mirror; the tests serve one on 127.0.0.1).
+    python data.py [--verify]   fetch every file ahead of time (make data); --verify re-checks every sha256
+
 Shape legend: N windows, T time.
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import gzip
 import hashlib
+import http.client
+import io
 import json
+import os
 import random
 import re
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
-from cli import UserError, shared_dir
+from cli import UserError, run_cli, shared_dir, write_atomic
 
 BUILTIN_DOMAINS = ("general", "code", "math", "knowledge")
 HELDOUT_FRACTION = 0.1  # user domains: last 10% of documents are held out
@@ -51,9 +72,17 @@ LETTERS = "ABCD"
 # ----------------------------------------------------------------------------- files
 
 def data_file(name: str, data_dir=None) -> Path:
-    """The path of data file `name` (e.g. "mmlu/test.jsonl.gz"): <shared>/data/name, where <shared> is --data-dir,
-    $FREE_MOE_SHARED or ../shared beside the repository."""
-    return shared_dir(data_dir) / "data" / name
+    """The local path of data file `name` (e.g. "mmlu/test.jsonl.gz"): <shared>/data/name if there, else the
+    user cache's copy, else downloaded into the cache first (DATA FILES in the module docstring)."""
+    if name not in FILES:
+        raise UserError(f"unknown data file {name!r} (known: {', '.join(FILES)})")
+    shared = shared_dir(data_dir) / "data" / name
+    if shared.is_file():
+        return shared
+    cached = cache_dir() / name
+    if not cached.is_file():  # a file there is whole and verified: it was renamed into place after the checks
+        fetch(FILES[name], cached, data_dir)
+    return cached
 
 
 @lru_cache(maxsize=None)  # evaluate.py checks every data file before the (slow) model load, then reads them again
@@ -222,8 +251,8 @@ def builtin_documents(domain: str, split: str, data_dir=None) -> list[str]:
             return problems
         rows = load_gsm8k("train", data_dir)  # the train problems the corpus stops before
         if gsm8k_text(rows[len(problems) - 1]) != problems[-1]:
-            raise UserError(f"{data_file('corpora/math_gsm8k_train.txt.gz', data_dir)}: corpus does not end at GSM8K train row "
-                              f"{len(problems)}; cannot derive a disjoint held-out split")
+            raise UserError(f"{data_file('corpora/math_gsm8k_train.txt.gz', data_dir)}: corpus does not end at "
+                            f"GSM8K train row {len(problems)}; cannot derive a disjoint held-out split")
         return [gsm8k_text(r) for r in rows[len(problems):]]
     if domain == "knowledge":
         test = load_mmlu("test", data_dir)
@@ -322,3 +351,252 @@ def load_domain_tokens(domain: str, tokenizer, data_dir=None, split: str = "cali
         raise UserError(f"domain {domain}: the {split} split has only {len(ids)} tokens, fewer than one "
                           f"window of {seq_len}")
     return torch.tensor(ids[:min(n * seq_len, need)], dtype=torch.long).view(-1, seq_len)  # (N, T)
+
+
+# ----------------------------------------------------------------------------- where each data file comes from
+#
+# FILES: one entry per data file, with the URLs it comes from (raw GitHub files at a fixed commit; the sources are
+# those of ../shared/data/MANIFEST.md), the sha256 of those downloads and, for a derived file, the deterministic
+# build step that makes it, whose output sha256 is checked too. Sizes are what is downloaded.
+
+def github(repo: str, commit: str, path: str) -> str:
+    return f"https://raw.githubusercontent.com/{repo}/{commit}/{path}"
+
+
+GSM8K = "openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c"
+WIKITEXT = "pytorch/examples", "77f55b912142e11fcfdf5b530231fb9c52f181e8"
+MMLU = "HaeChan0305/MLILAB-FedLLM", "d92730e8bacd7b3a61e551e015e40588e10234b4"
+CPYTHON = "python/cpython", "fa7a6f23036537567592647d15f043722c7144ad"  # tag v3.11.7
+
+MMLU_SUBJECTS = """
+abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry
+college_computer_science college_mathematics college_medicine college_physics computer_security
+conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts
+high_school_biology high_school_chemistry high_school_computer_science high_school_european_history
+high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics
+high_school_microeconomics high_school_physics high_school_psychology high_school_statistics
+high_school_us_history high_school_world_history human_aging human_sexuality international_law jurisprudence
+logical_fallacies machine_learning management marketing medical_genetics miscellaneous moral_disputes
+moral_scenarios nutrition philosophy prehistory professional_accounting professional_law professional_medicine
+professional_psychology public_relations security_studies sociology us_foreign_policy virology world_religions
+""".split()
+
+# The code corpus: these CPython 3.11.7 Lib/*.py files, in this order: what "sorted paths; test suites, idlelib,
+# lib2to3, tkinter, unittest, ensurepip and files over 150 kB left out; stop after 2 MB" picks, listed so that no
+# directory listing is needed. ../shared's copy, made from an installed Python, also holds
+# Lib/_sysconfigdata__linux_x86_64-linux-gnu.py, which `make install` writes on the build machine (no public
+# source): the corpus built here leaves it out, so code-domain numbers can differ slightly from ../shared's.
+CPYTHON_FILES = """
+__future__ __hello__ __phello__/__init__ __phello__/spam _aix_support _bootsubprocess _collections_abc
+_compat_pickle _compression _markupbase _osx_support _py_abc _pyio _sitebuiltins _strptime
+_threading_local _weakrefset abc aifc antigravity argparse ast asynchat asyncio/__init__
+asyncio/__main__ asyncio/base_events asyncio/base_futures asyncio/base_subprocess asyncio/base_tasks
+asyncio/constants asyncio/coroutines asyncio/events asyncio/exceptions asyncio/format_helpers
+asyncio/futures asyncio/locks asyncio/log asyncio/mixins asyncio/proactor_events asyncio/protocols
+asyncio/queues asyncio/runners asyncio/selector_events asyncio/sslproto asyncio/staggered
+asyncio/streams asyncio/subprocess asyncio/taskgroups asyncio/tasks asyncio/threads asyncio/timeouts
+asyncio/transports asyncio/trsock asyncio/unix_events asyncio/windows_events asyncio/windows_utils
+asyncore base64 bdb bisect bz2 cProfile calendar cgi cgitb chunk cmd code codecs codeop
+collections/__init__ collections/abc colorsys compileall concurrent/__init__ concurrent/futures/__init__
+concurrent/futures/_base concurrent/futures/process concurrent/futures/thread configparser contextlib
+contextvars copy copyreg crypt csv ctypes/__init__ ctypes/_aix ctypes/_endian ctypes/macholib/__init__
+ctypes/macholib/dyld ctypes/macholib/dylib ctypes/macholib/framework ctypes/util ctypes/wintypes
+curses/__init__ curses/ascii curses/has_key curses/panel curses/textpad dataclasses datetime
+dbm/__init__ dbm/dumb dbm/gnu dbm/ndbm decimal difflib dis distutils/__init__ distutils/_msvccompiler
+distutils/archive_util distutils/bcppcompiler distutils/ccompiler distutils/cmd
+distutils/command/__init__ distutils/command/bdist distutils/command/bdist_dumb
+distutils/command/bdist_rpm distutils/command/build distutils/command/build_clib
+""".split()
+
+
+# Build steps: the downloads ({source: bytes}, in table order) -> the file's text (gzipped on write for a .gz).
+
+def build_text(blobs: dict[str, bytes]) -> bytes:
+    (text,) = blobs.values()
+    return text
+
+
+def build_mmlu(blobs: dict[str, bytes]) -> bytes:
+    """57 `<subject>_<split>.csv` (question,choice0-3,answer) -> one JSONL row per question, file order kept."""
+    rows = []
+    for url, text in blobs.items():
+        subject = url.rsplit("/", 1)[1].rsplit("_", 1)[0]
+        table = list(csv.reader(io.StringIO(text.decode("utf-8"), newline="")))[1:]  # [1:]: the header
+        rows += [{"subject": subject, "question": q, "choices": [a, b, c, d], "answer": int(ans)}
+                 for q, a, b, c, d, ans in table]
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def build_gsm8k_corpus(blobs: dict[str, bytes], limit: int = 3_000_000) -> bytes:
+    """`Question: …\\nAnswer: …\\n\\n` per GSM8K train problem, in file order, stopping before `limit` bytes."""
+    (text,) = blobs.values()
+    out, size = [], 0
+    for r in map(json.loads, filter(None, text.decode("utf-8").split("\n"))):  # not splitlines: U+2028
+        item = f"Question: {r['question']}\nAnswer: {r['answer']}\n\n".encode()
+        if size + len(item) > limit:
+            break
+        out.append(item)
+        size += len(item)
+    return b"".join(out)
+
+
+def build_medmcqa(blobs: dict[str, bytes]) -> bytes:
+    """MedMCQA rows (question, opa-opd, cop 1-4, exp) -> question, lettered options, answer, explanation."""
+    (text,) = blobs.values()
+    out = []
+    for r in map(json.loads, filter(None, text.decode("utf-8").split("\n"))):  # not splitlines: U+2028
+        options = [r["opa"], r["opb"], r["opc"], r["opd"]]
+        out.append(f"Question: {r['question']}\n" + "".join(f"{c}. {o}\n" for c, o in zip(LETTERS, options))
+                   + f"Answer: {LETTERS[r['cop'] - 1]}. {options[r['cop'] - 1]}\nExplanation: {r['exp']}\n\n")
+    return "".join(out).encode()
+
+
+def build_code(blobs: dict[str, bytes]) -> bytes:
+    """Python files, each after a `# ===== file: Lib/<path> =====` line and followed by a newline."""
+    return "".join(f"# ===== file: Lib/{url.split('/Lib/', 1)[1]} =====\n{text.decode('utf-8')}\n"
+                   for url, text in blobs.items()).encode()
+
+
+@dataclass(frozen=True)
+class DataFile:
+    name: str                  # path under data/, as ../shared/data lays it out
+    sources: tuple             # URLs pinned to a commit, or names of other entries, in this order
+    sha256: str                # of the sources' bytes, concatenated in order
+    size: int                  # bytes downloaded from the URLs
+    build: Callable | None = None      # sources -> the file's text; None: the file is the download itself
+    built_sha256: str | None = None    # of build's output, before gzip (another zlib may compress differently)
+
+
+def _table() -> list[DataFile]:
+    mmlu = {split: tuple(github(*MMLU, f"data/mmlu/{split}/{s}_{split}.csv") for s in MMLU_SUBJECTS)
+            for split in ("dev", "test")}
+    wikitext = "word_language_model/data/wikitext-2/"
+    return [
+        DataFile("gsm8k/test.jsonl", (github(*GSM8K, "grade_school_math/data/test.jsonl"),),
+                 "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", 749738),
+        DataFile("gsm8k/train.jsonl", (github(*GSM8K, "grade_school_math/data/train.jsonl"),),
+                 "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", 4166206),
+        DataFile("humaneval/HumanEval.jsonl.gz",
+                 (github("openai/human-eval", "6d43fb980f9fee3c892a914eda09951f772ad10d", "data/HumanEval.jsonl.gz"),),
+                 "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef", 44877),
+        DataFile("mbpp/mbpp.jsonl",  # OpenCompass's copy: 974 rows, not byte-equal to google's (MANIFEST.md)
+                 (github("FormulaMonks/llm-benchmarker-suite", "5d3c8009ab8f5adab4899c34dd203cbf7afcb372",
+                         "data/mbpp/mbpp.jsonl"),),
+                 "0b5e07b5b40fedd01c57b7c9177b79f8b2eebd72c304c928605d91a7237d2f33", 563742),
+        DataFile("mmlu/dev.jsonl.gz", mmlu["dev"],
+                 "c42b6f36b1fe4b2f5b6b641dad3319944bffd6940d22392bd76b56923ba2f5cd", 115601,
+                 build_mmlu, "071a8344f0bfe8e13a2a056fd45825c8ab8ff40ff793c8396f51cbde9ea911c5"),
+        DataFile("mmlu/test.jsonl.gz", mmlu["test"],
+                 "beb70992dc542f455829a80d5f9122ef438ce720c64b74ce28fa0714d6229c39", 6362009,
+                 build_mmlu, "fdcfe0b7c447753ab85f1f7686f87d201d4521814501d5252502282ef0237ff2"),
+        DataFile("corpora/english_wikitext2_valid.txt.gz", (github(*WIKITEXT, wikitext + "valid.txt"),),
+                 "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8", 1121681,
+                 build_text, "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+        DataFile("corpora/english_wikitext2_test.txt.gz", (github(*WIKITEXT, wikitext + "test.txt"),),
+                 "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0", 1256449,
+                 build_text, "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+        DataFile("corpora/english_shakespeare.txt.gz",
+                 (github("karpathy/char-rnn", "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e",
+                         "data/tinyshakespeare/input.txt"),),
+                 "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1115394,
+                 build_text, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+        DataFile("corpora/math_gsm8k_train.txt.gz", ("gsm8k/train.jsonl",),  # built from the entry above
+                 "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", 0,
+                 build_gsm8k_corpus, "f834f5fab09c8983851c0ef36c26357c2f01c85f89a1a7eacc446cc6ad61a683"),
+        DataFile("corpora/medical_medmcqa.txt.gz",
+                 (github("LightChen233/ECM", "aac9ae2f22e312fac2de44f20e4227922649b5f4", "data/med_prob/test.jsonl"),),
+                 "4a65e4f652e9c91a1d3ca22993aee53edab834e36803e2ff751804aa4f3f5e9d", 661287,
+                 build_medmcqa, "ac8275c192db16eed012ec33fa122de1585ef124eafafb17713237de2eae301a"),
+        DataFile("corpora/code_python.txt.gz", tuple(github(*CPYTHON, f"Lib/{p}.py") for p in CPYTHON_FILES),
+                 "20e694363266289907add809c2a84c26e89a4766ca0c76f8297e94be41e075e3", 1958399,
+                 build_code, "c55386254153c36837855b79f9b0d089a916369eb16490544920f0f753e44741"),
+    ]
+
+
+FILES = {f.name: f for f in _table()}
+
+
+# ----------------------------------------------------------------------------- download, verify, cache
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FREE_MOE_CACHE") or Path.home() / ".cache" / "free-moe" / "data")
+
+
+def source_url(url: str) -> str:
+    """The URL requested: the pinned one, or its copy under $FREE_MOE_DATA_URL (laid out as <base>/<host>/<path>)."""
+    base = os.environ.get("FREE_MOE_DATA_URL")
+    return f"{base.rstrip('/')}/{url.split('://', 1)[1]}" if base else url
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip as ../shared stores it (level 9, mtime 0, no file name): the same text gives the same bytes."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+def download(url: str, bar: tqdm, name: str, dest: Path) -> bytes:
+    url = source_url(url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            parts = []
+            while chunk := r.read(1 << 16):
+                parts.append(chunk)
+                bar.update(len(chunk))
+            return b"".join(parts)
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
+        raise UserError(f"cannot download data/{name} from {url} ({getattr(e, 'reason', e)}); put data/{name} at "
+                        f"{dest} by hand (`python data.py` makes it where there is network), or set --data-dir / "
+                        f"$FREE_MOE_SHARED to a folder holding data/{name}") from None
+
+
+def fetch(f: DataFile, dest: Path, data_dir=None):
+    """Download f's sources, check them, build, check again, and only then write dest (atomically): an interrupted
+    or refused fetch leaves no file that could later look whole."""
+    urls = [s for s in f.sources if "://" in s]
+    if urls:
+        print(f"downloading data/{f.name} ({f.size / 1e6:.2f} MB) into {dest.parent}", file=sys.stderr)
+    with tqdm(total=f.size, unit="B", unit_scale=True, desc=f.name, disable=None) as bar, ThreadPoolExecutor(8) as ex:
+        got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest), urls)))  # MMLU is 57 small files
+    blobs = {s: got[s] if s in got else data_file(s, data_dir).read_bytes() for s in f.sources}
+    if (digest := sha256(b"".join(blobs.values()))) != f.sha256:
+        raise UserError(f"refusing data/{f.name}: its download has sha256 {digest}, pinned {f.sha256} "
+                        f"(changed upstream, a cut-short download or a bad mirror); nothing was written")
+    data = blobs[f.sources[0]]
+    if f.build:
+        data = f.build(blobs)
+        if (digest := sha256(data)) != f.built_sha256:
+            raise UserError(f"refusing data/{f.name}: the built file has sha256 {digest}, pinned {f.built_sha256}; "
+                            f"nothing was written")
+        data = gzip_bytes(data) if f.name.endswith(".gz") else data
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, data)
+
+
+def verify(name: str, path: Path) -> bool:
+    """Does the file at path hold what FILES pins (for a built .gz: after gunzip)?"""
+    f, data = FILES[name], path.read_bytes()
+    if f.build is None:
+        return sha256(data) == f.sha256
+    return sha256(gzip.decompress(data) if name.endswith(".gz") else data) == f.built_sha256
+
+
+def main():
+    p = argparse.ArgumentParser(description="Fetch, build and verify every data file ahead of time (make data).")
+    p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
+    p.add_argument("--verify", action="store_true", help="re-check the sha256 of every file found, shared ones too")
+    args = p.parse_args()
+    print(f"{sum(f.size for f in FILES.values()) / 1e6:.1f} MB when nothing is local; cache: {cache_dir()}")
+    for name in FILES:
+        path = data_file(name, args.data_dir)
+        status = ("ok      " if verify(name, path) else "DIFFERS ") if args.verify else ""
+        print(f"{status}{name:40s} {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
