@@ -518,6 +518,10 @@ FILES = {f.name: f for f in _table()}
 
 # ----------------------------------------------------------------------------- download, verify, cache
 
+class DataUnavailable(UserError):
+    """A data file that is neither here nor downloadable now (offline): the tests skip on it, scripts stop."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FREE_MOE_CACHE") or Path.home() / ".cache" / "free-moe" / "data")
 
@@ -550,7 +554,7 @@ def download(url: str, bar: tqdm, name: str, dest: Path) -> bytes:
                 bar.update(len(chunk))
             return b"".join(parts)
     except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
-        raise UserError(f"cannot download data/{name} from {url} ({getattr(e, 'reason', e)}); put data/{name} at "
+        raise DataUnavailable(f"cannot download data/{name} from {url} ({getattr(e, 'reason', e)}); put data/{name} at "
                         f"{dest} by hand (`python data.py` makes it where there is network), or set --data-dir / "
                         f"$FREE_MOE_SHARED to a folder holding data/{name}") from None
 
@@ -561,8 +565,12 @@ def fetch(f: DataFile, dest: Path, data_dir=None):
     urls = [s for s in f.sources if "://" in s]
     if urls:
         print(f"downloading data/{f.name} ({f.size / 1e6:.2f} MB) into {dest.parent}", file=sys.stderr)
-    with tqdm(total=f.size, unit="B", unit_scale=True, desc=f.name, disable=None) as bar, ThreadPoolExecutor(8) as ex:
-        got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest), urls)))  # MMLU is 57 small files
+    with tqdm(total=f.size, unit="B", unit_scale=True, desc=f.name, disable=None) as bar:
+        ex = ThreadPoolExecutor(8)  # 8 at a time: MMLU is 57 small files
+        try:
+            got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest), urls)))
+        finally:
+            ex.shutdown(cancel_futures=True)  # after a failure (offline), do not wait for the rest to time out
     blobs = {s: got[s] if s in got else data_file(s, data_dir).read_bytes() for s in f.sources}
     if (digest := sha256(b"".join(blobs.values()))) != f.sha256:
         raise UserError(f"refusing data/{f.name}: its download has sha256 {digest}, pinned {f.sha256} "

@@ -132,9 +132,9 @@ def _broken_data(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["missing", "truncated_gzip", "bad_json", "missing_field"])
 def test_corrupt_or_missing_data_is_a_one_line_user_error(tmp_path, case, monkeypatch):
+    args = E.parse_args(["--data-dir", str(_broken_data(tmp_path, case)), "--tasks", "mmlu"])
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))  # missing: not in the cache, and offline (no
     monkeypatch.setenv("FREE_MOE_DATA_URL", "http://127.0.0.1:9")  # server on port 9), so not fetched (data.py)
-    args = E.parse_args(["--data-dir", str(_broken_data(tmp_path, case)), "--tasks", "mmlu"])
     with pytest.raises(M.UserError) as e:
         E.check_data(args)
     assert "test.jsonl.gz" in str(e.value) and "\n" not in str(e.value)

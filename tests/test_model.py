@@ -36,6 +36,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import checkpoints as ckpt  # noqa: E402
+import data  # noqa: E402
 import model as M  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,6 @@ GPT2_TOK_DIR = SHARED / "models" / "gpt2-tokenizer"
 SMOL_DIR = SHARED / "models" / "smollm2-135m-instruct"
 SMOL_HF_TOK = SMOL_DIR / "hf_tokenizer"
 LLAMA3_TOK = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
-CORPORA = SHARED / "data" / "corpora"
 
 TOL = 1e-4  # max |delta logit| allowed against transformers in fp32
 GPT2_VOCAB = 50257  # tiny models use the GPT-2 tokenizer, so their vocab must cover it
@@ -647,7 +647,7 @@ def test_chat_template_paris_and_stop_string(real, hf_smol_tok):
 
 
 def wikitext_windows(tok, n_tokens: int, window: int) -> torch.Tensor:
-    text = gzip.open(CORPORA / "english_wikitext2_test.txt.gz", "rt", encoding="utf-8").read()
+    text = gzip.open(data.data_file("corpora/english_wikitext2_test.txt.gz"), "rt", encoding="utf-8").read()
     ids = torch.tensor(tok.encode(text))
     n = min(n_tokens, len(ids)) // window
     return ids[: n * window].view(n, window)  # (N, T) non-overlapping windows
@@ -692,7 +692,7 @@ UNICODE = [
 
 
 def corpus_lines(name: str, n: int, stride: int = 1) -> list[str]:
-    with gzip.open(CORPORA / name, "rt", encoding="utf-8") as f:
+    with gzip.open(data.data_file("corpora/" + name), "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     return lines[::stride][:n]
 
@@ -708,7 +708,7 @@ def texts() -> list[str]:
     code = corpus_lines("code_python.txt.gz", 60000)
     out += code[:40000:40]  # 1000 single lines of code
     out += ["\n".join(code[i:i + 30]) for i in range(0, 6000, 100)]  # 60 blocks of 30 lines
-    with gzip.open(SHARED / "data" / "mmlu" / "test.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(data.data_file("mmlu/test.jsonl.gz"), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f][::20]  # 703 questions with their choices, unicode kept
     out += [r["question"] + "\n" + "\n".join(r["choices"]) for r in rows]
     return out
