@@ -60,7 +60,8 @@ from tqdm import tqdm
 import model as M
 import purify
 import router
-from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli, write_atomic
+from cli import (ArgumentParser, UserError, add_common_args, fraction, positive_int, resolve_device, resolve_dtype,
+                 run_cli, write_atomic)
 
 FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256)}
 QUICK = {"sizes": [(1, 128), (8, 128)], "new_tokens": 32, "reps": 3, "stats_windows": (8, 128)}
@@ -566,21 +567,19 @@ def save(res: dict, path: Path):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speed, memory and machine ceilings: dense vs transformers, DSS-Experts, "
-                                            "FreeMoE.")
+    p = ArgumentParser(description="Speed, memory and machine ceilings: dense vs transformers, DSS-Experts, "
+                                   "FreeMoE.")
     add_common_args(p, out_default="results/bench")
     p.add_argument("--quick", action="store_true", help="fewer sizes (1x128, 8x128) and 32 new tokens")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per figure after 1 warm-up (default 3)")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed runs per figure after 1 warm-up (default 3)")
     p.add_argument("--experts", default=None, help="experts file from purify.py (default: random keep-0.5 stand-in)")
     p.add_argument("--router", default=None, help="router file from train_router.py (FreeMoE rows)")
-    p.add_argument("--keep", type=float, default=0.5, help="keep fraction of the stand-in expert (default 0.5)")
+    p.add_argument("--keep", type=fraction, default=0.5, help="keep fraction of the stand-in expert (default 0.5)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; ceilings always run)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers column")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not 0 < args.keep <= 1:
-        raise UserError(f"--keep must be in (0, 1], got {args.keep}")
     args.sections = set(args.sections.split(","))
     if args.sections - set(SECTIONS):
         raise UserError(f"unknown --sections {','.join(sorted(args.sections - set(SECTIONS)))} "

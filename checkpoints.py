@@ -12,10 +12,14 @@ Shape legend: C width, F FFN neurons, V vocab; GGUF dims are listed ne0 first (t
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import mmap
 import os
+import re
 import struct
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,9 +36,14 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path, with_metadata: bool = False):
+def read_safetensors(path: Path, with_metadata: bool = False, checksum: bool = False):
     """safetensors = 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-    then one raw buffer. We map the file (copy-on-write), so tensors already in the target dtype cost no copy."""
+    then one raw buffer. We map the file (copy-on-write), so tensors already in the target dtype cost no copy.
+
+    Every header entry is checked before a byte is used: a known dtype, a shape of non-negative ints, offsets
+    [begin, end] inside the file whose length is the shape's byte count, and (as the format requires) tensors that
+    tile the buffer with no overlap and no gap. checksum=True: the metadata's content_sha256 (written by
+    write_safetensors(checksum=True)) must match the tensors and the rest of the metadata."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -45,29 +54,70 @@ def read_safetensors(path: Path, with_metadata: bool = False):
             raise UserError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+        except ValueError as e:  # bad JSON, or bytes that are not UTF-8 (UnicodeDecodeError)
+            raise UserError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    data_size = size - 8 - n
+    spans = sorted((*_tensor_span(path, name, info, 8 + n, size), name) for name, info in header.items())
+    pos = 0
+    for begin, end, name in spans:  # in offset order, each tensor starts where the previous one ended
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name} (data_offsets [{begin}, {end}]) {what}")
+        pos = end
+    if pos != data_size:
+        raise UserError(f"{path}: corrupt safetensors file: {data_size - pos} bytes after the last tensor")
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) bytes of the whole file
     out = {}
     for name, info in header.items():
         start, end = (8 + n + o for o in info["data_offsets"])
-        if end > size:
-            raise UserError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         dt = SAFETENSORS_DTYPES[info["dtype"]]
         chunk = raw[start:end]
         if start % dt.itemsize:
             chunk = chunk.clone()  # .view(dtype) needs an aligned start
         out[name] = chunk.view(dt).reshape(info["shape"])
+    if checksum:
+        verify_checksum(path, out, metadata)
     return (out, metadata) if with_metadata else out
 
 
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Write the same format atomically (temp file + rename), so a killed run never leaves half a file."""
+def _tensor_span(path, name, info, data_start: int, size: int) -> tuple[int, int]:
+    """One header entry checked against the format: returns its (begin, end) in the data buffer."""
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: corrupt safetensors header: entry {name} is not an object")
+    if info.get("dtype") not in SAFETENSORS_DTYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise UserError(f"{path}: corrupt safetensors header: tensor {name} has shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise UserError(f"{path}: corrupt safetensors header: tensor {name} has data_offsets {offsets!r}, "
+                        "expected [begin, end]")
+    begin, end = offsets
+    if end < begin:
+        raise UserError(f"{path}: corrupt safetensors header: tensor {name} has reversed data_offsets {offsets}")
+    if data_start + end > size:
+        raise UserError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, file has {size}")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+    if end - begin != nbytes:
+        raise UserError(f"{path}: corrupt safetensors header: tensor {name} of shape {shape} {info['dtype']} needs "
+                        f"{nbytes} bytes, its data_offsets span {end - begin}")
+    return begin, end
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      checksum: bool = False):
+    """Write the same format atomically (unique temp file + rename), so a killed run never leaves half a file.
+    checksum=True adds content_sha256 to the metadata, checked by read_safetensors(checksum=True)."""
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    if checksum:
+        metadata[CHECKSUM_KEY] = content_sha256(tensors, metadata)
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
@@ -76,10 +126,39 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
         blobs.append(blob)
         offset += len(blob)
     if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        header["__metadata__"] = metadata
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # pad so the data starts 8-byte aligned
     write_atomic(path, b"".join([struct.pack("<Q", len(head)), head, *blobs]))
+
+
+# --- content checksums: one helper for every artifact and cache we write (experts, router, statistics, features)
+
+CHECKSUM_KEY = "content_sha256"
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """sha256 over every tensor (name, dtype, element count, bytes; in name order), then over the metadata as
+    sorted JSON. Shapes enter only as element counts (as in the first experts files, which must still verify);
+    every loader checks shapes against the model."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode() + str(t.dtype).encode() + str(list(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if metadata:
+        h.update(json.dumps({k: str(v) for k, v in metadata.items()}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def verify_checksum(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """Refuse a file whose content does not match the content_sha256 stored in its metadata (a flipped bit in a
+    router or a cache would otherwise change results silently)."""
+    rest = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    if CHECKSUM_KEY not in metadata:
+        raise UserError(f"{path}: no content checksum (written by an older version?): re-create it")
+    if content_sha256(tensors, rest) != metadata[CHECKSUM_KEY]:
+        raise UserError(f"{path}: checksum mismatch: the file is corrupted or was edited")
 
 
 def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -152,23 +231,43 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta[key] = r.value(r.scalar("<I"))
     infos = []
     for _ in range(n_tensors):
-        name = r.string()
-        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]  # ne0 first: the contiguous axis
+        name, n_dims = r.string(), r.scalar("<I")
+        if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
+            raise UserError(f"{path}: corrupt GGUF tensor table: tensor {name} has {n_dims} dimensions (1 to 4)")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]  # ne0 first: the contiguous axis
         infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, (int, np.integer)) or align <= 0 or align % 8:
+        raise UserError(f"{path}: corrupt GGUF metadata: general.alignment is {align!r} (a positive multiple of 8)")
     data_start = (r.pos + align - 1) // align * align
-    tensors = {}
+    # Check the whole tensor table before decoding anything: every tensor inside the file, whole blocks only,
+    # and no two tensors sharing bytes (GGUF allows padding between tensors, not overlap).
+    plan = []
     for name, dims, ttype, offset in infos:
         kind = GGML_TYPES.get(ttype, f"type {ttype}")
         if kind not in GGML_BLOCK:
             raise UserError(f"{path}: tensor {name} uses quantization {kind}, which is not supported "
                             f"(supported: {', '.join(GGML_BLOCK)})")
-        n = int(np.prod(dims))
         block_bytes, block_size = GGML_BLOCK[kind]
+        if dims[0] % block_size:
+            raise UserError(f"{path}: corrupt GGUF tensor table: tensor {name} has rows of {dims[0]} weights, "
+                            f"not a multiple of the {kind} block of {block_size}")
+        if offset % align:
+            raise UserError(f"{path}: corrupt GGUF tensor table: tensor {name} at offset {offset} is not aligned "
+                            f"to {align} bytes")
         start = data_start + offset
-        end = start + n // block_size * block_bytes
+        end = start + math.prod(dims) // block_size * block_bytes  # Python ints: huge dims cannot overflow
         if end > len(buf):
             raise UserError(f"{path}: truncated GGUF file: tensor {name} ends at byte {end}, file has {len(buf)}")
+        plan.append((start, end, name, dims, kind))
+    names = [p[2] for p in plan]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: corrupt GGUF tensor table: a tensor name appears twice")
+    for (_, end_a, a, *_), (start_b, _, b, *_) in zip(sorted(plan), sorted(plan)[1:]):
+        if start_b < end_a:
+            raise UserError(f"{path}: corrupt GGUF tensor table: tensors {a} and {b} overlap")
+    tensors = {}
+    for start, end, name, dims, kind in plan:
         raw = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
         w = dequantize(raw, kind)
         tensors[name] = torch.from_numpy(w.reshape(list(reversed(dims))))  # [ne0, ne1] -> (ne1, ne0) = (out, in)
@@ -206,11 +305,18 @@ def config_from_gguf(meta: dict, name: str) -> dict:
     if arch not in ("llama", "qwen2", "gpt2"):
         raise UserError(f"{name}: GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
-    n_head = int(g("attention.head_count"))
-    vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(g("vocab_size"))
-    return dict(arch="gpt2" if arch == "gpt2" else "llama", vocab_size=vocab, n_layer=int(g("block_count")),
-                  n_head=n_head, n_kv_head=int(g("attention.head_count_kv", n_head)), n_embd=int(g("embedding_length")),
-                  n_ffn=int(g("feed_forward_length")), max_seq_len=int(g("context_length")),
+
+    def need(k):  # a size the model cannot be built without: a missing or broken one is named
+        v = g(k)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise UserError(f"{name}: GGUF metadata {arch}.{k} is {'missing' if v is None else repr(v)}, "
+                            "expected a positive integer")
+        return int(v)
+    n_head = need("attention.head_count")
+    vocab = len(meta.get("tokenizer.ggml.tokens", [])) or need("vocab_size")
+    return dict(arch="gpt2" if arch == "gpt2" else "llama", vocab_size=vocab, n_layer=need("block_count"),
+                  n_head=n_head, n_kv_head=int(g("attention.head_count_kv", n_head)), n_embd=need("embedding_length"),
+                  n_ffn=need("feed_forward_length"), max_seq_len=need("context_length"),
                   norm_eps=float(g("attention.layer_norm_rms_epsilon", g("attention.layer_norm_epsilon", 1e-5))),
                   rope_theta=float(g("rope.freq_base", 10000.0)), qkv_bias=arch == "qwen2", tie_embeddings=True,
                   name=name)
@@ -339,51 +445,157 @@ def to_hf(sd: dict, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- hub download
 
-HF_FILES = ["config.json", "tokenizer.json", "model.safetensors.index.json", "model.safetensors"]
+HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain file name: no folder, no "..", no absolute path
+LISTING = ".free-moe-listing.json"  # the hub's file list, kept in the cache folder for offline reuse
+
+
+def is_hub_id(text: str) -> bool:
+    """The hub's rule for repo ids: owner/name, letters, digits, "-", "_", "."; no "--" or ".."; no "-"/"."
+    at either end of a part; parts of at most 96 characters."""
+    return bool(HUB_ID.fullmatch(text)) and "--" not in text and ".." not in text
+
+
+def hub_endpoint() -> str:
+    """$HF_ENDPOINT (the variable huggingface_hub reads: a mirror, or the tests' local server), else the hub."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def safe_file_name(name, where: str) -> str:
+    """A file name from the network or from an index file, used only as a plain name inside one folder."""
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
+        raise UserError(f"{where}: refusing file name {name!r} (only plain file names inside the model folder)")
+    return name
 
 
 def hub_download(repo_id: str) -> Path:
-    """Fetch an HF hub model into ~/.cache/free-moe with plain urllib (config, tokenizer, safetensors)."""
+    """Fetch an HF hub model into ~/.cache/free-moe (or $FREE_MOE_CACHE) with plain urllib: config, tokenizer
+    files, then model.safetensors or the shards its index lists.
+
+    The hub's own file list (GET {endpoint}/api/models/{id}/tree/main) gives every file's size and hash: the
+    sha256 of LFS files (`lfs.oid`), the git blob sha1 of small ones (`oid` = sha1("blob {size}\\0" + bytes)).
+    A file streams into a unique temp file next to its place, is checked against both, and is renamed into place
+    only if both match, so the cache never holds a short, swapped or half-written file. Names come from the list
+    and from the index and are refused unless they are plain file names. A cached file is reused when its size
+    matches and the list had the same hash when it was fetched; offline, the list kept in the cache is used.
+    Nothing is created until the hub has answered that the model exists."""
+    if not is_hub_id(repo_id):
+        raise UserError(f"model path {repo_id} does not exist (and is not a hub id owner/name)")
+    endpoint = hub_endpoint()
     cache = Path(os.environ.get("FREE_MOE_CACHE", Path.home() / ".cache" / "free-moe")) / repo_id.replace("/", "--")
+    kept = _read_listing(cache / LISTING)  # what was fetched before: {name: [size, algo, digest]}
+    offline = False
+    try:
+        listing = _hub_listing(endpoint, repo_id)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 404):  # the hub answers 401 for a repo that does not exist (or is private)
+            raise UserError(f"model path {repo_id} does not exist, and {endpoint} has no model {repo_id!r} "
+                            f"(HTTP {e.code})") from None
+        raise UserError(f"cannot list the files of {repo_id!r} on {endpoint}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        if not kept:
+            raise UserError(f"cannot download {repo_id!r} (offline?): pass a local path with --model ({e})") from None
+        listing, offline = kept, True  # the cached model loads as it was fetched
     cache.mkdir(parents=True, exist_ok=True)
 
-    def fetch(fname, required=True):
-        dest = cache / fname
-        if dest.exists():
+    def fetch(name):
+        if name not in listing:
+            raise UserError(f"{repo_id} on {endpoint} has no {name}")
+        size, algo, digest = listing[name]
+        dest = cache / safe_file_name(name, f"{repo_id} on {endpoint}")
+        if dest.exists() and dest.stat().st_size == size and kept.get(name) == listing[name]:
             return dest
-        url = f"https://huggingface.co/{repo_id}/resolve/main/{fname}"
-        try:
-            with urllib.request.urlopen(url, timeout=30) as resp, open(str(dest) + ".part", "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-        except urllib.error.HTTPError as e:
-            if not required and e.code == 404:
-                return None
-            raise UserError(f"cannot download {url}: HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError) as e:
-            if not required:  # offline: an optional file that is not cached is simply absent (cached models load)
-                return None
-            raise UserError(f"cannot download {repo_id!r} (offline?): pass a local path with --model ({e})") from None
-        os.replace(str(dest) + ".part", dest)
+        if offline:
+            raise UserError(f"{dest}: not fully downloaded and {endpoint} cannot be reached (offline?)")
+        _download(f"{endpoint}/{repo_id}/resolve/main/{name}", dest, size, algo, digest)
         return dest
 
     fetch("config.json")
     for optional in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # eos id, chat template
-        fetch(optional, required=False)
-    index = fetch("model.safetensors.index.json", required=False)
-    if index:
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        if optional in listing:
+            fetch(optional)
+    if "model.safetensors.index.json" in listing:
+        for shard in shard_names(fetch("model.safetensors.index.json")):
             fetch(shard)
     else:
         fetch("model.safetensors")
+    write_atomic(cache / LISTING, json.dumps(listing, indent=1, sort_keys=True))  # after every file is in place
     return cache
+
+
+def _hub_listing(endpoint: str, repo_id: str) -> dict[str, list]:
+    """{file name: [size, "sha256" | "git-sha1", hex digest]} of the model's top-level files, from the hub API
+    (one page: model folders hold far fewer files than a page)."""
+    url = f"{endpoint}/api/models/{repo_id}/tree/main"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        body = resp.read(16 << 20)
+    try:
+        entries = json.loads(body)
+        listing = {}
+        for e in entries:
+            if e["type"] != "file":
+                continue
+            lfs = e.get("lfs")
+            size, algo, digest = (lfs["size"], "sha256", lfs["oid"]) if lfs else (e["size"], "git-sha1", e["oid"])
+            if type(size) is not int or size < 0 or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", digest):
+                raise ValueError(f"entry {e.get('path')!r}")
+            listing[e["path"]] = [size, algo, digest]
+        return listing
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{url}: not a hub file list ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _read_listing(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: every file is fetched and checked again
+
+
+def _download(url: str, dest: Path, size: int, algo: str, digest: str):
+    """Stream url into a unique temp file beside dest, checking size and hash; rename into place only if both
+    match (a kill or a mismatch leaves no file behind)."""
+    h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(f"blob {size}\0".encode())
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        got = 0
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as resp:
+            while chunk := resp.read(1 << 20):
+                got += len(chunk)
+                if got > size:
+                    raise UserError(f"{url}: more than the {size} bytes the hub lists for it")
+                h.update(chunk)
+                f.write(chunk)
+        if got != size:
+            raise UserError(f"{url}: got {got} bytes, the hub lists {size} (connection cut?)")
+        if h.hexdigest() != digest:
+            raise UserError(f"{url}: {algo} {h.hexdigest()[:16]}... differs from the hub's {digest[:16]}... "
+                            "(corrupted download)")
+        os.replace(tmp, dest)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"cannot download {url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot download {url} (offline?): {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json lists (its weight_map values), each a plain file name."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {str(e)[:80]})") from None
+    return sorted(safe_file_name(n, str(index)) for n in names)
 
 
 def read_hf_state_dict(path: Path) -> dict:
     index = path / "model.safetensors.index.json"
     if index.exists():
         sd = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in shard_names(index):
             if not (path / shard).exists():
                 raise UserError(f"{path}: shard {shard} listed in the index is missing")
             sd.update(read_safetensors(path / shard))

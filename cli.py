@@ -7,9 +7,12 @@ prints one line and exits with code 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import math
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +47,52 @@ def shared_dir(data_dir: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- one flag vocabulary
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: a bad flag is one line (via run_cli) and exit code 2, like every other
+    user mistake, instead of the usage block plus a message."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _checked(cast, rule: str, ok):
+    """An argparse `type` that converts with `cast` and refuses values outside `rule` at parse time, so a bad
+    number is one line naming the flag (argparse adds "argument --flag:") before any work starts."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}") from None
+        if (cast is float and not math.isfinite(v)) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+    parse.__name__ = rule  # argparse names the type in some of its own messages
+    return parse
+
+
+def int_at_least(lo: int):
+    return _checked(int, f"an integer >= {lo}", lambda v: v >= lo)
+
+
+positive_int = int_at_least(1)  # counts, sizes, lengths
+nonneg_int = int_at_least(0)  # counts where 0 means "none" (few-shot examples)
+positive_float = _checked(float, "a number > 0", lambda v: v > 0)  # timeouts, learning rates, Gumbel tau
+nonneg_float = _checked(float, "a number >= 0", lambda v: v >= 0)  # sampling temperature (0 = greedy), weights
+fraction = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1)  # keep, budget, top-p
+probability = _checked(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)  # thresholds
+seed_int = _checked(int, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy refuses negative seeds
+
+
+def out_dir(text: str) -> str:
+    """--out: a directory, existing or to be created; refused at parse time if it (or a parent) is a file."""
+    for p in (Path(text), *Path(text).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{p} is a file, expected a directory")
+            break
+    return text
+
+
 def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
     """The flags every script shares, with the same meaning everywhere (STYLE.md habit 3). `--out` is always a
     directory; scripts that write nothing (model.py, router.py) pass out_default=None and have no --out."""
@@ -52,9 +101,9 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default: float32)")
     p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
     if out_default is not None:
-        p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+        p.add_argument("--out", type=out_dir, default=out_default, help=f"output directory (default: {out_default})")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def resolve_device(args) -> torch.device:
@@ -83,3 +132,30 @@ def write_atomic(path, data: str | bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def locked_dir(path, what: str = "another run"):
+    """Hold an exclusive lock on `path`/.lock while the block runs, so two runs never write one output folder.
+
+    fcntl.flock is released by the kernel when the holder exits or is killed, so a stale lock cannot outlive a
+    crash; the file keeps the holder's pid only to name it in the refusal."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{path} is in use by {what} (pid {holder}): wait for it to finish or pick another --out") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock; the file itself is harmless

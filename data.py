@@ -108,6 +108,8 @@ def read_jsonl(path: Path, fields: tuple = ()) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"corrupt data file {path}: line {i + 1} is not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"corrupt data file {path}: line {i + 1} is a JSON {type(row).__name__}, not an object")
         missing = [k for k in fields if k not in row]
         if missing:
             raise UserError(f"corrupt data file {path}: line {i + 1} lacks {missing}")
@@ -123,13 +125,23 @@ def load_mmlu(split: str, data_dir=None) -> list[dict]:
     path = data_file(f"mmlu/{split}.jsonl.gz", data_dir)
     rows = read_jsonl(path, ("subject", "question", "choices", "answer"))
     for r in rows:
-        if len(r["choices"]) != 4 or r["answer"] not in (0, 1, 2, 3):
-            raise UserError(f"corrupt data file {path}: bad item {str(r['question'])[:40]!r}")
+        choices = r["choices"]
+        if (not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices)
+                or r["answer"] not in (0, 1, 2, 3) or not isinstance(r["question"], str)):
+            raise UserError(f"corrupt data file {path}: bad item {str(r['question'])[:40]!r} (needs a question, "
+                            "4 string choices and an answer 0-3)")
     return rows
 
 
 def load_gsm8k(split: str, data_dir=None) -> list[dict]:
-    return read_jsonl(data_file(f"gsm8k/{split}.jsonl", data_dir), ("question", "answer"))
+    path = data_file(f"gsm8k/{split}.jsonl", data_dir)
+    rows = read_jsonl(path, ("question", "answer"))
+    for r in rows:  # the reference is the number after "####": checked here, before any model is loaded
+        if not isinstance(r["question"], str) or not isinstance(r["answer"], str) \
+                or not re.search(r"####[^\n]*[0-9]", r["answer"]):
+            raise UserError(f"corrupt data file {path}: the answer to {str(r['question'])[:40]!r} has no "
+                            "'#### <number>' line")
+    return rows
 
 
 def load_humaneval(data_dir=None) -> list[dict]:
@@ -165,9 +177,11 @@ def mmlu_prompt(doc: dict, shots: list[dict]) -> str:
 
 
 def mmlu_cloze_prompt(doc: dict, shots: list[dict]) -> str:
-    """Cloze format: no options shown; the continuations scored are " " + each answer text."""
-    examples = "".join(f"{s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
-    return mmlu_header(doc["subject"]) + examples + f"{doc['question'].strip()}\nAnswer:"
+    """Cloze format, exactly lm-evaluation-harness's `mmlu_continuation` (its own description line, then
+    "Question: ...\nAnswer:"); no options shown; the continuations scored are " " + each answer text."""
+    header = f"The following are questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
+    examples = "".join(f"Question: {s['question'].strip()}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    return header + examples + f"Question: {doc['question'].strip()}\nAnswer:"
 
 
 def strip_calculator(answer: str) -> str:

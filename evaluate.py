@@ -66,7 +66,8 @@ from tqdm import tqdm
 import purify
 import router
 import sandbox
-from cli import UserError, add_common_args, run_cli, write_atomic
+from cli import (ArgumentParser, UserError, add_common_args, int_at_least, locked_dir, nonneg_float, nonneg_int,
+                 positive_float, positive_int, run_cli, write_atomic)
 from data import (LETTERS, gsm8k_prompt, heldout_text, humaneval_program, load_gsm8k, load_humaneval, load_mbpp,
                   load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt)
 from model import generate, load_for_cli
@@ -594,14 +595,18 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
     if complete_len < len(data):  # a partial last line from an interrupted write
         with open(path, "r+b") as f:
             f.truncate(complete_len)
-    lines = data[:complete_len].decode("utf-8").splitlines()
-    if not lines:  # killed before the header reached the disk
-        return {}
     try:
+        lines = data[:complete_len].decode("utf-8").splitlines()
         first = json.loads(lines[0]) if lines else {}
         records = [json.loads(line) for line in lines[1:]]
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise UserError(f"{path} is corrupt ({e}); delete it to re-run that system and task") from None
+    if not lines:  # killed before the header reached the disk
+        return {}
+    bad = [i + 2 for i, r in enumerate(records) if not isinstance(r, dict) or "id" not in r]
+    if not isinstance(first, dict) or bad:
+        raise UserError(f"{path} is corrupt (line {bad[0] if bad else 1} is not a record); delete it to re-run "
+                        "that system and task")
     if first.get("header") != header:
         raise UserError(f"{path} was written with other settings ({first.get('header')} != {header}); "
                         "use another --out or delete it")
@@ -819,31 +824,35 @@ def markdown_table(result: dict, timings: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out_default="results")
     p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
     p.add_argument("--limit", nargs="+", default=None, metavar="N|TASK=N",
                    help="items per task: N for every task and/or TASK=N for one (e.g. 100 humaneval=164); default all; "
                         "ppl: see --ppl-windows")
-    p.add_argument("--mmlu-per-subject", type=int, default=None, metavar="K",
+    p.add_argument("--mmlu-per-subject", type=positive_int, default=None, metavar="K",
                    help="MMLU: K seeded items from each of the 57 subjects (instead of --limit)")
     p.add_argument("--experts", default=None, help="experts file from purify.py (all systems but dense)")
     p.add_argument("--router", default=None, help="router file from train_router.py (freemoe)")
-    p.add_argument("--mmlu-shots", type=int, default=5)
-    p.add_argument("--gsm8k-shots", type=int, default=8)
-    p.add_argument("--gsm8k-max-tokens", type=int, default=256, help="generation budget per GSM8K answer")
-    p.add_argument("--code-max-tokens", type=int, default=384, help="generation budget per HumanEval/MBPP answer")
-    p.add_argument("--samples", type=int, default=1, help="samples per code problem (n of pass@k; >1 needs --temperature)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of code samples (0 = greedy)")
+    p.add_argument("--mmlu-shots", type=nonneg_int, default=5)
+    p.add_argument("--gsm8k-shots", type=nonneg_int, default=8)
+    p.add_argument("--gsm8k-max-tokens", type=positive_int, default=256, help="generation budget per GSM8K answer")
+    p.add_argument("--code-max-tokens", type=positive_int, default=384,
+                   help="generation budget per HumanEval/MBPP answer")
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="samples per code problem (n of pass@k; >1 needs --temperature)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0,
+                   help="sampling temperature of code samples (0 = greedy)")
     p.add_argument("--ppl-domains", nargs="+", default=list(PPL_DOMAINS), help="held-out domains for perplexity")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
-    p.add_argument("--ppl-windows", type=int, default=None, help="windows per domain (default: --limit, else all)")
-    p.add_argument("--batch-size", type=int, default=8, help="items per batch")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward (memory)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed program")
-    p.add_argument("--workers", type=int, default=2, help="sandboxed programs run in parallel")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per perplexity window")
+    p.add_argument("--ppl-windows", type=positive_int, default=None,
+                   help="windows per domain (default: --limit, else all)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="items per batch")
+    p.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per scoring forward (memory)")
+    p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per sandboxed program")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandboxed programs run in parallel")
     p.add_argument("--allow-unsandboxed", action="store_true",
                    help="run generated code without isolation when unshare cannot isolate it (network, host "
                         "processes and files reachable); named in the results")
@@ -856,10 +865,6 @@ def parse_args(argv=None):
         if d not in PPL_DOMAINS:
             raise UserError(f"unknown perplexity domain {d!r} (expected one of {', '.join(PPL_DOMAINS)})")
     args.limits = parse_limits(args.limit)
-    if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
-        raise UserError(f"--mmlu-per-subject must be >= 1, got {args.mmlu_per_subject}")
-    if args.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.samples > 1 and args.temperature <= 0:
         raise UserError(f"--samples {args.samples} draws identical greedy answers: pass --temperature > 0 (e.g. 0.8)")
     return args
@@ -892,10 +897,11 @@ def run(args, model, tokenizer) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     check_data(args)
-    t0 = time.perf_counter()
-    model, tokenizer = load_for_cli(args)
-    print(f"loaded {model.config.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    run(args, model, tokenizer)
+    with locked_dir(args.out, "another evaluate.py run"):  # two runs on one --out would both append every item
+        t0 = time.perf_counter()
+        model, tokenizer = load_for_cli(args)
+        print(f"loaded {model.config.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        run(args, model, tokenizer)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} "
           f"({time.perf_counter() - t0:.0f}s in all)", file=sys.stderr)
 

@@ -25,7 +25,6 @@ D head dim, F FFN neurons, V vocab, L layers.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -41,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints as ckpt
-from cli import UserError, add_common_args, resolve_device, resolve_dtype, run_cli, shared_dir
+from cli import (ArgumentParser, UserError, add_common_args, fraction, nonneg_float, positive_int, resolve_device,
+                 resolve_dtype, run_cli, shared_dir)
 from tokenizer import Tokenizer
 
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -418,6 +418,10 @@ def load_weights(model: Transformer, weights: dict, source: str):
             raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {tuple(ref.shape)}")
     # float32 master copy (the caller casts to --dtype); contiguous so matmuls never see a transposed view
     state = {k: weights[k].to(ref.dtype).contiguous() for k, ref in expected.items()}
+    for name, w in state.items():  # a NaN/inf weight (a damaged file) would only show up later as garbage text
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise UserError(f"{source}: tensor {name} has {int((~torch.isfinite(w)).sum())} non-finite values "
+                            "(NaN or inf): the checkpoint is corrupted")
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -427,12 +431,11 @@ def load_weights(model: Transformer, weights: dict, source: str):
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
-    path = Path(path) if path is not None else default_model_path()
+    given, path = path, Path(path) if path is not None else default_model_path()
     if not path.exists():
-        if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
-            path = ckpt.hub_download(str(path))
-        else:
+        if given is None or not ckpt.is_hub_id(str(given)):  # as typed: Path() would turn "./a/b" into "a/b"
             raise UserError(f"model path {path} does not exist")
+        path = ckpt.hub_download(str(given))  # one line if the hub has no such model; nothing is created then
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a .gguf file or an HF model directory")
@@ -562,14 +565,14 @@ def load_for_cli(args) -> tuple[Transformer, "Tokenizer"]:
 
 
 def main():
-    p = argparse.ArgumentParser(description="Generate text with a GPT-2/Llama-family model loaded from scratch.")
+    p = ArgumentParser(description="Generate text with a GPT-2/Llama-family model loaded from scratch.")
     add_common_args(p, out_default=None)
     p.add_argument("--prompt", default="The capital of France is", help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=fraction, default=None)
     args = p.parse_args()
     t0 = time.perf_counter()
     model, tok = load_for_cli(args)

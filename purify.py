@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import shutil
@@ -83,7 +82,8 @@ from tqdm import tqdm
 import checkpoints as ckpt
 import data
 import model as M
-from cli import UserError, add_common_args, run_cli, shared_dir
+from cli import (ArgumentParser, UserError, add_common_args, fraction, int_at_least, nonneg_float, out_dir,
+                 positive_int, run_cli, shared_dir)
 
 BASELINES = ("random", "magnitude", "general", "mixed")
 SCORES = ("dowp",) + BASELINES
@@ -329,15 +329,6 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- the experts file
 
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous().reshape(-1)
-        h.update(name.encode() + str(t.dtype).encode() + str(list(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def save_experts(path, experts: dict[str, list[torch.Tensor]], meta: dict, baselines: dict | None = None,
                  stats: dict[str, dict] | None = None):
     """Write one safetensors file: "{domain}.{layer}", "baseline.{name}.{layer}" (int64 sorted indices),
@@ -353,7 +344,7 @@ def save_experts(path, experts: dict[str, list[torch.Tensor]], meta: dict, basel
         for k, v in st.items():
             tensors[f"stats.{d}.{k}"] = v.reshape(1) if k == "count" else v.float()  # safetensors: no 0-d
     meta = dict(meta, format=EXPERTS_FORMAT, domains=list(experts), baselines=list(baselines or {}),
-                stats_domains=list(stats or {}), content_sha256=_content_hash(tensors))
+                stats_domains=list(stats or {}), content_sha256=ckpt.content_sha256(tensors))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_safetensors(path, tensors, {"free_moe": json.dumps(meta)})
@@ -403,6 +394,8 @@ def load_experts(path, model: M.Transformer) -> Experts:
         meta = json.loads(md["free_moe"])
     except (KeyError, json.JSONDecodeError):
         raise UserError(f"{path}: no free-moe metadata (not an experts file from purify.py)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: free-moe metadata is a JSON {type(meta).__name__}, expected an object")
     if meta.get("format") != EXPERTS_FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r}, expected {EXPERTS_FORMAT!r}")
     cfg = model.config
@@ -412,8 +405,12 @@ def load_experts(path, model: M.Transformer) -> Experts:
     if meta.get("n_layer") != cfg.n_layer or meta.get("n_ffn") != cfg.n_ffn:
         raise UserError(f"{path}: built for {meta.get('n_layer')} layers x {meta.get('n_ffn')} neurons, "
                           f"model has {cfg.n_layer} x {cfg.n_ffn}")
-    if _content_hash(tensors) != meta.get("content_sha256"):
+    if ckpt.content_sha256(tensors) != meta.get("content_sha256"):
         raise UserError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+    for k in ("domains", "baselines", "stats_domains"):  # the names the tensors are looked up by
+        names = meta.get(k, [] if k != "domains" else None)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or (k == "domains" and not names):
+            raise UserError(f"{path}: free-moe metadata {k!r} is {names!r}, expected a list of names")
 
     def index_list(prefix: str) -> list[torch.Tensor]:
         out = []
@@ -539,22 +536,25 @@ def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: 
     name = data.parse_domain(spec)[0]
     path = out_dir / f"stats.{name}.safetensors"
     if path.exists():
-        try:
-            tensors, md = ckpt.read_safetensors(path, with_metadata=True)
-            if json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",)):
+        try:  # checksummed: a damaged cache would silently change every expert built from it
+            tensors, md = ckpt.read_safetensors(path, with_metadata=True, checksum=True)
+            shape = (model.config.n_layer, model.config.n_ffn)
+            if (json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",))
+                    and all(tuple(tensors[k].shape) == shape for k in STATS)):
                 return {k: tensors[k].clone().reshape(()) if k == "count" else tensors[k].clone()
                         for k in STATS + ("count",)}
-        except (UserError, json.JSONDecodeError):
-            pass  # unreadable cache: recompute
+        except (UserError, json.JSONDecodeError) as e:
+            print(f"not reusing the statistics cache ({e}): recomputing", file=sys.stderr)
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {name}")
     print(f"stats {name}: {int(stats['count'])} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    ckpt.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)})
+    ckpt.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)},
+                           checksum=True)
     return stats
 
 
 def index_hash(indices: list) -> str:
-    return _content_hash({str(l): torch.as_tensor(i) for l, i in enumerate(indices) if i is not None})[:16]
+    return ckpt.content_sha256({str(l): torch.as_tensor(i) for l, i in enumerate(indices) if i is not None})[:16]
 
 
 class RowCache:
@@ -629,29 +629,31 @@ def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, out_default="experts")
     p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
                    help="domains: built-in names and/or NAME=path.txt|.jsonl")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
                    help="an extra user domain (repeatable)")
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of FFN neurons kept (per layer, or on average)")
+    p.add_argument("--keep", type=fraction, default=0.5, help="fraction of FFN neurons kept (per layer, or on average)")
     p.add_argument("--alloc", choices=("uniform", "sensitivity"), default="uniform",
                    help="per-layer budget: the same keep everywhere, or more for layers measured to be sensitive")
     p.add_argument("--score", choices=SCORES, default="dowp", help="score used to build the domain experts")
     p.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST, help="DOWP contrast lambda (0 = plain Wanda)")
     p.add_argument("--sweep-contrast", type=float, nargs="*", default=None, metavar="LAM",
                    help="also report the perplexity matrix of the domain experts for each of these lambdas")
-    p.add_argument("--protect", type=float, default=PROTECT_FACTOR,
+    p.add_argument("--protect", type=nonneg_float, default=PROTECT_FACTOR,
                    help="super neurons: max|a| > this x layer median are always kept (0 = off)")
-    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens per domain")
-    p.add_argument("--heldout-tokens", type=int, default=16384, help="held-out tokens per domain for the report")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--tokens", type=positive_int, default=32768, help="calibration tokens per domain")
+    p.add_argument("--heldout-tokens", type=positive_int, default=16384,
+                   help="held-out tokens per domain for the report")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--no-report", action="store_true", help="skip the perplexity report")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
-    p.add_argument("--export", default=None, metavar="DIR", help="write one domain expert as an HF checkpoint here")
+    p.add_argument("--export", type=out_dir, default=None, metavar="DIR",
+                   help="write one domain expert as an HF checkpoint here")
     p.add_argument("--export-domain", default=None, help="which domain to export (default: the first)")
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:

@@ -34,7 +34,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k ke
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 import checkpoints as ckpt
 import model as M
 import purify
-from cli import UserError, add_common_args, run_cli
+from cli import ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, run_cli
 
 ROUTER_FORMAT = "free-moe-router/1"
 
@@ -407,12 +406,14 @@ class MixedMLP(nn.Module):
 # ----------------------------------------------------------------------------- checkpoint
 
 def save_router(path, router: Router, model: M.Transformer, experts, hparams: dict | None = None):
-    """Write the router (safetensors + metadata). The metadata names the model and the experts it belongs to."""
+    """Write the router (safetensors + metadata). The metadata names the model and the experts it belongs to, and
+    a content checksum covers the tensors and the metadata (a flipped bit must not reroute prompts silently)."""
     meta = {"format": ROUTER_FORMAT, "fingerprint": model.fingerprint, "experts_identity": experts_identity(experts),
             "config": json.dumps(asdict(router.cfg)), "hparams": json.dumps(hparams or {}),
             "n_params": str(router.num_params())}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_safetensors(Path(path), {k: v.detach().cpu() for k, v in router.state_dict().items()}, meta)
+    ckpt.write_safetensors(Path(path), {k: v.detach().cpu() for k, v in router.state_dict().items()}, meta,
+                           checksum=True)
 
 
 def read_router(path) -> tuple[Router, dict]:
@@ -423,6 +424,7 @@ def read_router(path) -> tuple[Router, dict]:
     tensors, meta = ckpt.read_safetensors(path, with_metadata=True)
     if meta.get("format") != ROUTER_FORMAT:
         raise UserError(f"{path} is not a router file (format {meta.get('format')!r}, expected {ROUTER_FORMAT!r})")
+    ckpt.verify_checksum(path, tensors, meta)
     try:
         router = Router(RouterConfig(**json.loads(meta["config"])))
         router.load_state_dict({k: v.clone() for k, v in tensors.items()})
@@ -449,16 +451,17 @@ def load_router(path, model: M.Transformer, experts, **kw) -> FreeMoE:
 # ----------------------------------------------------------------------------- CLI: route and generate one prompt
 
 def main():
-    p = argparse.ArgumentParser(description="Route a prompt with a trained Free-MoE router and generate with the "
-                                            "chosen DSS-Expert.")
+    p = ArgumentParser(description="Route a prompt with a trained Free-MoE router and generate with the "
+                                   "chosen DSS-Expert.")
     add_common_args(p, out_default=None)
     p.add_argument("--experts", required=True, help="experts file from purify.py")
     p.add_argument("--router", required=True, help="router file from train_router.py")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--budget", type=float, default=None, help="target active FFN fraction (default: trained gates)")
-    p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the trained one)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--budget", type=fraction, default=None, help="target active FFN fraction (default: trained gates)")
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="confidence threshold (default: the trained one)")
     p.add_argument("--fallback", choices=["dense", "top2"], default=None)
     args = p.parse_args()
     model, tok = M.load_for_cli(args)

@@ -54,7 +54,8 @@ from tqdm import tqdm
 import checkpoints as ckpt
 import data
 import model as M
-from cli import add_common_args, run_cli
+from cli import (ArgumentParser, UserError, add_common_args, int_at_least, nonneg_float, nonneg_int,
+                 positive_float, positive_int, probability, run_cli)
 import purify
 import router as R
 
@@ -154,10 +155,16 @@ def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, ta
     h = hashlib.sha256(json.dumps([model.fingerprint, route_layer, max_tokens, prompts]).encode()).hexdigest()[:16]
     path = cache_dir / f"l1_features.{tag}.{h}.safetensors"
     if path.exists():
-        return ckpt.read_safetensors(path)["feats"].clone()
+        try:  # checksummed: a damaged cache would silently train the router on wrong features
+            feats = ckpt.read_safetensors(path, checksum=True).get("feats")
+        except UserError as e:
+            feats = None
+            print(f"not reusing the feature cache ({e}): recomputing", file=sys.stderr)
+        if feats is not None and tuple(feats.shape) == (len(prompts), model.config.n_embd):
+            return feats.clone()
     feats = R.prompt_features(model, prompts, route_layer, max_tokens, progress=True)  # (N, C)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint})
+    ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint}, checksum=True)
     return feats
 
 
@@ -369,40 +376,42 @@ def compare_markdown(c: dict, domains: list[str]) -> str:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the Free-MoE router (level 1 domain head, level 2 layer gates); "
-                                            "the LLM stays frozen.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Train the Free-MoE router (level 1 domain head, level 2 layer gates); "
+                                   "the LLM stays frozen.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, out_default="runs/router")
     p.add_argument("--experts", required=True, help="experts file from purify.py")
     g = p.add_argument_group("router")
-    g.add_argument("--route-layer", type=int, default=None, help="level 1 reads the stream entering this layer "
+    g.add_argument("--route-layer", type=nonneg_int, default=None, help="level 1 reads the stream entering this layer "
                                                                  "(default L//4)")
-    g.add_argument("--hidden", type=int, default=128, help="domain head hidden width (0 = linear)")
-    g.add_argument("--threshold", type=float, default=0.5, help="confidence below which a request falls back")
+    g.add_argument("--hidden", type=nonneg_int, default=128, help="domain head hidden width (0 = linear)")
+    g.add_argument("--threshold", type=probability, default=0.5, help="confidence below which a request falls back")
     g.add_argument("--fallback", choices=["dense", "top2"], default="dense")
     g = p.add_argument_group("level 1")
-    g.add_argument("--l1-windows", type=int, default=80, help="training windows (16..256 tokens) per domain")
-    g.add_argument("--l1-snippets", type=int, default=60, help="training question-style snippets per domain")
-    g.add_argument("--l1-heldout", type=int, default=30, help="held-out windows, snippets and benchmark prompts "
-                                                              "(each) per domain")
-    g.add_argument("--l1-epochs", type=int, default=60)
-    g.add_argument("--l1-lr", type=float, default=3e-3)
+    g.add_argument("--l1-windows", type=positive_int, default=80,
+                   help="training windows (16..256 tokens) per domain")
+    g.add_argument("--l1-snippets", type=positive_int, default=60, help="training question-style snippets per domain")
+    g.add_argument("--l1-heldout", type=positive_int, default=30,
+                   help="held-out windows, snippets and benchmark prompts (each) per domain")
+    g.add_argument("--l1-epochs", type=positive_int, default=60)
+    g.add_argument("--l1-lr", type=positive_float, default=3e-3)
     g = p.add_argument_group("level 2")
-    g.add_argument("--sparsity-weight", type=float, default=1.0, help="weight of the active-fraction penalty")
-    g.add_argument("--l2-windows", type=int, default=4, help="calibration windows per domain")
-    g.add_argument("--seq-len", type=int, default=64, help="tokens per level 2 window")
-    g.add_argument("--l2-batch", type=int, default=2)
-    g.add_argument("--l2-epochs", type=int, default=3)
-    g.add_argument("--l2-lr", type=float, default=0.2)
-    g.add_argument("--tau", type=float, default=1.0, help="Gumbel-sigmoid temperature")
+    g.add_argument("--sparsity-weight", type=nonneg_float, default=1.0, help="weight of the active-fraction penalty")
+    g.add_argument("--l2-windows", type=positive_int, default=4, help="calibration windows per domain")
+    g.add_argument("--seq-len", type=int_at_least(2), default=64, help="tokens per level 2 window")
+    g.add_argument("--l2-batch", type=positive_int, default=2)
+    g.add_argument("--l2-epochs", type=positive_int, default=3)
+    g.add_argument("--l2-lr", type=positive_float, default=0.2)
+    g.add_argument("--tau", type=positive_float, default=1.0, help="Gumbel-sigmoid temperature")
     g.add_argument("--relax", choices=["st", "soft"], default="st", help="straight-through hard gates or soft mix")
-    g.add_argument("--l2-heldout", type=int, default=2, help="held-out windows per domain for the level 2 report")
+    g.add_argument("--l2-heldout", type=positive_int, default=2,
+                   help="held-out windows per domain for the level 2 report")
     g.add_argument("--skip-level2", action="store_true", help="train level 1 only (every layer stays dense)")
     g = p.add_argument_group("comparison (README figures)")
     g.add_argument("--compare", action="store_true", help="after training: held-out ppl per domain and decode "
                                                           "tokens/s for dense, freemoe, oracle and mixed")
-    g.add_argument("--compare-windows", type=int, default=2, help="held-out windows of 256 tokens per domain")
-    g.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode-speed run")
+    g.add_argument("--compare-windows", type=positive_int, default=2, help="held-out windows of 256 tokens per domain")
+    g.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode-speed run")
     return p.parse_args(argv)
 
 

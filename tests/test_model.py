@@ -16,6 +16,7 @@ Shape legend: B batch, T time, V vocab.
 import copy
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -399,6 +400,11 @@ def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
 
     def fake_hub(url, timeout=None):
         urls.append(url)
+        if url == "https://huggingface.co/api/models/someorg/tiny/tree/main":  # the file list, with sizes and hashes
+            files = [{"type": "file", "path": f.name, "size": f.stat().st_size,
+                      "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
+                     for f in served.iterdir()]
+            return io.BytesIO(json.dumps(files).encode())
         prefix = "https://huggingface.co/someorg/tiny/resolve/main/"
         f = served / url.removeprefix(prefix)
         if not url.startswith(prefix) or not f.exists():
