@@ -497,6 +497,14 @@ def test_non_finite_weight_is_named(bad):
     assert "ckpt.safetensors" in msg and "layers.1.mlp.up.weight" in msg and "1 non-finite" in msg, msg
 
 
+def test_huge_but_finite_weights_still_load():
+    """The check sums each tensor first; a sum that overflows while every weight is finite must pass."""
+    m = tiny_model()
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    weights["layers.0.mlp.up.weight"][0, :4] = 3e38
+    M.load_weights(M.Transformer(m.config), weights, "ckpt.safetensors")
+
+
 def test_non_finite_weight_in_an_hf_folder(tmp_path):
     d = write_dir(tmp_path / "m", tiny_hf_files(poison="model.layers.0.self_attn.k_proj.weight"))
     msg = one_line(M.load_model, d)
