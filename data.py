@@ -568,9 +568,10 @@ def download(url: str, bar: tqdm, name: str, dest: Path) -> bytes:
                 bar.update(len(chunk))
             return b"".join(parts)
     except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
-        raise DataUnavailable(f"cannot download data/{name} from {url} ({getattr(e, 'reason', e)}); put data/{name} at "
-                        f"{dest} by hand (`python data.py` makes it where there is network), or set --data-dir / "
-                        f"$FREE_MOE_SHARED to a folder holding data/{name}") from None
+        why = getattr(e, "reason", e)
+        raise DataUnavailable(f"cannot download data/{name} from {url} ({why}); put data/{name} at {dest} by hand "
+                              f"(`python data.py` makes it where there is network), or set --data-dir / "
+                              f"$FREE_MOE_SHARED to a folder holding data/{name}") from None
 
 
 def fetch(f: DataFile, dest: Path, data_dir=None):

@@ -39,7 +39,7 @@ def unavailable(error: BaseException) -> str | None:
     shared = shared_dir()
     found = re.search(re.escape(str(shared)) + r"[^\s'\"]*", str(error))
     if found and not shared.exists():
-        return (f"needs {found.group()}, which only the shared assets hold (not downloadable): set $FREE_MOE_SHARED "
+        return (f"needs {found.group().rstrip(':,.;')}, which only the shared assets hold (not downloadable): set $FREE_MOE_SHARED "
                 f"to a folder that has it")
     return None
 
