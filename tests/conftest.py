@@ -39,8 +39,8 @@ def unavailable(error: BaseException) -> str | None:
     shared = shared_dir()
     found = re.search(re.escape(str(shared)) + r"[^\s'\"]*", str(error))
     if found and not shared.exists():
-        return (f"needs {found.group().rstrip(':,.;')}, which only the shared assets hold (not downloadable): set $FREE_MOE_SHARED "
-                f"to a folder that has it")
+        return (f"needs {found.group().rstrip(':,.;')}, which only the shared assets hold (not downloadable): "
+                f"set $FREE_MOE_SHARED to a folder that has it")
     return None
 
 
