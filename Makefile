@@ -1,8 +1,9 @@
 # make demo: install what is missing, then run the pipeline on the default model (SmolLM2-135M GGUF).
 # make test: the full test suite (slow real-model tests included, as in CI).
+# make data: fetch every data file ahead of time (otherwise each is fetched, verified and cached on first use).
 PY ?= python3
 
-.PHONY: install install-dev demo lint test test-fast
+.PHONY: install install-dev data demo lint test test-fast
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -10,6 +11,9 @@ install:
 
 install-dev: install
 	$(PY) -m pip install -q -r requirements-dev.txt
+
+data: install
+	$(PY) data.py
 
 # The demo pipeline on the default model. Each stage is a file target, so a second `make demo` skips the
 # finished stages; `make demo FORCE=1` redoes them all. Small slices keep it to minutes on 2 CPU cores.
