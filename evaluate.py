@@ -20,8 +20,9 @@ What comes out (under --out, default results/):
 
 Tasks (every system sees the same items: --limit picks a seeded, prefix-stable subset of each task):
     mmlu       k-shot (dev split) in the lm-evaluation-harness format, scored by the log-likelihood of
-               " A".." D"; also a cloze variant (log-likelihood of the answer text, normalised per byte) because
-               small models sit at chance on letters. Reported: accuracy, per subject, per category, macro.
+               " A".." D"; also a cloze variant (lm-evaluation-harness `mmlu_continuation`: log-likelihood of the
+               answer text, acc_norm = normalised per character of the answer) because small models sit at chance
+               on letters. Reported: accuracy, per subject, per category, macro.
                Only the test items of purify.py's "eval" bucket (70%): the other 30% calibrate or validate experts.
     gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
                number after "####" or else the last number; exact match after normalising "," "$" and ".0".
@@ -444,15 +445,16 @@ def run_mmlu(rt: Runtime, system: System, items: list[dict]) -> list[dict]:
     tok, reqs = rt.tokenizer, []
     for it in items:
         ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
-        reqs += [(ctx, tok.encode(f" {L}")) for L in LETTERS]
-        reqs += [(cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
+        reqs += [(ctx, tok.encode(f" {L}", bos=False)) for L in LETTERS]
+        reqs += [(cloze, tok.encode(f" {c}", bos=False)) for c in it["doc"]["choices"]]
     mlps, frac = system.pick([tok.encode(it["prompt"]) for it in items], "knowledge")
     ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
     records = []
     for j, it in enumerate(items):
         letters, cloze = ll[8 * j:8 * j + 4], ll[8 * j + 4:8 * j + 8]
-        # cloze accuracy normalised per byte of the answer (harness acc_norm): longer answers are not penalised
-        norm = [x / max(1, len(f" {c}".encode())) for x, c in zip(cloze, it["doc"]["choices"])]
+        # cloze accuracy is the harness's acc_norm: log-likelihood per character of the answer text (the choice
+        # string, without the leading space), so longer answers are not penalised
+        norm = [x / max(1, len(c)) for x, c in zip(cloze, it["doc"]["choices"])]
         ans = it["doc"]["answer"]
         records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "subject": it["doc"]["subject"],
                         "prediction": LETTERS[int(np.argmax(letters))], "reference": LETTERS[ans],
@@ -540,8 +542,10 @@ def prepare_ppl(rt: Runtime) -> Task:
     n = rt.args.seq_len
     items = []
     for domain in rt.args.ppl_domains:
-        ids = rt.tokenizer.encode(heldout_text(domain, rt.args.data_dir))
-        windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n) if len(ids[i:i + n]) > 1]
+        ids = rt.tokenizer.encode(heldout_text(domain, rt.args.data_dir), bos=False)
+        bos = [rt.tokenizer.bos_id] if rt.tokenizer.add_bos else []  # Gemma: every window starts with <bos>
+        w = n - len(bos)  # text tokens per window
+        windows = [bos + ids[i:i + w] for i in range(0, len(ids) - 1, w) if len(bos + ids[i:i + w]) > 1]
         picked = select(list(enumerate(windows)), rt.args.ppl_windows or limit_for(rt.args, "ppl"), rt.args.seed)
         items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
     return Task("ppl", "mixed", items, {"seq_len": n, "domains": list(rt.args.ppl_domains)}, run_ppl)

@@ -26,7 +26,9 @@ The method, step by step (each step is named in the comments below):
                  for every layer l and neuron j the mean |a_j|, mean a_j^2, firing rate and max |a_j|, plus
                  ||W_down[:, j]||; memory O(L x F), never O(tokens)
     DOWP step 3  scores: structured Wanda importance I_d(l, j) = sqrt(mean_d a_j^2) * ||W_down[:, j]||, made
-                 domain-oriented by contrasting it with the other domains (`score_dowp`, knob --contrast)
+                 domain-oriented by contrasting it with the other domains (`score_dowp`, knob --contrast); or
+                 loss-aware (`loss_aware_stats`, --score taylor): the estimated change of the domain's loss
+                 when the neuron is removed, which can be negative (removing the neuron should help)
     DOWP step 4  budget: keep a fraction of neurons per layer (uniform, or allocated by measured layer
                  sensitivity); super neurons (massive activations) are always kept (--protect)
     DOWP step 5  DSS-Experts: the kept index sets; `materialize` gathers them into compact MLPs (`MLP.select`)
@@ -46,6 +48,12 @@ All choices in one place:
                   perplexity gets worse monotonically with the contrast, so DEFAULT_CONTRAST = 0: the default DSS-Expert
                   is the structured Wanda score on the domain's own text (+ protected super neurons). The contrast
                   makes experts more specialised (worse on the other domains) but never better on their own.
+    score (taylor) dL_j ~ -sum_t a_j,t * dL/da_j,t / n: first-order change of the mean next-token loss L on the
+                  domain's calibration text when neuron j is removed (a_j = 0). One backward per batch, gradients
+                  w.r.t. the activations only. Unlike dowp it has a sign: dL_j < 0 means removal should lower L.
+    --auto        instead of a fixed keep: remove every neuron scoring below one global threshold, chosen among
+                  AUTO_REMOVE candidates by the loss on the last quarter of the calibration windows (scores come
+                  from the other three quarters); held-out text is never used. Keeping every neuron is a candidate.
     baselines     random (uniform scores, seeded), magnitude (weights only: ||[W_up; W_gate][j]|| * ||W_down[:, j]||),
                   general (Wanda on general text only), mixed (Wanda on all domains' calibration text pooled).
                   Each is ONE mask for every input, at the same per-layer budget; mixed is the fair comparison.
@@ -86,12 +94,13 @@ from cli import (ArgumentParser, UserError, add_common_args, fraction, int_at_le
                  positive_int, run_cli, shared_dir)
 
 BASELINES = ("random", "magnitude", "general", "mixed")
-SCORES = ("dowp",) + BASELINES
+SCORES = ("dowp", "taylor") + BASELINES
 STATS = ("mean_abs", "mean_sq", "fire_rate", "max_abs", "down_norm")  # each (L, F); plus "count" (tokens)
 DEFAULT_CONTRAST = 0.0  # lam of score_dowp; chosen by held-out perplexity (MEASURED in the module docstring)
 PROTECT_FACTOR = 50.0  # super neuron: max |a| above this many times the layer's median max |a|
 FIRE_REL = 0.1  # "fires" = |a_j| above this fraction of the token's RMS activation
 EXPERTS_FORMAT = "free-moe-experts/1"
+AUTO_REMOVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # --auto: candidate fractions of all neurons removed
 
 
 # DOWP step 1 (calibration windows of a domain) is data.load_domain_tokens.
@@ -207,19 +216,90 @@ def score_magnitude(model: M.Transformer) -> torch.Tensor:
     return torch.stack(rows).cpu()  # (L, F)
 
 
+class TaylorMLP(nn.Module):
+    """Wraps an FFN for the loss-aware pass: computes exactly what it computes, keeps its activations a (B, T, F)
+    for the backward and sums x_c^2 of its input (the weight-level Wanda score of purify_sweep.py reads it)."""
+
+    def __init__(self, mlp: M.MLP):
+        super().__init__()
+        self.mlp, self.a = mlp, None
+        dev = mlp.up.weight.device
+        self.taylor = torch.zeros(mlp.n_neurons, dtype=torch.float64, device=dev)  # sum_t -a_j dL/da_j
+        self.in_sq = torch.zeros(mlp.up.in_features, dtype=torch.float64, device=dev)  # sum_t x_c^2
+        self.count = 0
+
+    def forward(self, x):
+        a = self.mlp.neurons(x)  # (B, T, F)
+        if not a.requires_grad:  # first layer of a frozen model: nothing before it needs a gradient, the graph
+            a.requires_grad_()  # starts at these activations
+        a.retain_grad()
+        self.a = a
+        self.in_sq += x.detach().float().pow(2).sum((0, 1)).double()
+        self.count += x.shape[0] * x.shape[1]
+        return self.mlp.project(a)
+
+    def after_backward(self):
+        self.taylor -= (self.a.detach().float() * self.a.grad.float()).sum((0, 1)).double()
+        self.a = None
+
+
+def loss_aware_stats(model: M.Transformer, windows: torch.Tensor, batch_size: int = 2, weights: bool = False,
+                     desc: str = "taylor") -> dict:
+    """DOWP step 3 (loss-aware): first-order estimates of how the mean next-token loss L on `windows` (N, T)
+    changes when one neuron (or one FFN weight) is removed. One forward + backward per batch; the model's values
+    never change (weights=True only asks autograd for dL/dW of the FFN matrices, then forgets it).
+
+        taylor (L, F)   dL_j ~ -sum_t a_j,t dL/da_j,t   (removing j takes a_j from its value to 0)
+        in_norm (L, C)  sqrt(E x_c^2) of each FFN's input
+        taylor_w        with weights=True: {"{l}.{up|gate|down}": -W * dL/dW, same shape as W}, one weight each
+        count           predicted tokens (L is their mean)"""
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise UserError(f"need (N, T >= 2) token windows, got shape {tuple(windows.shape)}")
+    recorders = [TaylorMLP(blk.mlp) for blk in model.layers]
+    params = {f"{l}.{n}": getattr(blk.mlp, n).weight for l, blk in enumerate(model.layers)
+              for n in ("up", "gate", "down") if weights and getattr(blk.mlp, n) is not None}
+    device, n_pred = model.tok_emb.weight.device, 0
+    for w in params.values():
+        w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+                x = windows[i:i + batch_size].to(device)  # (B, T)
+                logits = model(x, mlps=recorders)  # (B, T, V)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                loss.backward()  # the sum: every token's gradient counts once; divided by n_pred below
+                for r in recorders:
+                    r.after_backward()
+                n_pred += x[:, 1:].numel()
+        out = {"taylor": torch.stack([r.taylor for r in recorders]).div(n_pred).float().cpu(),
+               "in_norm": torch.stack([(r.in_sq / r.count).sqrt() for r in recorders]).float().cpu(),
+               "count": torch.tensor(n_pred, dtype=torch.int64)}
+        if weights:
+            out["taylor_w"] = {k: (-w.detach().float() * w.grad.float() / n_pred).cpu() for k, w in params.items()}
+    finally:
+        for w in params.values():
+            w.requires_grad_(False)
+            w.grad = None
+    return out
+
+
 def score_neurons(stats_by_domain: dict[str, dict] | None, model: M.Transformer, method: str, domain: str | None = None,
                   contrast: float = DEFAULT_CONTRAST, seed: int = 0) -> torch.Tensor:
-    """Scores (L, F) by `method` (dowp needs `domain`); higher = keep first."""
+    """Scores (L, F) by `method` (dowp and taylor need `domain`); higher = keep first."""
     if method == "random":
         return score_random(model, seed)
     if method == "magnitude":
         return score_magnitude(model)
     if not stats_by_domain:
         raise UserError(f"score {method!r} needs calibration statistics")
+    if method in ("dowp", "taylor") and domain is None:
+        raise ValueError(f"score {method!r} needs a domain")
     if method == "dowp":
-        if domain is None:
-            raise ValueError("score 'dowp' needs a domain")
         return score_dowp(stats_by_domain, domain, contrast)
+    if method == "taylor":
+        if "taylor" not in stats_by_domain.get(domain, {}):
+            raise UserError(f"score 'taylor' needs the loss-aware statistics of domain {domain!r} (loss_aware_stats)")
+        return stats_by_domain[domain]["taylor"]
     if method == "general":
         if "general" not in stats_by_domain:
             raise UserError("baseline 'general' needs statistics of the general domain")
@@ -281,6 +361,37 @@ def allocate_keep(sensitivity: torch.Tensor, keep: float, lo: float = 0.1, hi: f
         else:
             hi_c = c
     return [float(v) for v in (hi_c * s).clamp(lo, hi)]
+
+
+def select_above(scores: torch.Tensor, threshold: float, protected: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Remove every neuron scoring below one global `threshold`: per layer, the indices of the others (sorted), plus
+    the protected ones; a layer never ends up empty (its best neuron stays)."""
+    out = []
+    for l in range(scores.shape[0]):
+        keep = scores[l] >= threshold  # (F,) bool
+        if protected is not None:
+            keep |= protected[l]
+        if not keep.any():
+            keep[scores[l].argmax()] = True
+        out.append(keep.nonzero().flatten())
+    return out
+
+
+def auto_threshold(model: M.Transformer, scores: torch.Tensor, val_windows: torch.Tensor,
+                   protected: torch.Tensor | None = None, batch_size: int = 8) -> tuple[float, list[dict]]:
+    """--auto: the global threshold whose purified model has the lowest loss on `val_windows` (calibration text
+    the scores did not see; never held-out text). Candidates: -inf (remove nothing), 0 when some scores are
+    negative (taylor: remove every neuron estimated to hurt), and the thresholds removing each AUTO_REMOVE
+    fraction of all neurons. Returns the threshold and every trial {threshold, removed, val_loss}."""
+    flat = scores.flatten().sort().values
+    cands = {float("-inf"), *({0.0} if flat[0] < 0 else ()), *(float(flat[round(f * len(flat))]) for f in AUTO_REMOVE)}
+    trials = []
+    for tau in sorted(cands):
+        idx = select_above(scores, tau, protected)
+        loss = math.log(perplexity(model, val_windows, materialize(model, idx), batch_size))
+        trials.append({"threshold": tau, "removed": 1 - kept_fraction(idx, model), "val_loss": loss})
+    best = min(trials, key=lambda t: (t["val_loss"], t["removed"]))  # a tie goes to removing less
+    return best["threshold"], trials
 
 
 # ----------------------------------------------------------------------------- DOWP step 5: DSS-Experts
@@ -498,7 +609,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
     return copied
 
 
-# ----------------------------------------------------------------------------- DOWP step 7: report (held-out perplexity)
+# ------------------------------------------------------------------------- DOWP step 7: report (held-out perplexity)
 
 @torch.no_grad()
 def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> float:
@@ -528,7 +639,7 @@ def layer_sensitivity(model: M.Transformer, windows: torch.Tensor, scores: torch
     return torch.tensor(out)
 
 
-# ----------------------------------------------------------------------------- DOWP step 7: report (the matrix, overlap, caches)
+# ----------------------------------------------------------------- DOWP step 7: report (the matrix, overlap, caches)
 
 def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: int, key: dict) -> dict:
     """Statistics of one domain, cached in out_dir/stats.{name}.safetensors: a re-run with the same model, data
@@ -639,6 +750,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=fraction, default=0.5, help="fraction of FFN neurons kept (per layer, or on average)")
     p.add_argument("--alloc", choices=("uniform", "sensitivity"), default="uniform",
                    help="per-layer budget: the same keep everywhere, or more for layers measured to be sensitive")
+    p.add_argument("--auto", action="store_true",
+                   help="instead of --keep/--alloc: remove every neuron below a global threshold validated on a "
+                        "quarter of the calibration text (see the docstring)")
     p.add_argument("--score", choices=SCORES, default="dowp", help="score used to build the domain experts")
     p.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST, help="DOWP contrast lambda (0 = plain Wanda)")
     p.add_argument("--sweep-contrast", type=float, nargs="*", default=None, metavar="LAM",
@@ -656,8 +770,8 @@ def parse_args(argv=None):
                    help="write one domain expert as an HF checkpoint here")
     p.add_argument("--export-domain", default=None, help="which domain to export (default: the first)")
     args = p.parse_args(argv)
-    if not 0 < args.keep <= 1:
-        raise UserError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.auto and args.alloc != "uniform":
+        raise UserError("--auto chooses the budget itself; it does not combine with --alloc")
     if args.tokens < args.seq_len or args.heldout_tokens < args.seq_len:
         raise UserError(f"--tokens/--heldout-tokens must be at least --seq-len ({args.seq_len})")
     specs = list(args.domains) + list(args.domain)
@@ -688,12 +802,23 @@ def main(argv=None):
     # DOWP step 1: calibration windows (and held-out windows, kept apart, for the report)
     calib = {n: data.load_domain_tokens(s, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
              for n, s in zip(args.names, args.specs)}
+    val = {}  # --auto: the last quarter of each domain's calibration windows chooses the threshold, the rest scores
+    if args.auto:
+        if min(len(w) for w in calib.values()) < 2:
+            raise UserError(f"--auto needs at least 2 calibration windows per domain (--tokens >= {2 * args.seq_len})")
+        val = {n: w[len(w) - max(1, len(w) // 4):] for n, w in calib.items()}
+        calib = {n: w[:len(w) - len(val[n])] for n, w in calib.items()}
     # DOWP step 2: statistics, one streamed pass per domain (cached per domain)
     stats = {}
     for n, s in zip(args.names, args.specs):
         key = {"fingerprint": model.fingerprint, "domain": s, "tokens": args.tokens, "seed": args.seed,
                "seq_len": args.seq_len, "n_windows": len(calib[n]), "dtype": args.dtype}
         stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
+        if args.score == "taylor":  # the loss-aware pass (a forward + backward per batch; not cached)
+            t0 = time.perf_counter()
+            stats[n]["taylor"] = loss_aware_stats(model, calib[n], max(1, args.batch_size // 4), desc=f"taylor {n}")[
+                "taylor"]
+            print(f"taylor {n}: {calib[n].numel()} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     # DOWP step 4: protection and budget
     protected = super_neurons(stats, args.protect)  # (L, F) bool: the super neurons every method keeps
@@ -709,11 +834,23 @@ def main(argv=None):
         keep = allocate_keep(sens, args.keep)
 
     # DOWP step 3 + 5: scores -> DSS-Experts; baselines at the same per-layer budget
-    experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protected, args.seed)
+    auto = {}
+    if args.auto:  # one global threshold per domain, chosen on that domain's validation windows
+        experts = {}
+        for d in args.names:
+            scores = score_neurons(stats, model, args.score, d, args.contrast, args.seed)
+            tau, trials = auto_threshold(model, scores, val[d], protected, args.batch_size)
+            experts[d], auto[d] = select_above(scores, tau, protected), {"threshold": tau, "trials": trials}
+            print(f"auto {d}: threshold {tau:.3g} removes {1 - kept_fraction(experts[d], model):.4f} of the neurons "
+                  f"(validation loss {min(t['val_loss'] for t in trials):.4f})", file=sys.stderr)
+        keep = sum(kept_fraction(e, model) for e in experts.values()) / len(experts)  # baselines: the mean budget
+    else:
+        experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protected, args.seed)
     baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), keep, protected)
                  for b in BASELINES if b != "general" or "general" in stats}
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
-            "score": args.score, "contrast": args.contrast, "keep": args.keep, "alloc": args.alloc,
+            "score": args.score, "contrast": args.contrast, "keep": keep if args.auto else args.keep,
+            "alloc": "auto" if args.auto else args.alloc, "auto": auto,
             "keep_per_layer": keep if isinstance(keep, list) else [keep] * cfg.n_layer,
             "protect": args.protect, "n_protected": n_protected, "seed": args.seed, "seq_len": args.seq_len,
             "domain_specs": dict(zip(args.names, args.specs)),

@@ -30,16 +30,17 @@ HF_TOKENIZER = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokeniz
 # ----------------------------------------------------------------------------- prompts and parsing
 
 def test_mmlu_prompt_golden():
-    shot = {"subject": "high_school_physics", "question": " What is 1+1? ", "choices": ["1", "2", "3", "4"], "answer": 1}
-    doc = {"subject": "high_school_physics", "question": "Which is a vector?", "choices": ["mass", "speed", "velocity", "time"],
-           "answer": 2}
+    shot = {"subject": "high_school_physics", "question": " What is 1+1? ", "choices": ["1", "2", "3", "4"],
+            "answer": 1}
+    doc = {"subject": "high_school_physics", "question": "Which is a vector?",
+           "choices": ["mass", "speed", "velocity", "time"], "answer": 2}
     assert data.mmlu_prompt(doc, [shot]) == (
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
         "Which is a vector?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:")
-    assert data.mmlu_cloze_prompt(doc, [shot]) == (
-        "The following are multiple choice questions (with answers) about high school physics.\n\n"
-        "What is 1+1?\nAnswer: 2\n\nWhich is a vector?\nAnswer:")
+    assert data.mmlu_cloze_prompt(doc, [shot]) == (  # lm-evaluation-harness mmlu_continuation
+        "The following are questions (with answers) about high school physics.\n\n"
+        "Question: What is 1+1?\nAnswer: 2\n\nQuestion: Which is a vector?\nAnswer:")
 
 
 def test_mmlu_categories_cover_the_data():
@@ -186,7 +187,9 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
         letters = [brute_loglik(model, ctx, tok.encode(f" {L}")) for L in "ABCD"]
         clozes = [brute_loglik(model, cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
         assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-4)
-        assert rec["loglik_cloze"] == pytest.approx(clozes, abs=1e-4)
+        assert rec["loglik_cloze"] == pytest.approx(clozes, rel=1e-6, abs=1e-4)  # sums of ~1e3 in float32
+        per_char = [x / len(c) for x, c in zip(rec["loglik_cloze"], it["doc"]["choices"])]  # harness acc_norm
+        assert rec["correct_cloze"] == float(max(range(4), key=per_char.__getitem__) == it["doc"]["answer"])
         assert rec["prediction"] == "ABCD"[max(range(4), key=letters.__getitem__)]
 
 

@@ -99,12 +99,13 @@ def test_masked_equals_compact(arch):
 def test_keep_one_is_exactly_dense():
     m, w = tiny(), windows()
     stats = {"a": P.collect_stats(m, w), "b": P.collect_stats(m, windows(seed=2))}
+    stats["a"]["taylor"] = P.loss_aware_stats(m, w)["taylor"]
     for method in P.SCORES:
         s = P.score_neurons({**stats, "general": stats["a"]}, m, method, domain="a")
-        idx = P.select_neurons(s, 1.0)
-        assert all(torch.equal(i, torch.arange(48)) for i in idx)
-        with torch.no_grad():
-            assert torch.equal(m(w, mlps=P.materialize(m, idx)), m(w))
+        for idx in (P.select_neurons(s, 1.0), P.select_above(s, float("-inf"))):  # --auto's "remove nothing"
+            assert all(torch.equal(i, torch.arange(48)) for i in idx)
+            with torch.no_grad():
+                assert torch.equal(m(w, mlps=P.materialize(m, idx)), m(w))
     assert P.kept_fraction(idx, m) == 1.0
     assert P.kept_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
 
@@ -159,6 +160,119 @@ def test_dowp_contrast_rule():
         P.score_dowp(stats, "code", -1.0)
     mixed = P.score_neurons(stats, tiny(n_ffn=4), "mixed")
     torch.testing.assert_close(mixed, (0.5 * code ** 2 + 0.5 * math_ ** 2).sqrt())
+
+
+# --- loss-aware (Taylor) scores
+
+class ScaledNeuron(torch.nn.Module):
+    """The FFN with neuron j's activation multiplied by `factor` (factor 0 = the neuron removed)."""
+
+    def __init__(self, mlp, j, factor):
+        super().__init__()
+        self.mlp, self.j, self.factor = mlp, j, factor
+
+    def forward(self, x):
+        a = self.mlp.neurons(x).clone()  # (B, T, F)
+        a[..., self.j] *= self.factor
+        return self.mlp.project(a)
+
+
+def mean_nll(m, w, mlps=None) -> float:
+    with torch.no_grad():
+        logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_taylor_equals_finite_difference(arch):
+    """dL_j = -sum_t a_j dL/da_j is -d/ds L(a_j -> s a_j) at s = 1: check it against a central difference, and the
+    per-weight form against it (removing neuron j = removing column j of W_down, so the column sums agree)."""
+    m, w = tiny(arch).double(), windows()
+    est = P.loss_aware_stats(m, w, batch_size=4, weights=True)  # two batches: the sums must add up
+    h = 0.03
+    for l, j in [(0, 3), (1, 17), (2, 40)]:
+        mlps = lambda f: [ScaledNeuron(b.mlp, j, f) if i == l else b.mlp for i, b in enumerate(m.layers)]
+        fd = -(mean_nll(m, w, mlps(1 + h)) - mean_nll(m, w, mlps(1 - h))) / (2 * h)
+        assert abs(est["taylor"][l, j].item() - fd) <= 1e-3 * abs(fd) + 2e-5, (l, j, est["taylor"][l, j], fd)
+    torch.testing.assert_close(torch.stack([est["taylor_w"][f"{l}.down"].sum(0) for l in range(3)]), est["taylor"],
+                               rtol=1e-4, atol=1e-7)
+    # one up-projection weight: -W dL/dW against a central difference on that weight alone
+    up = m.layers[1].mlp.up.weight
+    fd_w = []
+    for f in (1 + h, 1 - h):
+        with torch.no_grad():
+            old, up[5, 7] = up[5, 7].clone(), up[5, 7] * f
+            fd_w.append(mean_nll(m, w))
+            up[5, 7] = old
+    fd = -(fd_w[0] - fd_w[1]) / (2 * h)
+    assert abs(est["taylor_w"]["1.up"][5, 7].item() - fd) <= 1e-3 * abs(fd) + 2e-6
+    assert not any(p.requires_grad or p.grad is not None for p in m.parameters())  # the model stays frozen
+
+
+def harmful_model():
+    """A tiny GPT-2 whose neuron 5 of the last layer fires at ~3 on every token and writes the LM-head direction of
+    token 95, which never occurs in the text (tokens < 48): removing it provably lowers the loss."""
+    m = tiny("gpt2")
+    mlp = m.layers[2].mlp
+    with torch.no_grad():
+        mlp.up.weight[5] = 0
+        mlp.up.bias[5] = 3.0  # a = gelu(3) on every token
+        v = m.tok_emb.weight[95] - m.tok_emb.weight[95].mean()  # tied head: raises token 95's logit
+        mlp.down.weight[:, 5] = 10 * v / v.norm()
+    w = lambda seed: torch.randint(0, 48, (8, 16), generator=torch.Generator().manual_seed(seed))  # (N, T)
+    return m, w
+
+
+def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
+    m, w = harmful_model()
+    calib, val = w(1), w(2)
+    without = [b.mlp for b in m.layers]
+    without[2] = ScaledNeuron(without[2], 5, 0.0)
+    assert mean_nll(m, calib, without) < mean_nll(m, calib) - 1  # the truth: removal lowers the loss a lot
+    taylor = P.loss_aware_stats(m, calib)["taylor"]  # (L, F)
+    assert taylor.flatten().argmin().item() == 2 * 48 + 5 and taylor[2, 5] < 0  # ranked first to remove
+    assert 5 not in P.select_neurons(taylor, 47 / 48)[2].tolist()
+    tau, trials = P.auto_threshold(m, taylor, val)  # chosen on other text of the same kind
+    idx = P.select_above(taylor, tau)
+    assert 5 not in idx[2].tolist() and trials[0]["removed"] == 0  # the "remove nothing" candidate was tried
+    best = min(t["val_loss"] for t in trials)
+    assert best < trials[0]["val_loss"] and P.kept_fraction(idx, m) > 0.8
+    masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
+    with torch.no_grad():
+        assert (m(val, mlps=P.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
+
+
+def test_select_above_keeps_protected_and_never_empties_a_layer():
+    scores = torch.tensor([[-1.0, 2.0, -3.0], [-5.0, -4.0, -6.0]])  # (L, F)
+    protect = torch.tensor([[False, False, True], [False, False, False]])
+    idx = P.select_above(scores, 0.0, protect)
+    assert idx[0].tolist() == [1, 2] and idx[1].tolist() == [1]  # layer 1: its best neuron stays
+
+
+def test_weight_level_masks():
+    import purify_sweep as S
+    m, w = tiny(), windows()
+    stats = P.collect_stats(m, w)
+    sc = {"stats": stats, **P.loss_aware_stats(m, w, weights=True)}
+    for method in S.WEIGHT_SCORES:
+        scores = S.weight_scores(m, method, sc, 1)
+        assert set(scores) == {"up", "gate", "down"}
+        masked = S.weight_masked(m.layers[1].mlp, scores, 0.25)
+        for name, s in scores.items():
+            w0, w1 = getattr(m.layers[1].mlp, name).weight, getattr(masked, name).weight
+            removed = w1 == 0
+            assert (removed.sum(1) == round(0.25 * w0.shape[1])).all()  # the same fraction of every row
+            assert torch.equal(w1[~removed], w0[~removed])  # kept weights keep their values
+            lowest = torch.topk(s, round(0.25 * w0.shape[1]), dim=1, largest=False).indices
+            assert removed.gather(1, lowest).all()  # and the removed ones are the lowest-scoring
+        dense = [S.weight_masked(b.mlp, S.weight_scores(m, method, sc, l), 0.0) for l, b in enumerate(m.layers)]
+        with torch.no_grad():
+            assert torch.equal(m(w, mlps=dense), m(w))  # sparsity 0 is exactly dense
+    wanda = S.weight_scores(m, "wanda", sc, 0)
+    torch.testing.assert_close(wanda["down"], m.layers[0].mlp.down.weight.abs() * stats["mean_sq"][0].sqrt())
+    nll = torch.tensor([1.0, 2.0, 3.0, 2.5])
+    iv = S.intervals(nll, nll)
+    assert iv["delta"] == 0 and iv["delta_ci"] == [0, 0] and iv["ppl_ci"][0] <= iv["ppl"] <= iv["ppl_ci"][1]
 
 
 def test_experts_file_roundtrip_and_refusals(tmp_path):
@@ -266,7 +380,8 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     model, _ = M.load_model(tmp_path / "tiny")
     ex = P.load_experts(out / "experts.safetensors", model)
     assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)
-    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains) and ex.meta["tokens"] == {"general": 256, "code": 256}
+    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
+    assert ex.meta["tokens"] == {"general": 256, "code": 256}
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
     assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
@@ -278,6 +393,42 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     w = windows(2, 16)
     with torch.no_grad():
         assert (exported(w) - model(w, mlps=ex.mlps("code"))).abs().max() <= 1e-5
+
+
+def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
+    """purify.py --score taylor --auto writes loadable experts with the chosen thresholds; purify_sweep.py runs every
+    score and budget, the check and --write-experts, and a re-run reuses every cached row."""
+    if not SMOL_HF_TOK.exists():
+        pytest.skip("needs the shared SmolLM2 tokenizer")
+    torch.manual_seed(0)
+    cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
+                   max_seq_len=512, name="tiny-cli")
+    P.export_hf(M.Transformer(cfg).eval().requires_grad_(False), [None, None], tmp_path / "tiny", SMOL_HF_TOK)
+    common = ["--model", str(tmp_path / "tiny"), "--domains", "general", "code", "--tokens", "512", "--seq-len", "128",
+              "--threads", "1"]
+    r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "--no-report",
+                        "--out", str(tmp_path / "auto")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "taylor general" in r.stderr and "auto code: threshold" in r.stderr
+    model, _ = M.load_model(tmp_path / "tiny")
+    ex = P.load_experts(tmp_path / "auto" / "experts.safetensors", model)
+    assert ex.meta["alloc"] == "auto" and set(ex.meta["auto"]) == {"general", "code"}
+    assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
+    argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
+            "--sparsities", "0.1", "--check-neurons", "4", "--check-lowest", "2", "--check-tokens", "128",
+            "--write-experts", "taylor:auto", "--out", str(tmp_path / "sweep")]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    systems = {"dense", "neuron:dowp:0.9", "neuron:dowp:auto", "neuron:taylor:0.9", "neuron:taylor:auto",
+               "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1"}
+    assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
+    assert rep["table"]["code"]["neuron:taylor:0.9"]["active"] == 0.9
+    assert "## Summary" in (tmp_path / "sweep" / "report.md").read_text()
+    ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.auto.safetensors", model)
+    assert ex.domains == ["general", "code"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
 
 
 # ============================================================================ real model (slow)
@@ -293,7 +444,8 @@ def real(real_model):
     heldout = {d: data.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)
                for d in data.BUILTIN_DOMAINS}
     protect = P.super_neurons(stats)
-    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect) for d in data.BUILTIN_DOMAINS}
+    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect)
+               for d in data.BUILTIN_DOMAINS}
     return {"model": model, "tok": tok, "stats": stats, "heldout": heldout, "protect": protect, "experts": experts,
             "ppl": {}}
 

@@ -1,0 +1,449 @@
+"""purify_sweep.py — does any purification beat the model it came from? The measurement behind README's answer.
+
+The paper claims purified DSS-Experts outperform the dense model. For each domain this script measures held-out
+perplexity of the dense model against the model purified for that domain, by every score and budget:
+
+    neuron level   (real DSS-Experts, purify.materialize: compact FFNs, real compute savings)
+        dowp        purify's default score (structured Wanda on the domain's text), at --keeps and --auto
+        taylor      loss-aware: the estimated change of the domain's loss when the neuron is removed
+                    (purify.loss_aware_stats), at --keeps and --auto
+    weight level   (reference: no speedup: masks inside full-size FFN matrices; no weight changes value)
+        wanda       |W_ij| * ||x_j|| (x: the matrix's input), per output row, as in Wanda
+        taylor      -W_ij * dL/dW_ij: the first-order change of the loss when weight ij is removed (signed:
+                    weights whose removal is estimated to help go first)
+        taylor_abs  |W_ij * dL/dW_ij| (the usual first-order Taylor importance, sign dropped)
+                    each removes the --sparsities fraction of the lowest-scoring weights of every row
+
+Every number has a 95% bootstrap interval over held-out windows, and every purified model the paired interval of
+its change against dense on the same windows ("beats dense" = that whole interval below 0).
+`--check-neurons` also tests the Taylor estimate against the truth: it removes each of ~200 neurons alone and
+measures the calibration loss change exactly (rank correlation with the estimate).
+
+Data protocol (no held-out text is ever used to choose anything): each domain's calibration split (--tokens) is cut
+into A = the first 3/4 of its windows (every score and statistic) and B = the last 1/4 (the --auto threshold
+only); the held-out split of purify.py / evaluate.py gives the reported numbers.
+
+What comes out (under --out; every step is cached, a killed run resumes):
+    scores.{domain}.safetensors   statistics + loss-aware pass on A (with the per-weight Taylor scores)
+    check.json                    Taylor estimate vs exact removal
+    results.json                  per-window held-out NLL of every system (the cache of the sweep)
+    report.md / report.json       the tables; report.png (held-out ppl vs fraction kept) when matplotlib is present
+    experts.{score}.{keep}.safetensors   with --write-experts: files evaluate.py runs (system "oracle" = the
+                                  purified expert of each item's domain), e.g. for MMLU and bits per byte
+
+    python purify_sweep.py --threads 1 --tokens 8192 --heldout-tokens 4096 --out results/purify16
+    python evaluate.py --systems dense oracle --tasks mmlu ppl \
+        --experts results/purify16/experts.taylor.0.99.safetensors
+
+Shape legend: B batch, T time, C width, L layers, F FFN neurons, N windows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoints as ckpt
+import data
+import model as M
+import purify as P
+from cli import UserError, add_common_args, run_cli, write_atomic
+
+NEURON_SCORES = ("dowp", "taylor")
+WEIGHT_SCORES = ("wanda", "taylor", "taylor_abs")
+
+
+# ----------------------------------------------------------------------------- scores (cached per domain)
+
+def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_size: int) -> dict:
+    """Statistics (purify.collect_stats) and the loss-aware pass with per-weight scores on `windows`, cached in
+    `path`. Returns {"stats": {...}, "taylor": (L, F), "in_norm": (L, C), "taylor_w": {"{l}.{name}": W's shape}}."""
+    if path.exists():
+        tensors, md = ckpt.read_safetensors(path, with_metadata=True)
+        if json.loads(md.get("key", "{}")) == key:
+            return unpack(tensors)
+    t0 = time.perf_counter()
+    stats = P.collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
+    loss = P.loss_aware_stats(model, windows, max(1, batch_size // 4), weights=True, desc=f"taylor {path.stem}")
+    print(f"{path.stem}: statistics + loss-aware pass on {windows.numel()} tokens in {time.perf_counter() - t0:.0f}s",
+          file=sys.stderr)
+    tensors = {**{f"stats.{k}": v.reshape(1) if k == "count" else v for k, v in stats.items()},
+               "taylor": loss["taylor"], "in_norm": loss["in_norm"],
+               **{f"taylor_w.{k}": v for k, v in loss["taylor_w"].items()}}
+    ckpt.write_safetensors(path, tensors, {"key": json.dumps(key)})
+    return unpack(tensors)
+
+
+def unpack(tensors: dict) -> dict:
+    stats = {k[6:]: v.reshape(()) if k == "stats.count" else v for k, v in tensors.items() if k.startswith("stats.")}
+    return {"stats": stats, "taylor": tensors["taylor"], "in_norm": tensors["in_norm"],
+            "taylor_w": {k[9:]: v for k, v in tensors.items() if k.startswith("taylor_w.")}}
+
+
+# ----------------------------------------------------------------------------- weight-level purification
+
+def weight_scores(model, method: str, sc: dict, layer: int) -> dict[str, torch.Tensor]:
+    """Per-weight scores of one layer's FFN matrices, {"up"|"gate"|"down": same shape as the weight}; higher = keep."""
+    mlp = model.layers[layer].mlp
+    names = ("up", "gate", "down") if mlp.gated else ("up", "down")
+    if method == "wanda":  # |W_ij| * ||x_j||: up/gate read the FFN input, down reads the activations a
+        norm = {"up": sc["in_norm"][layer], "gate": sc["in_norm"][layer], "down": sc["stats"]["mean_sq"][layer].sqrt()}
+        return {n: getattr(mlp, n).weight.detach().float().abs() * norm[n] for n in names}
+    if method not in ("taylor", "taylor_abs"):
+        raise UserError(f"unknown weight score {method!r} (expected one of {', '.join(WEIGHT_SCORES)})")
+    t = {n: sc["taylor_w"][f"{layer}.{n}"] for n in names}
+    return t if method == "taylor" else {n: v.abs() for n, v in t.items()}
+
+
+def weight_masked(mlp: M.MLP, scores: dict[str, torch.Tensor], sparsity: float) -> M.MLP:
+    """reference: no speedup. A copy of the FFN in which, in every row of each matrix, the `sparsity` fraction of
+    weights with the lowest scores is zeroed (removed); every other weight keeps its value."""
+    out = mlp.select(torch.arange(mlp.n_neurons))  # a full copy: the model's own weights stay untouched
+    with torch.no_grad():
+        for name, s in scores.items():
+            w = getattr(out, name).weight  # (out, in)
+            k = round(sparsity * w.shape[1])
+            if k:
+                w.scatter_(1, torch.topk(s.to(w.device), k, dim=1, largest=False).indices, 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- held-out NLL and intervals
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token NLL of each window, (N,) float64 (purify.perplexity = exp of their mean)."""
+    device, out = model.tok_emb.weight.device, []
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)  # (B, T)
+        logits = model(x, mlps=mlps)  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")  # (B*(T-1),)
+        out.append(nll.view(len(x), -1).double().mean(1).cpu())
+    return torch.cat(out)
+
+
+def intervals(nll: torch.Tensor, ref: torch.Tensor | None = None, seed: int = 0, n_boot: int = 2000) -> dict:
+    """ppl = exp(mean window NLL) with a 95% bootstrap interval over windows; with `ref` (dense on the same
+    windows) the paired change exp(mean(nll - ref)) - 1 in %, and its interval (same resamples)."""
+    idx = torch.randint(0, len(nll), (n_boot, len(nll)), generator=torch.Generator().manual_seed(seed))
+    q = lambda v: torch.quantile(v, torch.tensor([0.025, 0.975], dtype=v.dtype)).tolist()
+    out = {"ppl": math.exp(nll.mean()), "ppl_ci": [math.exp(v) for v in q(nll[idx].mean(1))]}
+    if ref is not None:
+        d = nll - ref
+        out["delta"] = 100 * math.expm1(d.mean())
+        out["delta_ci"] = [100 * math.expm1(v) for v in q(d[idx].mean(1))]
+    return out
+
+
+# ----------------------------------------------------------------------------- check: Taylor vs exact removal
+
+def ranks(v: torch.Tensor) -> torch.Tensor:
+    return v.argsort().argsort().double()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1])
+
+
+@torch.no_grad()
+def removal_deltas(model, windows: torch.Tensor, neurons: list[tuple[int, int]], done: dict, save) -> dict:
+    """Exact change of the mean NLL on `windows` (one batch) when neuron (l, j) alone is removed, for each pair.
+    The residual stream entering layer l is computed once (layers before l do not change); `done` is resumed."""
+    todo = [(l, j) for l, j in neurons if f"{l}.{j}" not in done]
+    if not todo:
+        return done
+    device, L = model.tok_emb.weight.device, model.config.n_layer
+    x = windows.to(device)  # (B, T)
+    loss = lambda logits: float(F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), x[:, 1:].flatten()))
+    h, rope, mask = model.embed(x)
+    hidden = [h]  # hidden[l]: (B, T, C) entering layer l
+    for l in range(L):
+        hidden.append(model.run_layers(hidden[l], rope, mask, l, l + 1))
+    base = loss(model.head(hidden[L]))
+    for n, (l, j) in enumerate(tqdm(todo, desc="exact removals", leave=False)):
+        mlps = [None] * L
+        mlps[l] = model.layers[l].mlp.select(torch.cat([torch.arange(j), torch.arange(j + 1, model.config.n_ffn)]))
+        done[f"{l}.{j}"] = loss(model.head(model.run_layers(hidden[l], rope, mask, l, None, mlps=mlps))) - base
+        if n % 10 == 9:
+            save(done)
+    save(done)
+    return done
+
+
+def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, path: Path, key: dict, seed: int) -> dict:
+    """Estimate vs truth on one batch of calibration windows: `n_random` neurons sampled evenly over layers, plus the
+    `n_lowest` neurons with the most negative estimate (the ones the purification removes first)."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("key") != key:
+        saved = {"key": key, "exact": {}}
+    if "estimate" not in saved:
+        saved["estimate"] = P.loss_aware_stats(model, windows, 2, desc="taylor (check)")["taylor"].tolist()
+        write_atomic(path, json.dumps(saved))
+    est = torch.tensor(saved["estimate"])  # (L, F)
+    L, n_ffn = est.shape
+    g = torch.Generator().manual_seed(seed)
+    random = [(l, int(j)) for l in range(L) for j in torch.randperm(n_ffn, generator=g)[:max(1, n_random // L)]]
+    lowest = [(int(i) // n_ffn, int(i) % n_ffn) for i in est.flatten().argsort()[:n_lowest]]
+    write = lambda done: write_atomic(path, json.dumps({**saved, "exact": done}))
+    exact = removal_deltas(model, windows, list(dict.fromkeys(random + lowest)), saved["exact"], write)
+    pick = lambda pairs: (torch.tensor([est[l, j].item() for l, j in pairs], dtype=torch.float64),
+                          torch.tensor([exact[f"{l}.{j}"] for l, j in pairs], dtype=torch.float64))
+    e_r, x_r = pick(random)
+    e_l, x_l = pick(lowest)
+    result = {"tokens": windows.numel(), "n_random": len(random), "n_lowest": len(lowest),
+              "spearman_random": spearman(e_r, x_r),
+              "pearson_random": float(torch.corrcoef(torch.stack([e_r, x_r]))[0, 1]),
+              "sign_agreement_random": float(((e_r < 0) == (x_r < 0)).double().mean()),
+              "estimated_negative_random": int((e_r < 0).sum()), "truly_negative_random": int((x_r < 0).sum()),
+              "lowest_truly_negative": int((x_l < 0).sum()), "lowest_estimate_mean": float(e_l.mean()),
+              "lowest_exact_mean": float(x_l.mean()), "spearman_lowest": spearman(e_l, x_l),
+              "estimated_negative_all": int((est < 0).sum()), "neurons_all": est.numel()}
+    write_atomic(path, json.dumps({**saved, "exact": exact, "result": result}, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+class Results:
+    """Per-window NLL of every (domain, system), written atomically to results.json after each one (resumable)."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key, self.rows = path, key, {}
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                self.rows = saved["rows"]
+
+    def get(self, name: str, run) -> dict:
+        if name not in self.rows:
+            self.rows[name] = run()  # {"nll": [...], "active": fraction kept, ...}
+            write_atomic(self.path, json.dumps({"key": self.key, "rows": self.rows}))
+        return self.rows[name]
+
+
+def sweep(args, model, tok) -> tuple[dict, dict]:
+    out, L = Path(args.out), model.config.n_layer
+    bs = args.batch_size
+    calib = {d: data.load_domain_tokens(d, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
+             for d in args.domains}
+    if min(len(w) for w in calib.values()) < 2:
+        raise UserError(f"need at least 2 calibration windows per domain (--tokens >= {2 * args.seq_len})")
+    n_b = {d: max(1, len(w) // 4) for d, w in calib.items()}
+    split_a = {d: w[:len(w) - n_b[d]] for d, w in calib.items()}  # A: scores and statistics
+    split_b = {d: w[len(w) - n_b[d]:] for d, w in calib.items()}  # B: the --auto threshold only
+    heldout = {d: data.load_domain_tokens(d, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
+               for d in args.domains}
+    key = {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
+           "dtype": args.dtype}
+    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs)
+          for d in args.domains}
+    stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
+    protected = P.super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
+
+    results = Results(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens})
+    experts: dict[str, dict] = {}  # "score:keep" -> {domain: index sets}, for --write-experts
+
+    def neuron_row(d, score, keep):
+        s = P.score_neurons(stats, model, score, d)
+        if keep != "auto":
+            idx = P.select_neurons(s, keep, protected)
+            extra = {}
+        else:  # the threshold is chosen on split B; the row stores it, so a resumed run rebuilds the same experts
+            row = results.rows.get(f"{d}|neuron:{score}:auto")
+            tau, trials = (row["threshold"], row["trials"]) if row else P.auto_threshold(model, s, split_b[d],
+                                                                                          protected, bs)
+            idx, extra = P.select_above(s, tau, protected), {"threshold": tau, "trials": trials}
+        experts.setdefault(f"{score}:{keep}", {})[d] = idx
+        return lambda: {"nll": window_nll(model, heldout[d], P.materialize(model, idx), bs).tolist(),
+                        "active": P.kept_fraction(idx, model), **extra}
+
+    def weight_row(d, score, sparsity):
+        def run():
+            mlps = [weight_masked(model.layers[l].mlp, weight_scores(model, score, sc[d], l), sparsity)
+                    for l in range(L)]
+            return {"nll": window_nll(model, heldout[d], mlps, bs).tolist(), "active": 1 - sparsity}
+        return run
+
+    t0 = time.perf_counter()
+    for d in args.domains:
+        results.get(f"{d}|dense", lambda: {"nll": window_nll(model, heldout[d], None, bs).tolist(), "active": 1.0})
+        for score in NEURON_SCORES:
+            for keep in [*args.keeps, "auto"]:
+                results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
+        for score in WEIGHT_SCORES:
+            for s in args.sparsities:
+                results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
+        print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
+
+    check = None
+    if args.check_neurons:
+        d = args.check_domain or args.domains[0]
+        w = split_a[d][:max(1, args.check_tokens // args.seq_len)]
+        check = check_taylor(model, w, args.check_neurons, args.check_lowest, out / "check.json",
+                             {**key, "domain": d, "n": w.numel(), "random": args.check_neurons,
+                              "lowest": args.check_lowest}, args.seed)
+        check["domain"] = d
+    for spec in args.write_experts or []:
+        write_experts(out, spec, experts, model, args, stats, protected)
+    return results.rows, {"check": check, "n_protected": int(protected.sum()),
+                          "tokens": {"A": {d: w.numel() for d, w in split_a.items()},
+                                     "B": {d: w.numel() for d, w in split_b.items()},
+                                     "heldout": {d: w.numel() for d, w in heldout.items()}}}
+
+
+def write_experts(out: Path, spec: str, experts: dict, model, args, stats, protected):
+    """One experts file (purify.save_experts format) holding each domain's purified expert for `spec` = SCORE:KEEP."""
+    if spec not in experts:
+        raise UserError(f"--write-experts {spec!r}: not a neuron-level system of this sweep "
+                        f"(have {', '.join(experts)})")
+    cfg = model.config
+    score, keep = spec.split(":")
+    meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
+            "score": score, "contrast": 0.0, "keep": keep, "alloc": "auto" if keep == "auto" else "uniform",
+            "protect": P.PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
+            "seq_len": args.seq_len, "domain_specs": {d: d for d in experts[spec]},
+            "tokens": {d: int(stats[d]["count"]) for d in experts[spec]}, "source": "purify_sweep.py"}
+    path = out / f"experts.{score}.{keep}.safetensors"
+    P.save_experts(path, experts[spec], meta)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(rows: dict, info: dict, args) -> tuple[str, dict]:
+    table, summary = {}, {}
+    for d in args.domains:
+        dense = torch.tensor(rows[f"{d}|dense"]["nll"])
+        table[d] = {}
+        for name, row in rows.items():
+            dom, system = name.split("|", 1)
+            if dom == d:
+                table[d][system] = {"active": row["active"],
+                                    **intervals(torch.tensor(row["nll"]), None if system == "dense" else dense)}
+        purified = {s: r for s, r in table[d].items() if s != "dense"}
+        best = min(purified, key=lambda s: purified[s]["ppl"])
+        summary[d] = {"best": best, **purified[best],
+                      "beats_dense": [s for s, r in purified.items() if r["delta_ci"][1] < 0]}
+    md = ["# Does any purification beat dense? (held-out perplexity, own domain)", "",
+          f"Scores from {info['tokens']['A']} calibration tokens (split A), --auto thresholds from "
+          f"{info['tokens']['B']} (split B), held-out {info['tokens']['heldout']} tokens in windows of {args.seq_len}. "
+          f"Intervals: 95% bootstrap over held-out windows; Δ = paired change of perplexity against dense. "
+          f"{info['n_protected']} super neurons kept by every neuron-level system.", ""]
+    for d in args.domains:
+        md += [f"## {d}", "", "| system | fraction of FFN weights kept | held-out ppl [95%] | Δ vs dense % [95%] |",
+               "|---|---|---|---|"]
+        for system, r in table[d].items():
+            delta = "" if system == "dense" else f"{r['delta']:+.2f} [{r['delta_ci'][0]:+.2f}, {r['delta_ci'][1]:+.2f}]"
+            if system.endswith(":auto"):
+                system += f" (threshold {rows[f'{d}|{system}']['threshold']:.3g})"
+            md.append(f"| {system} | {r['active']:.3f} | {r['ppl']:.2f} [{r['ppl_ci'][0]:.2f}, {r['ppl_ci'][1]:.2f}] "
+                      f"| {delta} |")
+        md.append("")
+    md += ["## Summary", "",
+           "| domain | dense ppl | best purified system | its ppl | Δ % [95%] | systems beating dense |",
+           "|---|---|---|---|---|---|"]
+    for d, s in summary.items():
+        md.append(f"| {d} | {table[d]['dense']['ppl']:.2f} | {s['best']} | {s['ppl']:.2f} | {s['delta']:+.2f} "
+                  f"[{s['delta_ci'][0]:+.2f}, {s['delta_ci'][1]:+.2f}] | {', '.join(s['beats_dense']) or 'none'} |")
+    c = info["check"]
+    if c:
+        md += ["", f"## Taylor estimate vs exact removal ({c['domain']}, {c['tokens']} calibration tokens)", "",
+               f"- {c['n_random']} neurons sampled evenly over layers: Spearman {c['spearman_random']:.3f}, Pearson "
+               f"{c['pearson_random']:.3f}, sign agreement {c['sign_agreement_random']:.3f}; estimated negative "
+               f"{c['estimated_negative_random']}, truly negative {c['truly_negative_random']}",
+               f"- the {c['n_lowest']} neurons with the most negative estimate: {c['lowest_truly_negative']} "
+               f"truly lower the loss when removed; mean estimate {c['lowest_estimate_mean']:.2e}, mean exact change "
+               f"{c['lowest_exact_mean']:.2e} (Spearman {c['spearman_lowest']:.3f})",
+               f"- over all neurons, {c['estimated_negative_all']} of {c['neurons_all']} have a negative estimate"]
+    return "\n".join(md) + "\n", {"table": table, "summary": summary, **info}
+
+
+def plot(table: dict, domains: list[str], path: Path) -> bool:
+    """Held-out ppl vs fraction of FFN weights kept, one panel per domain, one line per score; dense dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        lines: dict[str, list] = {}
+        for system, r in table[d].items():
+            if system != "dense" and not system.endswith(":auto"):
+                lines.setdefault(system.rsplit(":", 1)[0], []).append((r["active"], r["ppl"]))
+        for i, (name, pts) in enumerate(sorted(lines.items())):
+            pts.sort()
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=f"C{i}", label=name,
+                    ls="-" if name.startswith("neuron") else ":")
+            auto = table[d].get(f"{name}:auto")
+            if auto:
+                ax.plot(auto["active"], auto["ppl"], marker="*", ms=9, color=f"C{i}", ls="none")
+        ax.axhline(table[d]["dense"]["ppl"], color="k", ls="--", lw=1, label="dense")
+        ax.set(title=d, xlabel="fraction of FFN weights kept", yscale="log")
+        ax.invert_xaxis()
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("purified for its own domain vs dense (★ = --auto)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, out_default="results/purify_sweep")
+    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS), choices=data.BUILTIN_DOMAINS)
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per domain (A = 3/4, B = 1/4)")
+    p.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens per domain")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward (the backward uses a quarter)")
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.99, 0.98, 0.95, 0.9, 0.75, 0.5])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+    p.add_argument("--check-neurons", type=int, default=180,
+                   help="neurons removed exactly, evenly over layers (0 = off)")
+    p.add_argument("--check-lowest", type=int, default=30, help="plus this many with the most negative estimate")
+    p.add_argument("--check-tokens", type=int, default=2048, help="calibration tokens (split A) the check runs on")
+    p.add_argument("--check-domain", default=None, help="domain of the check (default: the first)")
+    p.add_argument("--write-experts", nargs="*", default=None, metavar="SCORE:KEEP",
+                   help="write these neuron-level systems as experts files for evaluate.py (e.g. taylor:0.99)")
+    p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
+    args = p.parse_args(argv)
+    bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]
+    if bad:
+        raise UserError(f"--keeps must be in (0, 1] and --sparsities in [0, 1), got {bad}")
+    if args.tokens < 2 * args.seq_len or args.heldout_tokens < args.seq_len:
+        raise UserError(f"--tokens must be >= 2 x --seq-len and --heldout-tokens >= --seq-len ({args.seq_len})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model, tok = M.load_for_cli(args)
+    t0 = time.perf_counter()
+    rows, info = sweep(args, model, tok)
+    md, result = report(rows, info, args)
+    if args.plot:
+        png = Path(args.out) / "report.png"
+        md += f"\n![held-out ppl vs kept fraction]({png.name})\n" if plot(result["table"], args.domains, png) else \
+            "\n(--plot: matplotlib is not installed, no PNG written)\n"
+    write_atomic(Path(args.out) / "report.json", json.dumps(result, indent=1))
+    write_atomic(Path(args.out) / "report.md", md)
+    print(md)
+    print(f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
