@@ -1,9 +1,10 @@
 # make demo: install what is missing, then run the pipeline on the default model (SmolLM2-135M GGUF).
 # make test: the full test suite (slow real-model tests included, as in CI).
 # make data: fetch every data file ahead of time (otherwise each is fetched, verified and cached on first use).
+# make gpu-check: on a CUDA machine, the GPU tests, the demo on the GPU and a quick GPU bench (a few minutes).
 PY ?= python3
 
-.PHONY: install install-dev data demo lint test test-fast
+.PHONY: install install-dev data demo gpu-check lint test test-fast
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -37,6 +38,16 @@ $(DEMO)/eval/results.json: $(DEMO)/router/router.safetensors
 	$(PY) evaluate.py --systems dense freemoe mixed --tasks mmlu gsm8k humaneval ppl \
 	  --experts $(DEMO)/experts/experts.safetensors --router $< --limit 4 --mmlu-shots 1 \
 	  --gsm8k-shots 2 --gsm8k-max-tokens 96 --code-max-tokens 96 --ppl-windows 2 --out $(DEMO)/eval
+
+# The GPU check: graph decode equals eager decode and the tiny pipeline on cuda equals the CPU run (tests/test_gpu.py),
+# then the demo above, rerun, on the GPU (--device auto picks it, bfloat16), then bench.py's GPU table.
+GPU_DEMO ?= runs/gpu-demo
+
+gpu-check: install-dev
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
+	$(PY) -m pytest -q -m cuda tests/test_gpu.py
+	$(MAKE) demo DEMO=$(GPU_DEMO) FORCE=1
+	$(PY) bench.py --device cuda --quick --sections dense,scoring --out $(GPU_DEMO)/bench
 
 lint: install-dev
 	$(PY) -m ruff check .

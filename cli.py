@@ -96,9 +96,12 @@ def out_dir(text: str) -> str:
 def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
     """The flags every script shares, with the same meaning everywhere (STYLE.md habit 3). `--out` is always a
     directory; scripts that write nothing (model.py, router.py) pass out_default=None and have no --out."""
-    p.add_argument("--model", default=None, help="GGUF file, HF model dir or hub id (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default: float32)")
+    p.add_argument("--model", default=None, help="GGUF file, HF model dir, hub id or short name: gemma3-270m "
+                   "(default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
     if out_default is not None:
         p.add_argument("--out", type=out_dir, default=out_default, help=f"output directory (default: {out_default})")
@@ -107,13 +110,33 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
 
 
 def resolve_device(args) -> torch.device:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} requested but CUDA is not available")
-    return torch.device(args.device)
+    """--device: "auto" picks cuda when a GPU is visible, else cpu; "cuda:N" picks GPU N. Picked once, here
+    (STYLE.md habit 12): every tensor after that follows the model's device."""
+    name = getattr(args, "device", None) or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
-def resolve_dtype(args) -> torch.dtype:
-    return DTYPES[args.dtype]
+def resolve_dtype(args, device: torch.device | None = None) -> torch.dtype:
+    """--dtype: "auto" is bfloat16 on CUDA (tensor cores, half the bytes per weight) and float32 on CPU (CPU bf16
+    matmuls are slower than fp32 on most machines, and fp32 is what the CPU tests compare against)."""
+    name = getattr(args, "dtype", None) or "auto"
+    if name == "auto":
+        device = device if device is not None else resolve_device(args)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- atomic writes

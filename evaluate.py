@@ -853,8 +853,11 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per perplexity window")
     p.add_argument("--ppl-windows", type=positive_int, default=None,
                    help="windows per domain (default: --limit, else all)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="items per batch")
-    p.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per scoring forward (memory)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="items per batch (default: 8 on a CPU, 64 on a GPU, where a batch of 64 decodes about as fast "
+                        "as one of 8)")
+    p.add_argument("--batch-tokens", type=positive_int, default=None,
+                   help="padded tokens per scoring forward (memory; default: 4096 on a CPU, 32768 on a GPU)")
     p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per sandboxed program")
     p.add_argument("--workers", type=positive_int, default=2, help="sandboxed programs run in parallel")
     p.add_argument("--allow-unsandboxed", action="store_true",
@@ -876,6 +879,11 @@ def parse_args(argv=None):
 
 def run(args, model, tokenizer) -> dict:
     """Everything after loading the model: prepare tasks, score every system, write the reports."""
+    gpu = model.tok_emb.weight.device.type == "cuda"
+    if args.batch_size is None:
+        args.batch_size = 64 if gpu else 8
+    if args.batch_tokens is None:
+        args.batch_tokens = default_batch_tokens(model.tok_emb.weight.device)
     rt = Runtime(model, tokenizer, args)
     tasks = [PREPARE[name](rt) for name in dict.fromkeys(args.tasks)]  # data errors surface before any scoring
     systems = build_systems(args, model)

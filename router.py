@@ -122,13 +122,12 @@ def prompt_features(model: M.Transformer, prompts: list[list[int]], route_layer:
         it = tqdm(batches, desc="route features", leave=False)
     for rows in it:
         T = max(len(prompts[i]) for i in rows)
-        idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)  # (B, T) left padded
-        valid = torch.zeros(len(rows), T, dtype=torch.bool, device=device)  # (B, T)
-        for b, i in enumerate(rows):
-            n = len(prompts[i])
-            idx[b, T - n:] = torch.tensor(prompts[i], dtype=torch.long)
-            valid[b, T - n:] = True
-        h = prefix_hidden(model, idx, valid if not valid.all() else None, route_layer)  # (B, T, C)
+        # built on the host, then one copy each to the model's device
+        idx = torch.tensor([[0] * (T - len(prompts[i])) + prompts[i] for i in rows]).to(device)  # (B, T) left padded
+        valid = torch.tensor([[False] * (T - len(prompts[i])) + [True] * len(prompts[i]) for i in rows])  # (B, T)
+        padded = not valid.all()
+        valid = valid.to(device)
+        h = prefix_hidden(model, idx, valid if padded else None, route_layer)  # (B, T, C)
         out[rows] = pooled(h, valid).cpu()
     return out
 
@@ -150,6 +149,7 @@ class Router(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(D, cfg.n_layer))  # (D, L)
 
     def domain_logits(self, feats):
+        feats = feats.to(self.feat_mean.device)  # features may come from a cache on the host
         return self.head((feats - self.feat_mean) / self.feat_std)  # (N, C) -> (N, D)
 
     def domain_probs(self, feats):

@@ -133,12 +133,13 @@ def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippet
     for label, d in enumerate(domains):
         windows = data.load_domain_tokens(d, tok, data_dir, split, n_tokens=max(256, n_windows * 64), seed=seed,
                                             seq_len=256)  # (N, 256)
-        items = [("window", p) for p in random_windows(windows, n_windows, rng, hi=max_len)]
+        bos = [tok.bos_id] if tok.add_bos else []  # a window's <bos> (Gemma) stays at the start of its crops
+        items = [("window", bos + p) for p in random_windows(windows[:, len(bos):], n_windows, rng, hi=max_len)]
         texts = domain_snippets(d, split, n_snippets, data_dir, rng)
         if d == "code" and split == "calib":
             texts += rng.sample(data.mbpp_texts(601, 974, data_dir), min(n_snippets // 2, 374))
         for t in texts:  # a fifth in the chat template: instruct-model prompts look like that
-            t = tok.chat_prompt(t) if rng.random() < 0.2 else t
+            t = tok.chat_prompt(t) if tok.chat_format and rng.random() < 0.2 else t
             items.append(("snippet", tok.encode(t)))
         if split == "heldout":
             items += [("bench", tok.encode(t)) for t in benchmark_prompts(d, n_bench, data_dir, rng)]
@@ -173,6 +174,8 @@ def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, ta
 def train_level1(router: R.Router, feats, labels, val_feats, val_labels, epochs: int, lr: float, seed: int,
                  log=print):
     """Cross-entropy on cached features; one metric line per epoch on the named held-out split."""
+    dev = router.feat_mean.device  # the features are cached on the host; the router lives on the model's device
+    feats, labels, val_feats, val_labels = (t.to(dev) for t in (feats, labels, val_feats, val_labels))
     router.feat_mean.copy_(feats.mean(0))
     router.feat_std.copy_(feats.std(0).clamp(min=1e-4))  # standardise: residual dims differ by orders of magnitude
     params = list(router.head.parameters())
@@ -180,7 +183,7 @@ def train_level1(router: R.Router, feats, labels, val_feats, val_labels, epochs:
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         router.train()
-        perm = torch.randperm(len(feats), generator=g)
+        perm = torch.randperm(len(feats), generator=g).to(dev)  # drawn on the host: the same order on any device
         total, correct = 0.0, 0
         for i in range(0, len(feats), 64):
             b = perm[i:i + 64]
@@ -219,8 +222,9 @@ def confusion_markdown(m: torch.Tensor, domains: list[str]) -> str:
 # ----------------------------------------------------------------------------- level 2 training
 
 def gumbel_sigmoid(logits, tau: float, relax: str, generator):
-    """Relaxed Bernoulli gate (L,): sigmoid((logit + logistic noise) / tau); "st" = hard forward, soft gradient."""
-    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    """Relaxed Bernoulli gate (L,): sigmoid((logit + logistic noise) / tau); "st" = hard forward, soft gradient.
+    The noise is drawn on the host (generator) and moved: the same draws on any device."""
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     if relax == "soft":
         return soft
@@ -245,8 +249,9 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
     model, router = moe.model, moe.router
     domains, Fn = router.cfg.domains, model.config.n_ffn
     mixers = {d: [R.MixedMLP(moe.expert_mlp((d,), l), blk.mlp) for l, blk in enumerate(model.layers)] for d in calib}
-    kept = {d: torch.tensor(moe._kept((d,)), dtype=torch.float32) for d in calib}  # (L,)
-    batches = [(d, calib[d][i:i + batch_size]) for d in calib for i in range(0, len(calib[d]), batch_size)]
+    device = model.tok_emb.weight.device
+    kept = {d: torch.tensor(moe._kept((d,)), dtype=torch.float32, device=device) for d in calib}  # (L,)
+    batches = [(d, calib[d][i:i + batch_size].to(device)) for d in calib for i in range(0, len(calib[d]), batch_size)]
     teacher: dict[int, torch.Tensor] = {}  # dense log-probs per batch, computed once
     opt = torch.optim.AdamW([router.gate_logits], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -450,7 +455,7 @@ def main(argv=None):
                        log=lambda s: print(s, file=sys.stderr))
     t_l1 = time.perf_counter() - t0
     with torch.no_grad():
-        probs = router.domain_probs(va_f)  # (N, D)
+        probs = router.domain_probs(va_f).cpu()  # (N, D)
     pred = probs.argmax(-1)
     conf = confusion(pred, va_y, len(domains))
     by_source = {s: float((pred[idx] == va_y[idx]).float().mean())

@@ -407,3 +407,51 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     rt = E.Runtime(model=None, tokenizer=None, args=None)
     E.warm_up(rt, system, task, batches)
     assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first
+
+
+# ----------------------------------------------------------------------------- loglikelihoods: batched on the device
+
+def tiny_scorer(seed=0):
+    torch.manual_seed(seed)
+    cfg = M.Config(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=48, max_seq_len=24)
+    return M.Transformer(cfg).eval().requires_grad_(False)
+
+
+def test_loglikelihoods_equal_brute_force_with_shared_rows_chunks_and_truncation(monkeypatch):
+    """Requests that share a row (MMLU letters), a row shared by continuations of different lengths (its scored
+    positions interleave), inputs longer than max_seq_len (left-truncated), several batches (batch_tokens) and
+    several LM-head chunks (HEAD_ROWS): every sum equals a plain unpadded forward per request."""
+    model = tiny_scorer()
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
+    ctx, long_ctx = ids(9), ids(30)
+    reqs = [(ctx, [t]) for t in (3, 4, 5, 6)]  # one row, one position, four targets
+    reqs += [(ctx[:-2], ctx[-2:] + [7]), (ctx[:-1], ctx[-1:] + [7])]  # row `ctx` again, 3 and 2 scored positions
+    reqs += [(ids(n), ids(k)) for n, k in ((1, 1), (4, 3), (12, 5), (6, 1))]
+    reqs += [(long_ctx, ids(3)), (ids(2), ids(22))]  # truncated to the last 24 inputs
+
+    def brute(c, x):
+        full = (c + x)[-(model.config.max_seq_len + 1):]  # the same left truncation
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full[:-1]]))[0], -1)  # (T, V)
+        return sum(float(logp[len(full) - 1 - len(x) + j, t]) for j, t in enumerate(x))
+    want = [brute(c, x) for c, x in reqs]
+    monkeypatch.setattr(E, "HEAD_ROWS", 3)
+    for batch_tokens in (30, 4096):
+        got = E.loglikelihoods(model, reqs, batch_tokens=batch_tokens)
+        assert got == pytest.approx(want, abs=1e-4), batch_tokens
+    with pytest.raises(ValueError, match="empty continuation"):
+        E.loglikelihoods(model, [([1], [])])
+    with pytest.raises(ValueError, match="empty context"):
+        E.loglikelihoods(model, [([], [1, 2])])
+
+
+def test_loglikelihoods_do_not_depend_on_batching():
+    """The default token budget (CPU 4096, CUDA 32768) only changes how rows are grouped, not the numbers."""
+    model = tiny_scorer(1)
+    g = torch.Generator().manual_seed(2)
+    reqs = [(torch.randint(0, 50, (n,), generator=g).tolist(), [int(t)]) for n, t in zip(range(1, 20), range(19))]
+    a = E.loglikelihoods(model, reqs)
+    b = E.loglikelihoods(model, reqs, batch_tokens=8)
+    assert a == pytest.approx(b, abs=1e-4)  # float32 matmuls of other shapes: last-bit differences only
+    assert E.default_batch_tokens("cpu") == 4096 and E.default_batch_tokens("cuda:0") == 32768
