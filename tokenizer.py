@@ -1,8 +1,9 @@
 """tokenizer.py — text <-> token ids on tiktoken, built from whatever tokenizer files a checkpoint ships.
 
 Formats: the vocabulary inside a GGUF file, HF `tokenizer.json` (byte-level BPE), OpenAI's GPT-2
-encoder.json + vocab.bpe, and Meta's Llama-3 `tokenizer.model`; plus the chat templates (ChatML, Llama-3).
-All of them are byte-level BPE, which tiktoken runs given (regex pattern, {token bytes: merge rank}).
+encoder.json + vocab.bpe, and Meta's Llama-3 `tokenizer.model`; plus the chat templates (ChatML, Llama-3, Gemma).
+All of them are byte-level BPE, which tiktoken runs given (regex pattern, {token bytes: merge rank}) -- except
+Gemma's SentencePiece BPE, which `SentencePieceTokenizer` maps exactly onto tiktoken (see there).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from cli import UserError
@@ -68,6 +70,9 @@ class Tokenizer:
         self.bos_id, self.eos_id = bos, eos
         self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
         self.chat_format, self.default_system = chat_format, default_system
+        # the model expects <bos> at the start of every sequence: encode() adds it unless told otherwise. Only the
+        # SentencePiece (Gemma) tokenizer sets it, from its file; without <bos> Gemma's loss is several times higher
+        self.add_bos = False
         self.stop_ids = {i for i in (eos,) if i is not None}
         if chat_format == "chatml" and "<|im_end|>" in special:
             self.stop_ids.add(special["<|im_end|>"])
@@ -78,9 +83,12 @@ class Tokenizer:
     def n_vocab(self) -> int:
         return self.enc.n_vocab
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """bos: prepend <bos>; None = if the model expects it (add_bos). Continuations and the pieces of a longer
+        stream pass bos=False."""
         # special-token strings in the text become special tokens, as with HF tokenizers
         ids = self.enc.encode(text, allowed_special="all")
+        bos = self.add_bos if bos is None else bos
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids) -> str:
@@ -96,15 +104,20 @@ class Tokenizer:
             h = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"
             return ("<|begin_of_text|>" + (h("system", system) if system else "") + h("user", user)
                     + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        if self.chat_format == "gemma":  # Gemma has no system role: a system prompt opens the user turn
+            text = f"{system}\n\n{user}" if system else user
+            return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
         raise UserError("this tokenizer has no chat template; drop --chat")
 
     # --- constructors, one per file format
 
     @classmethod
     def from_gguf_meta(cls, meta: dict, path) -> "Tokenizer":
+        if meta.get("tokenizer.ggml.model") == "llama":  # SentencePiece (Gemma)
+            return SentencePieceTokenizer.from_gguf_meta(meta, path)
         if meta.get("tokenizer.ggml.model") != "gpt2":
             raise UserError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported "
-                            "(only byte-level BPE, 'gpt2')")
+                            "(byte-level BPE 'gpt2', SentencePiece 'llama')")
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
             raise UserError(f"{path}: pre-tokenizer {pre!r} is not supported ({', '.join(GGUF_PRE)})")
@@ -200,6 +213,139 @@ def _chat_format(template: str) -> dict:
         return {"chat_format": "chatml", "default_system": m.group(1) if m else None}
     if "<|start_header_id|>" in template:
         return {"chat_format": "llama3"}
+    if "<start_of_turn>" in template:
+        return {"chat_format": "gemma"}
     return {}
 
 
+# ----------------------------------------------------------------------------- SentencePiece BPE (Gemma)
+
+SP_SPACE = "\u2581"  # ▁, SentencePiece's visible space
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # GGUF token_type values (2 unknown, 5 unused)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece BPE from a GGUF vocabulary (Gemma), computed exactly by tiktoken.
+
+    What SentencePiece BPE does (and what `transformers` builds from a Gemma GGUF):
+      1. added tokens -- control (<bos>, <start_of_turn>, <unusedN>) and user-defined ("\\n" and "\\t" runs,
+         HTML tags) -- are cut out of the raw text first, leftmost-longest;
+      2. in each remaining piece every space becomes ▁ (no space prefix, no regex pre-split);
+      3. BPE over characters: repeatedly merge the adjacent pair whose union is the best-scoring vocabulary
+         token; a character missing from the vocabulary is spelled as byte tokens <0xXX> (byte fallback).
+    Gemma stores its whitespace runs (user-defined) with real spaces; they are ordinary BPE tokens spelled ▁▁..
+    that merge before all others (their ids come first), as in transformers' conversion.
+
+    tiktoken runs *byte-level* BPE: it starts from bytes and merges the adjacent pair whose union has the lowest
+    rank. Three choices make it compute step 3 exactly (tests/test_gemma.py checks it against transformers):
+      - characters first: every vocabulary character and every proper prefix of its UTF-8 bytes rank below all
+        multi-character tokens, so all bytes become characters before any real merge (SP starts from characters);
+      - then the multi-character tokens, best score first (Gemma's scores fall with the id);
+      - ranks are not ids: a table maps rank -> id, and a left-over character prefix (from a character missing
+        from the vocabulary that shares its first bytes with one present) becomes its byte tokens."""
+
+    def __init__(self, name, tokens: list[str], types: list[int], scores: list[float], bos=None, eos=None,
+                 pad=None, chat_format=None, default_system=None, add_bos: bool = True):
+        tokens = [SP_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]  # Gemma's whitespace runs
+        runs = {i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == USER_DEFINED and not t.strip(SP_SPACE)}
+        added = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
+                 if ty in (CONTROL, USER_DEFINED) and t and i not in runs}
+        byte_id = {int(t[3:5], 16): i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == BYTE}
+        if sorted(byte_id) != list(range(256)):
+            raise UserError(f"{name}: SentencePiece vocabulary without its 256 byte-fallback tokens")
+        pieces = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == NORMAL or i in runs}
+        chars = {t: i for t, i in pieces.items() if len(t) == 1}
+
+        ranks, rank_id = {}, []  # {bytes: rank}; rank r stands for token rank_id[r] (-1: spell it as bytes)
+        for b in range(256):  # a lone byte is its ASCII character if the vocabulary has it, else its byte token
+            ranks[bytes([b])] = b
+            rank_id.append(chars.get(chr(b), byte_id[b]) if b < 0x80 else byte_id[b])
+        for c, i in chars.items():  # characters, after the prefixes of their UTF-8 bytes
+            utf8 = c.encode("utf-8")
+            for k in range(2, len(utf8) + 1):
+                if utf8[:k] not in ranks:
+                    ranks[utf8[:k]] = len(rank_id)
+                    rank_id.append(-1)
+            rank_id[ranks[utf8]] = i  # (a character is never a byte prefix of another: UTF-8 is prefix-free)
+        # multi-character pieces, best first: whitespace runs (by id, before every scored piece), then by score.
+        # A piece holding a character that is not itself a piece can never be formed, so it gets no rank.
+        multi = sorted((i not in runs, -scores[i], i, t) for t, i in pieces.items() if len(t) > 1)
+        for *_, i, t in multi:
+            if all(ch in chars for ch in t):
+                ranks[t.encode("utf-8")] = len(rank_id)
+                rank_id.append(i)
+        super().__init__(name, r"(?s:.+)", ranks, {}, bos, eos, pad, chat_format, default_system)
+        self.special = added  # matched whole in the text, like special tokens elsewhere
+        self.add_bos = add_bos
+        self.rank_id = np.array(rank_id, dtype=np.int64)
+        self.byte_id = np.array([byte_id[b] for b in range(256)], dtype=np.int64)
+        self.partial = {r: p for p, r in ranks.items() if rank_id[r] == -1}  # rank -> its bytes
+        # added tokens as one trie regex: a 6k-way alternation tried one by one is ~60x slower
+        self.added_re = re.compile(trie_regex(added)) if added else None
+        # decoding: each id's bytes (▁ -> space, <0xXX> -> that byte); joined, then UTF-8 with replacement
+        self.id_bytes = [t.replace(SP_SPACE, " ").encode("utf-8") for t in tokens]
+        for b, i in byte_id.items():
+            self.id_bytes[i] = bytes([b])
+        if chat_format == "gemma" and "<end_of_turn>" in added:
+            self.stop_ids.add(added["<end_of_turn>"])
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.id_bytes)
+
+    def _bpe(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ranks = self.enc.encode_ordinary(text.replace(" ", SP_SPACE))
+        ids = self.rank_id[ranks]
+        if (ids >= 0).all():
+            return ids.tolist()
+        out = []  # rare: left-over character prefixes become their byte tokens
+        for r, i in zip(ranks, ids.tolist()):
+            out += self.byte_id[list(self.partial[r])].tolist() if i < 0 else [i]
+        return out
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        bos = self.add_bos if bos is None else bos
+        out, pos = ([self.bos_id] if bos and self.bos_id is not None else []), 0
+        for m in self.added_re.finditer(text) if self.added_re else ():
+            out += self._bpe(text[pos:m.start()])
+            out.append(self.special[m.group()])
+            pos = m.end()
+        return out + self._bpe(text[pos:])
+
+    def decode(self, ids) -> str:
+        return b"".join(self.id_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    @classmethod
+    def from_gguf_meta(cls, meta: dict, path) -> SentencePieceTokenizer:
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            raise UserError(f"{path}: SentencePiece with a space prefix (Llama 2, Mistral) is not supported; "
+                            "only without one (Gemma)")
+        tokens = meta["tokenizer.ggml.tokens"]
+        get = lambda k: int(meta[k]) if k in meta else None
+        return cls(Path(path).stem, tokens, [int(t) for t in meta["tokenizer.ggml.token_type"]],
+                   [float(s) for s in meta["tokenizer.ggml.scores"]], bos=get("tokenizer.ggml.bos_token_id"),
+                   eos=get("tokenizer.ggml.eos_token_id"), pad=get("tokenizer.ggml.padding_token_id"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                   **_chat_format(meta.get("tokenizer.chat_template", "")))
+
+
+def trie_regex(words) -> str:
+    """A regex matching any of `words`, the longest one where several match: a trie, so that each text position
+    costs one character test instead of one per word."""
+    trie = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+
+    def walk(node) -> str:
+        alts = [re.escape(ch) + walk(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer word is tried first
+
+    return walk(trie)
