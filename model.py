@@ -147,15 +147,18 @@ def config_from_hf(hf: dict, name: str = "") -> Config:
                       rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                       rope_scaling=_rope_scaling_from_hf(hf), qkv_bias=(mt == "qwen2") or hf.get("attention_bias", False),
                       tie_embeddings=hf.get("tie_word_embeddings", mt != "llama"), name=name)
-    if mt in ("gemma3_text", "gemma3"):
-        hf = hf.get("text_config", hf)  # a multimodal Gemma3Config nests the language model's config
+    if mt == "gemma3":
+        raise UserError("multimodal Gemma 3 checkpoints (model_type gemma3) are not supported: use a text-only one "
+                        "(gemma3_text, e.g. gemma-3-270m / gemma-3-1b)")
+    if mt == "gemma3_text":
         if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise UserError(f"hidden_activation {hf['hidden_activation']!r} is not supported (only gelu_pytorch_tanh)")
         if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
             raise UserError("logit soft-capping (Gemma 2) is not supported; Gemma 3 has none")
         rope = hf.get("rope_parameters") or {}
         global_rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-        if global_rope.get("rope_type", "default") != "default" or local_rope.get("rope_type", "default") != "default":
+        kinds = {global_rope.get("rope_type", "default"), local_rope.get("rope_type", "default")}
+        if kinds != {"default"} or hf.get("rope_scaling"):  # (older config.json files say rope_scaling)
             raise UserError("Gemma 3 rope scaling (the long-context 4B+ models) is not supported")
         types = hf.get("layer_types")
         return Config(arch="gemma3", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
@@ -583,8 +586,8 @@ def load_weights(model: Transformer, weights: dict, source: str):
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
-    if isinstance(path, str) and path in ckpt.NAMED_MODELS:  # a short name: fetched and joined once, then cached
-        path = ckpt.named_model(path)
+    if path is not None and str(path) in ckpt.NAMED_MODELS and not Path(path).exists():  # a short name: fetched
+        path = ckpt.named_model(str(path))  # and joined once, then cached
     given, path = path, Path(path) if path is not None else default_model_path()
     if not path.exists():
         if given is None or not ckpt.is_hub_id(str(given)):  # as typed: Path() would turn "./a/b" into "a/b"
