@@ -24,7 +24,8 @@ Sections (each skipped with a note when what it needs is missing):
   3. experts     each materialized DSS-Expert (purify.materialize) vs dense: measured speedup next to the ideal one
                  from FLOPs (attention + kept FFN + LM head), batch-1 decode and batch-8 prefill. Without an experts
                  file, a random keep-0.5 index set stands in (speed does not depend on which neurons are kept).
-  4. freemoe     the routed model (router.FreeMoE): routed request vs the same FFNs unrouted (router overhead), and speedup.
+  4. freemoe     the routed model (router.FreeMoE): routed request vs the same FFNs unrouted (router overhead), and
+                 speedup.
   5. stats       purify.collect_stats cost vs a plain forward over the same windows (both last_only).
   6. memory      peak memory of each system, each in its own subprocess. CPU: peak resident set (VmHWM from
                  /proc/self/status, reset through /proc/self/clear_refs after loading) minus the RSS of the loaded
@@ -42,6 +43,7 @@ D head dim, F FFN neurons, k kept neurons, V vocab, L layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -63,13 +65,21 @@ import router
 from cli import (ArgumentParser, UserError, add_common_args, fraction, positive_int, resolve_device, resolve_dtype,
                  run_cli, write_atomic)
 
-FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256)}
-QUICK = {"sizes": [(1, 128), (8, 128)], "new_tokens": 32, "reps": 3, "stats_windows": (8, 128)}
-SECTIONS = ("dense", "experts", "stats", "memory")
-GOALS = {  # the issue's targets
+FULL = {"sizes": [(1, 128), (1, 512), (8, 128), (8, 512)], "new_tokens": 128, "reps": 3, "stats_windows": (16, 256),
+        "scoring_items": 8}
+QUICK = {"sizes": [(1, 128), (8, 128)], "new_tokens": 32, "reps": 3, "stats_windows": (8, 128), "scoring_items": 2}
+# On a GPU: batch 64 as well (decode is nearly free per extra row there), more tokens and items (it is fast)
+GPU_FULL = {"sizes": [(1, 128), (1, 512), (8, 512), (64, 512)], "new_tokens": 128, "reps": 5,
+            "stats_windows": (64, 512), "scoring_items": 256}
+GPU_QUICK = {"sizes": [(1, 128), (8, 128), (64, 128)], "new_tokens": 64, "reps": 3, "stats_windows": (16, 256),
+             "scoring_items": 64}
+SECTIONS = ("dense", "scoring", "experts", "stats", "memory")
+GOALS = {  # the issues' targets
     "decode_b1_vs_hf": 1.5, "decode_b1_of_bandwidth": 0.8, "prefill_vs_hf": 1.1, "prefill_of_matmul": 0.75,
     "decode_b8_vs_hf": 1.2, "expert_of_ideal": 0.9, "expert_of_ideal_issue4": 0.85, "router_overhead_pct": 3.0,
     "stats_cost": 1.2,
+    # issue 14, on a GPU
+    "gpu_decode_b1_vs_hf": 10.0, "gpu_decode_b64_vs_eager": 3.0, "gpu_scoring_of_forward": 0.5,
 }
 
 
@@ -126,38 +136,55 @@ def ours_prefill(model, idx, mlps=None):
     return dt, None
 
 
-def ours_decode(model, idx, n_new, mlps=None):
-    """Prefill idx (B, T) (not timed), then n_new greedy steps (timed). Returns (seconds, tokens (B, n_new))."""
+def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contextlib.nullcontext):
+    """Prefill idx (B, T) (not timed), then n_new greedy steps (timed), decoded as model.generate does: "dynamic"
+    (the forward over the cache so far, the CPU default) or the static-shape step, eager ("static") or replayed as a
+    CUDA graph ("graph", the CUDA default: captured in side_by_side's warm-up run, then kept by the model's decode
+    slot). Each step reads its tokens on the host, as generate does to check stops. around_steps: a context manager
+    wrapped around the timed steps only (profile_cuda's profiler). -> (seconds, tokens (B, n_new))"""
     B, T = idx.shape
-    model.setup_cache(B, T + n_new)
-    logits = model(idx, 0, None, mlps, last_only=True)  # (B, 1, V)
+    if decode == "auto":
+        decode = "graph" if idx.device.type == "cuda" else "dynamic"
+    slot = M.decode_slot(model, B, T + n_new) if decode != "dynamic" else None
+    if slot is None:
+        model.setup_cache(B, T + n_new)
+    logits = model(idx, 0, None, mlps, last_only=True)[:, -1]  # (B, V)
+    if slot is not None:
+        slot.start(None, [T] * B, T)
     tokens = []
     sync(idx.device)
-    t0 = time.perf_counter()
-    for step in range(n_new):
-        nxt = logits[:, -1].argmax(-1)  # (B,)
-        tokens.append(nxt)
-        logits = model(nxt[:, None], T + step, None, mlps)  # (B, 1, V)
-    sync(idx.device)
-    dt = time.perf_counter() - t0
+    with around_steps():
+        t0 = time.perf_counter()
+        for step in range(n_new):
+            nxt = logits.argmax(-1)  # (B,)
+            tokens.append(nxt.tolist())
+            if slot is None:
+                logits = model(nxt[:, None], T + step, None, mlps)[:, -1]  # (B, V)
+            else:
+                logits = slot.step(model, nxt, mlps, decode)  # (B, V)
+        sync(idx.device)
+        dt = time.perf_counter() - t0
     model.clear_cache()
-    return dt, torch.stack(tokens, 1).cpu()
+    return dt, torch.tensor(tokens).T  # (B, n_new)
 
 
 # ----------------------------------------------------------------------------- transformers (test oracle only)
 
-def load_hf(path: Path, device, dtype):
-    """The same checkpoint in transformers, or (None, why not). GGUF files are dequantized by transformers itself."""
+def load_hf(model, device, dtype):
+    """Our loaded weights in transformers, or (None, why not). Built from our own HF export (purify.export_hf with
+    every neuron kept) in a temp dir, so it needs neither the `gguf` package nor the original files, and both columns
+    run exactly the same weights (for a GGUF model: our dequantization, checked against gguf's in the tests)."""
     if importlib.util.find_spec("transformers") is None:
         return None, "transformers is not installed (pip install -r requirements-dev.txt)"
+    import tempfile
+
     from transformers import AutoModelForCausalLM
     try:
-        if path.suffix == ".gguf":
-            hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as e:  # a missing `gguf` package, an architecture transformers lacks, ...
-        return None, f"transformers could not load {path}: {type(e).__name__}: {e}"
+        with tempfile.TemporaryDirectory(prefix="bench-hf-") as d:
+            purify.export_hf(model, [None] * model.config.n_layer, d)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    except Exception as e:  # an architecture transformers lacks, ...
+        return None, f"transformers could not load our HF export: {type(e).__name__}: {e}"
     return hf.to(device).eval(), None
 
 
@@ -173,11 +200,11 @@ def hf_decode(hf, idx, n_new):
     t0 = time.perf_counter()
     for _ in range(n_new):
         nxt = logits[:, -1].argmax(-1)  # (B,)
-        tokens.append(nxt)
+        tokens.append(nxt.tolist())  # read on the host each step, as ours (and transformers' generate) does
         out = hf(nxt[:, None], past_key_values=cache, use_cache=True)
         logits, cache = out.logits, out.past_key_values
     sync(idx.device)
-    return time.perf_counter() - t0, torch.stack(tokens, 1).cpu()
+    return time.perf_counter() - t0, torch.tensor(tokens).T  # (B, n_new)
 
 
 # ----------------------------------------------------------------------------- work counts (FLOPs, bytes)
@@ -192,7 +219,7 @@ def forward_flops(cfg: M.Config, kept: list[int], B: int, T: int, S0: int, logit
     Per token and layer: q/k/v and output projections, the FFN with k_l kept neurons (3 matrices if gated, else 2);
     attention QK^T and PV over the keys each query may see (causal)."""
     C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    n_ffn_mats = 3 if cfg.arch == "llama" else 2
+    n_ffn_mats = 2 if cfg.arch == "gpt2" else 3  # llama and gemma3 FFNs are gated: gate, up, down
     linear = sum(2 * C * (H + 2 * K) * D + 2 * H * D * C + 2 * n_ffn_mats * C * k for k in kept)  # per token
     visible_keys = T * S0 + T * (T + 1) // 2  # summed over the T queries
     attention = cfg.n_layer * 4 * H * D * visible_keys
@@ -208,7 +235,7 @@ def decode_bytes(model, kept, B, T, n_new) -> float:
     plus the KV cache so far. Norm weights and biases are ignored (tiny)."""
     cfg, item = model.config, model.tok_emb.weight.element_size()
     C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    n_ffn_mats = 3 if cfg.arch == "llama" else 2
+    n_ffn_mats = 2 if cfg.arch == "gpt2" else 3  # llama and gemma3 FFNs are gated: gate, up, down
     weights = sum(C * (H + 2 * K) * D + H * D * C + n_ffn_mats * C * k for k in kept) + C * cfg.vocab_size
     kv = sum(B * cfg.n_layer * 2 * K * D * (T + s + 1) for s in range(n_new))
     return item * (n_new * weights + kv)
@@ -216,73 +243,145 @@ def decode_bytes(model, kept, B, T, n_new) -> float:
 
 # ----------------------------------------------------------------------------- 1. machine ceilings
 
-def matmul_probe(m, k, n, device, dtype):
+def repeat_timed(fn, device, inner: int):
+    """fn() -> (seconds per call, None), over `inner` back-to-back calls: one GPU kernel is over in microseconds,
+    less than the synchronisation around it, so on CUDA a timing covers several."""
+    def run():
+        dt, _ = timed(lambda: [fn() for _ in range(inner)], device)
+        return dt / inner, None
+    return run
+
+
+def matmul_probe(m, k, n, device, dtype, inner: int = 1):
     """fn() -> (seconds, None) of one (m, k) @ (k, n) matmul: 2mkn FLOPs."""
     a, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
-    return lambda: timed(lambda: F.linear(a, w), device)
+    return repeat_timed(lambda: F.linear(a, w), device, inner)
 
 
-def read_probe(kind, device, dtype, mib=256):
+def read_probe(kind, device, dtype, mib=256, inner: int = 1):
     """(fn() -> (seconds, None), bytes read): a matrix-vector product (the decode kernel) or a sum over `mib` MiB."""
     rows = mib * 2**20 // (1024 * torch.tensor([], dtype=dtype).element_size())
     buf, x = torch.randn(rows, 1024, device=device, dtype=dtype), torch.randn(1, 1024, device=device, dtype=dtype)
     fn = (lambda: F.linear(x, buf)) if kind == "gemv" else (lambda: buf.sum())
-    return (lambda: timed(fn, device)), buf.numel() * buf.element_size()
+    return repeat_timed(fn, device, inner), buf.numel() * buf.element_size()
 
 
 def ceilings(device, dtype, cfg: M.Config, big_m: int, reps: int) -> dict:
-    """Matmul GFLOP/s on the model's FFN shape (M x C @ C x F) and a 2048^3 square, the better one is the ceiling.
-    Read bandwidth: a 256 MiB matrix-vector product (the decode kernel) and a sum over the same buffer."""
+    """Matmul GFLOP/s in the model's dtype on the model's FFN shape (M x C @ C x F) and on a square, the better one
+    is the ceiling. Read bandwidth: a matrix-vector product (the decode kernel) and a sum over one buffer.
+    CPU: a 2048^3 square, a 256 MiB buffer. CUDA: an 8192^3 square and a 1 GiB buffer (far past the L2 cache, so
+    this is HBM), 10 calls per timing, and the bf16 and fp32 (no TF32) tensor-core ceilings on their own lines."""
+    gpu = device.type == "cuda"
+    side, mib, inner = (8192, 1024, 10) if gpu else (2048, 256, 1)
+    probes = {"ffn_shape": (big_m, cfg.n_embd, cfg.n_ffn, dtype), "square": (side, side, side, dtype)}
+    if gpu:
+        probes["bf16_square"] = (side, side, side, torch.bfloat16)
+        probes["fp32_square"] = (side, side, side, torch.float32)
     out = {}
-    for name, (m, k, n) in {"ffn_shape": (big_m, cfg.n_embd, cfg.n_ffn), "square_2048": (2048, 2048, 2048)}.items():
-        run = matmul_probe(m, k, n, device, dtype)
-        s = side_by_side({name: run}, reps + 2)[name]
-        out[f"matmul_{name}"] = {"shape": [m, k, n], "gflops": rate(s, 2 * m * k * n / 1e9)}
+    for name, (m, k, n, dt) in probes.items():
+        s = side_by_side({name: matmul_probe(m, k, n, device, dt, inner)}, reps + 2)[name]
+        out[f"matmul_{name}"] = {"shape": [m, k, n], "dtype": str(dt).removeprefix("torch."),
+                                 "gflops": rate(s, 2 * m * k * n / 1e9)}
     for name in ("gemv", "sum"):
-        run, nbytes = read_probe(name, device, dtype)
+        run, nbytes = read_probe(name, device, dtype, mib, inner)
         out[f"read_{name}"] = {"bytes": nbytes, "gbs": rate(side_by_side({name: run}, reps + 2)[name], nbytes / 1e9)}
-    out["matmul_gflops"] = max(out["matmul_ffn_shape"]["gflops"]["median"], out["matmul_square_2048"]["gflops"]["median"])
+    out["matmul_gflops"] = max(out["matmul_ffn_shape"]["gflops"]["median"], out["matmul_square"]["gflops"]["median"])
     out["read_gbs"] = max(out["read_gemv"]["gbs"]["median"], out["read_sum"]["gbs"]["median"])
     return out
 
 
 # ----------------------------------------------------------------------------- 2. dense vs transformers
 
-def bench_dense(model, hf, plan, device) -> list[dict]:
+def bench_dense(model, hf, plan, device, compiled: bool = False) -> list[dict]:
     """Ours vs transformers per (B, T). On a shared machine the load changes by the minute, so the ceilings that
-    the fractions divide by are measured again inside the same interleaved rounds (FFN-shape matmul, 256 MiB gemv)."""
+    the fractions divide by are measured again inside the same interleaved rounds (FFN-shape matmul, gemv).
+    On CUDA "ours" decodes with the CUDA graph and "ours eager" with the step launched op by op (the decode before
+    issue 14), so the graph's gain is measured in the same rounds; with compiled=True (--compile) also "ours compiled",
+    the graph of the torch.compile-fused step (its compilation happens in the warm-up run, untimed)."""
     cfg, rows, dtype = model.config, [], model.tok_emb.weight.dtype
     kept = kept_per_layer(model, None)
     gen = torch.Generator().manual_seed(0)
-    read_ref, read_bytes = read_probe("gemv", device, dtype)
+    gpu = device.type == "cuda"
+    mib, inner = (1024, 10) if gpu else (256, 1)
+    read_ref, read_bytes = read_probe("gemv", device, dtype, mib, inner)
     for B, T in tqdm(plan["sizes"], desc="dense vs transformers", unit="size"):
         idx = torch.randint(0, cfg.vocab_size, (B, T), generator=gen).to(device)  # (B, T) random prompt tokens
         N = plan["new_tokens"]
-        pre = {"ours": lambda: ours_prefill(model, idx), "ceiling": matmul_probe(B * T, cfg.n_embd, cfg.n_ffn, device, dtype)}
+        pre = {"ours": lambda: ours_prefill(model, idx),
+               "ceiling": matmul_probe(B * T, cfg.n_embd, cfg.n_ffn, device, dtype, inner)}
         dec = {"ours": lambda: ours_decode(model, idx, N), "ceiling": read_ref}
+        if gpu:
+            dec["ours eager"] = lambda: ours_decode(model, idx, N, decode="dynamic")
+        if gpu and compiled:
+            dec["ours compiled"] = lambda: ours_decode(model, idx, N, decode="compiled")
         if hf is not None:
             pre["transformers"] = lambda: hf_prefill(hf, idx)
             dec["transformers"] = lambda: hf_decode(hf, idx, N)
         p, d = side_by_side(pre, plan["reps"]), side_by_side(dec, plan["reps"])
         matmul_gflops = 2 * B * T * cfg.n_embd * cfg.n_ffn / p["ceiling"]["median"] / 1e9
         read_gbs = read_bytes / d["ceiling"]["median"] / 1e9
-        row = {"batch": B, "prompt": T, "new_tokens": N, "ceiling_matmul_gflops": matmul_gflops, "ceiling_read_gbs": read_gbs}
-        pre.pop("ceiling")
-        pf, df, db = forward_flops(cfg, kept, B, T, 0, 1), decode_flops(cfg, kept, B, T, N), decode_bytes(model, kept, B, T, N)
-        for name in pre:
-            row[name] = {"prefill_s": {k: v for k, v in p[name].items() if k != "extra"},
-                         "prefill_tok_s": rate(p[name], B * T), "decode_s": {k: v for k, v in d[name].items() if k != "extra"},
+        row = {"batch": B, "prompt": T, "new_tokens": N, "ceiling_matmul_gflops": matmul_gflops,
+               "ceiling_read_gbs": read_gbs}
+        dec.pop("ceiling")
+        pf, df = forward_flops(cfg, kept, B, T, 0, 1), decode_flops(cfg, kept, B, T, N)
+        db = decode_bytes(model, kept, B, T, N)
+        for name in dec:
+            pn = p[name] if name in p else p["ours"]  # "ours eager" prefills like "ours"
+            row[name] = {"prefill_s": {k: v for k, v in pn.items() if k != "extra"}, "prefill_tok_s": rate(pn, B * T),
+                         "decode_s": {k: v for k, v in d[name].items() if k != "extra"},
                          "decode_tok_s": rate(d[name], B * N),
-                         "prefill_gflops": pf / p[name]["median"] / 1e9, "decode_gbs": db / d[name]["median"] / 1e9,
+                         "prefill_gflops": pf / pn["median"] / 1e9, "decode_gbs": db / d[name]["median"] / 1e9,
                          "decode_gflops": df / d[name]["median"] / 1e9}
             row[name]["prefill_of_matmul"] = row[name]["prefill_gflops"] / matmul_gflops
             row[name]["decode_of_bandwidth"] = row[name]["decode_gbs"] / read_gbs
+        if gpu:
+            row["decode_vs_eager"] = d["ours eager"]["median"] / d["ours"]["median"]
+            row["graph_tokens_identical"] = bool(torch.equal(d["ours"]["extra"], d["ours eager"]["extra"]))
         if hf is not None:
             row["prefill_ratio"] = p["transformers"]["median"] / p["ours"]["median"]
             row["decode_ratio"] = d["transformers"]["median"] / d["ours"]["median"]
             row["tokens_identical"] = bool(torch.equal(d["ours"]["extra"], d["transformers"]["extra"]))
+            # bf16 on a GPU: two implementations may part at a near tie; the share of equal tokens says how soon
+            row["tokens_agree"] = float((d["ours"]["extra"] == d["transformers"]["extra"]).float().mean())
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- 2b. scoring (evaluate's path)
+
+def scoring_requests(vocab_size: int, items: int, seed: int = 4) -> list[tuple[list[int], list[int]]]:
+    """MMLU-shaped requests of random tokens: per item a 5-shot-sized context (400..800 tokens) scored on four
+    one-token letters (they share one row) and, as the cloze variant, on four 3-token answers (four rows)."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(items):
+        ctx = torch.randint(0, vocab_size, (int(torch.randint(400, 801, (1,), generator=g)),), generator=g).tolist()
+        reqs += [(ctx, [t]) for t in torch.randperm(vocab_size, generator=g)[:4].tolist()]
+        reqs += [(ctx, torch.randint(0, vocab_size, (3,), generator=g).tolist()) for _ in range(4)]
+    return reqs
+
+
+def bench_scoring(model, plan, device, matmul_gflops: float) -> dict:
+    """evaluate.loglikelihoods on MMLU-shaped requests: tokens/s over every token of every row the model runs, and
+    the fraction of the forward ceiling, i.e. achieved FLOP/s (forward_flops, LM head on the scored positions only)
+    over the matmul ceiling in the model's dtype."""
+    import evaluate as E
+    cfg, kept = model.config, kept_per_layer(model, None)
+    reqs = scoring_requests(cfg.vocab_size, plan["scoring_items"])
+    rows: dict[tuple, int] = {}  # input row -> scored positions (requests sharing a row share their positions)
+    for ctx, cont in reqs:
+        key = tuple((ctx + cont)[:-1])
+        rows[key] = max(rows.get(key, 0), len(cont))
+    tokens = sum(len(r) for r in rows)
+    flops = sum(forward_flops(cfg, kept, 1, len(r), 0, n) for r, n in rows.items())
+    batch_tokens = E.default_batch_tokens(device)
+    s = side_by_side({"scoring": lambda: timed(lambda: E.loglikelihoods(model, reqs, batch_tokens=batch_tokens),
+                                               device)}, plan["reps"])["scoring"]
+    gflops = flops / s["median"] / 1e9
+    return {"items": plan["scoring_items"], "rows": len(rows), "tokens": tokens, "batch_tokens": batch_tokens,
+            "seconds": {k: v for k, v in s.items() if k != "extra"}, "tokens_per_s": rate(s, tokens),
+            "gflops": gflops, "of_forward_ceiling": gflops / matmul_gflops,
+            "ceiling_tokens_per_s": matmul_gflops * 1e9 / (flops / tokens)}
 
 
 # ----------------------------------------------------------------------------- 3./4. experts and FreeMoE
@@ -324,11 +423,14 @@ def bench_systems(model, systems: dict, plan, device) -> list[dict]:
                           name: lambda: ours_prefill(model, idx8, mlps)}, plan["reps"])
         row = {"system": name, "active_fraction": sum(kept) / sum(dense), "prompt": T, "new_tokens": N}
         for kind, s, ideal in (("decode_b1", d, decode_flops(cfg, dense, 1, T, N) / decode_flops(cfg, kept, 1, T, N)),
-                               ("prefill_b8", p, forward_flops(cfg, dense, 8, T, 0, 1) / forward_flops(cfg, kept, 8, T, 0, 1))):
+                               ("prefill_b8", p,
+                                forward_flops(cfg, dense, 8, T, 0, 1) / forward_flops(cfg, kept, 8, T, 0, 1))):
             measured = s["dense"]["median"] / s[name]["median"]
-            row[kind] = {"dense_s": s["dense"]["median"], "system_s": {k: v for k, v in s[name].items() if k != "extra"},
+            row[kind] = {"dense_s": s["dense"]["median"],
+                         "system_s": {k: v for k, v in s[name].items() if k != "extra"},
                          "speedup": measured, "speedup_min": s["dense"]["min"] / s[name]["max"],
-                         "speedup_max": s["dense"]["max"] / s[name]["min"], "ideal": ideal, "of_ideal": measured / ideal}
+                         "speedup_max": s["dense"]["max"] / s[name]["min"], "ideal": ideal,
+                         "of_ideal": measured / ideal}
         rows.append(row)
     return rows
 
@@ -376,7 +478,8 @@ def bench_stats(model, plan, device) -> dict:
         for i in range(0, n, 8):
             model(windows[i:i + 8].to(device), last_only=True)
     s = side_by_side({"plain_forward": lambda: timed(plain, device),
-                      "collect_stats": lambda: timed(lambda: purify.collect_stats(model, windows, batch_size=8), device)},
+                      "collect_stats": lambda: timed(lambda: purify.collect_stats(model, windows, batch_size=8),
+                                                     device)},
                      plan["reps"])
     return {"windows": [n, T], "plain_s": s["plain_forward"]["median"],
             "collect_s": {k: v for k, v in s["collect_stats"].items() if k != "extra"},
@@ -439,7 +542,36 @@ def profile_top(model, idx, n_new, rows=8) -> dict:
         total = sum(e.self_cpu_time_total for e in ev)
         mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
         out[kind] = {"matmul_share": mm / total,
-                     "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ev[:rows]]}
+                     "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
+                             for e in ev[:rows]]}
+    return out
+
+
+def profile_cuda(model, idx, n_new) -> dict:
+    """CUDA: what bounds a step, from the CUDA profiler's kernel times. Kernel time per step next to the step's wall
+    time says whether the GPU was busy (kernel-bound: HBM or tensor cores) or idle between kernels, waiting for the
+    CPU to launch the next one (launch-bound). Batch-1 decode launched op by op ("eager") and replayed as a CUDA
+    graph, and one prefill of idx (B, T). Wall times here include the profiler's own CPU overhead; goals() divides
+    the kernel time by the unprofiled wall time of the dense section instead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    for kind, decode in (("decode_eager", "dynamic"), ("decode_graph", "graph"), ("prefill", None)):
+        if decode is not None:
+            ours_decode(model, idx[:1], n_new, decode=decode)  # warm-up: allocations, the graph's capture
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        if decode is not None:
+            wall, _ = ours_decode(model, idx[:1], n_new, decode=decode, around_steps=lambda: prof)
+            steps = n_new
+        else:
+            ours_prefill(model, idx)
+            with prof:
+                wall, _ = ours_prefill(model, idx)
+            steps = 1
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernel_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        out[kind] = {"wall_s_per_step": wall / steps, "kernel_s_per_step": kernel_s / steps,
+                     "kernels_per_step": len(kernels) / steps, "gpu_busy": kernel_s / wall}
     return out
 
 
@@ -455,24 +587,67 @@ def goal(name, measured, target, higher=True, why="") -> dict:
             "gap_pct": 0.0 if met else 100 * abs(target - measured) / target, "bound": "" if met else why}
 
 
+def cuda_why(res: dict, b1: dict | None) -> tuple[str, str]:
+    """What bounds decode and prefill on a GPU, from profile_cuda: kernel time against the (unprofiled) wall time."""
+    prof = res.get("profile", {})
+
+    def step(kind, wall):
+        p = prof.get(kind)
+        if not p:
+            return f"{kind}: not profiled"
+        if not p["kernels_per_step"]:
+            return f"{kind}: the CUDA profiler saw no kernels"
+        busy = p["kernel_s_per_step"] / wall
+        bound = ("launch-bound: the GPU idles between kernels, waiting for the CPU (Python, launches, the host read of "
+                 "each token)" if busy < 0.6 else "kernel-bound: the kernels themselves (weights read from HBM, "
+                 "tensor-core time, and the fixed latency of many small kernels)")
+        return (f"{kind}: {p['kernels_per_step']:.0f} kernels, {1e3 * p['kernel_s_per_step']:.3f} ms of GPU time in a "
+                f"{1e3 * wall:.3f} ms step ({100 * busy:.0f}% busy): {bound}")
+    n = b1["new_tokens"] if b1 else 1
+    graph_wall = b1["ours"]["decode_s"]["median"] / n if b1 else prof.get("decode_graph", {}).get("wall_s_per_step", 1)
+    eager_wall = (b1["ours eager"]["decode_s"]["median"] / n if b1 and "ours eager" in b1
+                  else prof.get("decode_eager", {}).get("wall_s_per_step", 1))
+    dec = "decode b1 (CUDA profiler) " + step("decode_graph", graph_wall) + "; " + step("decode_eager", eager_wall)
+    pre = "CUDA profiler " + step("prefill", prof.get("prefill", {}).get("wall_s_per_step", 1))
+    return dec, pre
+
+
 def goals(res: dict) -> list[dict]:
     out, dense = [], {(r["batch"], r["prompt"]): r for r in res.get("dense", [])}
     b1 = dense.get((1, max(t for b, t in dense if b == 1))) if dense else None
     b8 = dense.get((8, max(t for b, t in dense if b == 8))) if any(b == 8 for b, _ in dense) else None
+    b64 = dense.get((64, max(t for b, t in dense if b == 64))) if any(b == 64 for b, _ in dense) else None
+    gpu = res["meta"]["device"].startswith("cuda")
     prof = res.get("profile", {})
-    dec_why = (f"decode (profiled at batch 1): {100 * prof.get('decode', {}).get('matmul_share', 0):.0f}% of CPU time in "
-               "matrix-vector products (memory-bound on the weights); the rest is per-op dispatch of ~40 small kernels "
-               "per layer; transformers runs the same matmul kernels")
-    pre_why = (f"prefill: {100 * prof.get('prefill', {}).get('matmul_share', 0):.0f}% of CPU time in matmuls; attention,"
+    dec_why = (f"decode (profiled at batch 1): {100 * prof.get('decode', {}).get('matmul_share', 0):.0f}% of CPU time"
+               " in matrix-vector products (memory-bound on the weights); the rest is per-op dispatch of ~40 small "
+               "kernels per layer; transformers runs the same matmul kernels")
+    pre_why = (f"prefill: {100 * prof.get('prefill', {}).get('matmul_share', 0):.0f}% of CPU time in matmuls; "
+               "attention,"
                " norms and elementwise ops take the rest; both systems run the same kernels")
+    if gpu:
+        dec_why, pre_why = cuda_why(res, b1)
+    if gpu and b1 and "decode_ratio" in b1:
+        out.append(goal(f"decode b1x{b1['prompt']} vs transformers eager (GPU)", b1["decode_ratio"],
+                        GOALS["gpu_decode_b1_vs_hf"], why=dec_why))
+    if gpu and b64:
+        out.append(goal(f"decode b64x{b64['prompt']} CUDA graph vs eager decode (GPU)", b64["decode_vs_eager"],
+                        GOALS["gpu_decode_b64_vs_eager"], why=dec_why))
+    if gpu and "scoring" in res:
+        out.append(goal("MMLU-style scoring of the forward ceiling (GPU)", res["scoring"]["of_forward_ceiling"],
+                        GOALS["gpu_scoring_of_forward"], why=pre_why))
     if b1 and "decode_ratio" in b1:
-        out.append(goal(f"decode b1x{b1['prompt']} vs transformers", b1["decode_ratio"], GOALS["decode_b1_vs_hf"], why=dec_why))
+        out.append(goal(f"decode b1x{b1['prompt']} vs transformers", b1["decode_ratio"], GOALS["decode_b1_vs_hf"],
+                        why=dec_why))
     if b1:
-        out.append(goal("decode b1 of read bandwidth", b1["ours"]["decode_of_bandwidth"], GOALS["decode_b1_of_bandwidth"],
+        out.append(goal("decode b1 of read bandwidth", b1["ours"]["decode_of_bandwidth"],
+                        GOALS["decode_b1_of_bandwidth"],
                         why=dec_why))
     if b8 and "prefill_ratio" in b8:
-        out.append(goal(f"prefill b8x{b8['prompt']} vs transformers", b8["prefill_ratio"], GOALS["prefill_vs_hf"], why=pre_why))
-        out.append(goal(f"decode b8x{b8['prompt']} vs transformers", b8["decode_ratio"], GOALS["decode_b8_vs_hf"], why=dec_why))
+        out.append(goal(f"prefill b8x{b8['prompt']} vs transformers", b8["prefill_ratio"], GOALS["prefill_vs_hf"],
+                        why=pre_why))
+        out.append(goal(f"decode b8x{b8['prompt']} vs transformers", b8["decode_ratio"], GOALS["decode_b8_vs_hf"],
+                        why=dec_why))
     if b8:
         out.append(goal(f"prefill b8x{b8['prompt']} of matmul ceiling", b8["ours"]["prefill_of_matmul"],
                         GOALS["prefill_of_matmul"], why=pre_why))
@@ -480,7 +655,8 @@ def goals(res: dict) -> list[dict]:
         for kind in ("decode_b1", "prefill_b8"):
             why = ("the kept FFN is only part of the step: attention, norms, LM head and per-op overhead do not shrink;"
                    " smaller matmuls also run further from peak")
-            out.append(goal(f"{r['system']} {kind} speedup of ideal (issue 7)", r[kind]["of_ideal"], GOALS["expert_of_ideal"], why=why))
+            out.append(goal(f"{r['system']} {kind} speedup of ideal (issue 7)", r[kind]["of_ideal"],
+                            GOALS["expert_of_ideal"], why=why))
             out.append(goal(f"{r['system']} {kind} speedup of ideal (issue 4)", r[kind]["of_ideal"],
                             GOALS["expert_of_ideal_issue4"], why=why))
     if "router" in res:
@@ -488,7 +664,8 @@ def goals(res: dict) -> list[dict]:
                         res["router"]["overhead_pct_per_decode_step"], GOALS["router_overhead_pct"], higher=False,
                         why="timing noise between two equal-work runs, or the router head"))
     if "stats" in res:
-        out.append(goal("collect_stats cost vs plain forward", res["stats"]["cost_ratio"], GOALS["stats_cost"], higher=False,
+        out.append(goal("collect_stats cost vs plain forward", res["stats"]["cost_ratio"], GOALS["stats_cost"],
+                        higher=False,
                         why="per-neuron reductions over (B*T, F) activations in every layer"))
     return out
 
@@ -498,34 +675,58 @@ def markdown(res: dict) -> str:
              f"{res['meta']['threads']} threads, {res['meta']['reps']} reps after 1 warm-up; median [min–max])", ""]
     c = res.get("ceilings")
     if c:
-        lines += ["| machine ceiling | value |", "|---|---|",
-                  f"| matmul GFLOP/s, FFN shape {c['matmul_ffn_shape']['shape']} | {fmt(c['matmul_ffn_shape']['gflops'])} |",
-                  f"| matmul GFLOP/s, 2048^3 | {fmt(c['matmul_square_2048']['gflops'])} |",
-                  f"| read GB/s, 256 MiB gemv | {fmt(c['read_gemv']['gbs'])} |",
-                  f"| read GB/s, 256 MiB sum | {fmt(c['read_sum']['gbs'])} |", ""]
+        lines += ["| machine ceiling | value |", "|---|---|"]
+        for key in ("matmul_ffn_shape", "matmul_square", "matmul_bf16_square", "matmul_fp32_square"):
+            if key in c:
+                m, k, n = c[key]["shape"]
+                lines.append(f"| matmul GFLOP/s, {c[key]['dtype']}, {m}x{k} @ {k}x{n} | {fmt(c[key]['gflops'])} |")
+        mib = c["read_sum"]["bytes"] // 2**20
+        lines += [f"| read GB/s, {mib} MiB gemv | {fmt(c['read_gemv']['gbs'])} |",
+                  f"| read GB/s, {mib} MiB sum | {fmt(c['read_sum']['gbs'])} |", ""]
     if res.get("dense"):
         lines += ["| B x T (+N new) | system | prefill tok/s | decode tok/s | prefill GFLOP/s, of matmul ceiling "
                   "| decode GB/s, of read bandwidth |", "|---|---|---|---|---|---|"]
         for r in res["dense"]:
             lines.append(f"| {r['batch']}x{r['prompt']} | ceiling, same rounds | | | {r['ceiling_matmul_gflops']:.1f} "
                          f"| {r['ceiling_read_gbs']:.1f} |")
-            for name in ("ours", "transformers"):
+            for name in ("ours", "ours compiled", "ours eager", "transformers"):
                 if name in r:
                     s = r[name]
-                    lines.append(f"| {r['batch']}x{r['prompt']} (+{r['new_tokens']}) | {name} | {fmt(s['prefill_tok_s'])} "
-                                 f"| {fmt(s['decode_tok_s'])} | {s['prefill_gflops']:.1f}, {100 * s['prefill_of_matmul']:.0f}% "
+                    lines.append(f"| {r['batch']}x{r['prompt']} (+{r['new_tokens']}) | {name} "
+                                 f"| {fmt(s['prefill_tok_s'])} | {fmt(s['decode_tok_s'])} "
+                                 f"| {s['prefill_gflops']:.1f}, {100 * s['prefill_of_matmul']:.0f}% "
                                  f"| {s['decode_gbs']:.2f}, {100 * s['decode_of_bandwidth']:.0f}% |")
+            if "decode_vs_eager" in r:
+                lines.append(f"| {r['batch']}x{r['prompt']} | **CUDA graph / eager** | "
+                             f"| **{r['decode_vs_eager']:.2f}x** | tokens identical: {r['graph_tokens_identical']} | |")
             if "prefill_ratio" in r:
                 lines.append(f"| {r['batch']}x{r['prompt']} | **ours / transformers** | **{r['prefill_ratio']:.2f}x** "
-                             f"| **{r['decode_ratio']:.2f}x** | tokens identical: {r['tokens_identical']} | |")
+                             f"| **{r['decode_ratio']:.2f}x** | tokens identical: {r['tokens_identical']} "
+                             f"({100 * r['tokens_agree']:.0f}% equal) | |")
+        lines.append("")
+    if "scoring" in res:
+        sc = res["scoring"]
+        lines += [f"MMLU-style scoring (evaluate.loglikelihoods, {sc['items']} items = {sc['rows']} rows of "
+                  f"{sc['tokens']} tokens, batch_tokens {sc['batch_tokens']}): {fmt(sc['tokens_per_s'])} tokens/s, "
+                  f"{sc['gflops']:.1f} GFLOP/s = {100 * sc['of_forward_ceiling']:.0f}% of the forward ceiling "
+                  f"({sc['ceiling_tokens_per_s']:.0f} tokens/s at the matmul ceiling)", ""]
+    prof = res.get("profile", {})
+    if "decode_graph" in prof:
+        lines += ["| CUDA profiler | kernels per step | GPU time per step ms | wall per step ms (profiled) |",
+                  "|---|---|---|---|"]
+        for kind, p in prof.items():
+            lines.append(f"| {kind} | {p['kernels_per_step']:.0f} | {1e3 * p['kernel_s_per_step']:.3f} "
+                         f"| {1e3 * p['wall_s_per_step']:.3f} |")
         lines.append("")
     if res.get("systems"):
-        lines += ["| system | active FFN | decode b1 speedup [min–max] | ideal | of ideal | prefill b8 speedup [min–max] "
+        lines += ["| system | active FFN | decode b1 speedup [min–max] | ideal | of ideal "
+                  "| prefill b8 speedup [min–max] "
                   "| ideal | of ideal |", "|---|---|---|---|---|---|---|---|"]
         for r in res["systems"]:
             d, p = r["decode_b1"], r["prefill_b8"]
             lines.append(f"| {r['system']} | {100 * r['active_fraction']:.0f}% | {d['speedup']:.2f}x "
-                         f"[{d['speedup_min']:.2f}–{d['speedup_max']:.2f}] | {d['ideal']:.2f}x | {100 * d['of_ideal']:.0f}% "
+                         f"[{d['speedup_min']:.2f}–{d['speedup_max']:.2f}] | {d['ideal']:.2f}x "
+                         f"| {100 * d['of_ideal']:.0f}% "
                          f"| {p['speedup']:.2f}x [{p['speedup_min']:.2f}–{p['speedup_max']:.2f}] | {p['ideal']:.2f}x "
                          f"| {100 * p['of_ideal']:.0f}% |")
         lines.append("")
@@ -578,6 +779,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; ceilings always run)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers column")
+    p.add_argument("--compile", action="store_true", help="CUDA: also time decode with the torch.compile-fused step")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sections = set(args.sections.split(","))
@@ -590,10 +792,14 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device, dtype = resolve_device(args), resolve_dtype(args)
+    device = resolve_device(args)
+    dtype = resolve_dtype(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = dict(QUICK if args.quick else FULL)
+    if device.type == "cuda":
+        plan = dict(GPU_QUICK if args.quick else GPU_FULL)
+    else:
+        plan = dict(QUICK if args.quick else FULL)
     if args.reps:
         plan["reps"] = args.reps
     torch.manual_seed(args.seed)
@@ -602,7 +808,8 @@ def main(argv=None):
     out = Path(args.out) / "bench.json"
     path = Path(args.model) if args.model else M.default_model_path()
     model, _ = M.load_model(path, device, dtype)
-    res = {"meta": {"model": path.name, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+    res = {"meta": {"model": path.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                    "threads": torch.get_num_threads(),
                     "reps": plan["reps"], "plan": plan, "torch": torch.__version__, "cpus": os.cpu_count(),
                     "argv": argv, "memory_method": "CPU: VmHWM after reset minus VmRSS of the loaded dense model"
                     if device.type == "cpu" else "CUDA: max_memory_allocated minus allocated after load"},
@@ -611,15 +818,18 @@ def main(argv=None):
         res["ceilings"] = ceilings(device, dtype, model.config, max(b * t for b, t in plan["sizes"]), plan["reps"])
         save(res, out)
         if "dense" in args.sections:
-            hf, why = (None, "--no-hf given") if args.no_hf else load_hf(path, device, dtype)
+            hf, why = (None, "--no-hf given") if args.no_hf else load_hf(model, device, dtype)
             if why:
                 res["notes"].append(f"transformers column skipped: {why}")
-            res["dense"] = bench_dense(model, hf, plan, device)
+            res["dense"] = bench_dense(model, hf, plan, device, compiled=args.compile)
             del hf
             gc.collect()
             T = max(t for _, t in plan["sizes"])
             idx = torch.randint(0, model.config.vocab_size, (max(b for b, _ in plan["sizes"]), T)).to(device)
-            res["profile"] = profile_top(model, idx, 8) if device.type == "cpu" else {}
+            res["profile"] = profile_top(model, idx, 8) if device.type == "cpu" else profile_cuda(model, idx, 16)
+            save(res, out)
+        if "scoring" in args.sections:
+            res["scoring"] = bench_scoring(model, plan, device, res["ceilings"]["matmul_gflops"])
             save(res, out)
         systems = {}
         if "experts" in args.sections:

@@ -645,7 +645,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 # ----------------------------------------------------------------------------- static-shape decoding, CUDA graphs
 
-DECODE_MODES = ("auto", "dynamic", "static", "graph")
+DECODE_MODES = ("auto", "dynamic", "static", "graph", "compiled")
 KEEP_SLOTS = 4        # (B, S) shapes whose KV cache (and graphs) stay allocated between generate calls, LRU
 KEEP_GRAPHS = 8       # FFN sets (dense, each expert, ...) with a captured graph per shape, LRU
 GRAPH_CACHE_ROUND = 256  # graph mode rounds the cache length up to this, so batches of similar length share a graph
@@ -656,13 +656,16 @@ class DecodeSlot:
     generate calls of the same shape: every layer's KV cache, the input buffers of `Transformer.decode_step`
     (tokens, cache slot, positions, valid mask), and in graph mode one captured CUDA graph per set of FFNs.
 
-    Why a graph: a batch-1 decode step of a 135M model is ~450 small kernels. Launched one by one from Python the
-    GPU waits on the CPU (~15 ms a step on an H100, launch-bound); replayed as one CUDA graph they run back to
-    back. Written out with torch.cuda.CUDAGraph (`_capture`, a dozen lines) rather than torch.compile(mode=
-    "reduce-overhead"): no compiler toolchain or minutes of compile, a new set of expert FFNs (other matmul
-    shapes) costs one capture instead of a recompile, and the whole mechanism stays readable here. A graph
-    replays fixed kernels on fixed addresses, hence the fixed shapes and the input buffers below. Sampling and
-    stop checks stay outside the graph (Python, a few small kernels per step)."""
+    Why a graph: a decode step of SmolLM2-135M is ~1,200 small kernels (about 40 per layer: norms, RoPE, cache
+    writes, attention, four matmuls, residual adds). Launched one by one from Python the GPU waits on the CPU
+    (~15 ms a step on an H100, launch-bound); replayed as one CUDA graph they run back to back. Written out with
+    torch.cuda.CUDAGraph (`_capture`, a dozen lines) rather than torch.compile(mode="reduce-overhead"): no
+    compiler toolchain or minutes of compile, a new set of expert FFNs (other matmul shapes) costs one capture
+    instead of a recompile, and the whole mechanism stays readable here. A graph replays fixed kernels on fixed
+    addresses, hence the fixed shapes and the input buffers below. Sampling and stop checks stay outside the
+    graph (Python, a few small kernels per step).
+    Opt-in, mode "compiled" (model.py --compile): the same capture of torch.compile(decode_step), so that inductor
+    first fuses the element-wise kernels (fewer, larger kernels per step); each new shape or FFN set recompiles."""
 
     def __init__(self, model: Transformer, B: int, S: int):
         dev = model.tok_emb.weight.device
@@ -688,27 +691,30 @@ class DecodeSlot:
         self.cache_pos.fill_(T0)
         self.pos.copy_(torch.tensor(lens))
 
-    def step(self, model: Transformer, nxt, mlps, graph: bool):
-        """Feed the sampled tokens nxt (B,), run one step -> logits (B, V), then advance slot and positions."""
+    def step(self, model: Transformer, nxt, mlps, mode: str = "static"):
+        """Feed the sampled tokens nxt (B,), run one step -> logits (B, V), then advance slot and positions.
+        mode: "static" runs decode_step op by op; "graph" / "compiled" replay its CUDA graph (captured on first use)."""
         self.tok.copy_(nxt[:, None])
-        if graph:
-            key = None if mlps is None else tuple(map(id, mlps))  # the ids stay unique: entries keep the modules
+        if mode == "static":
+            logits = model.decode_step(self.tok, self.cache_pos, self.pos, self.valid, mlps)
+        else:
+            key = (mode, None if mlps is None else tuple(map(id, mlps)))  # ids stay unique: entries keep the modules
             if key not in self.graphs:
-                self.graphs[key] = self._capture(model, mlps)
+                self.graphs[key] = self._capture(model, mlps, compiled=mode == "compiled")
                 while len(self.graphs) > KEEP_GRAPHS:
                     self.graphs.pop(next(iter(self.graphs)))
             g, logits, _ = self.graphs[key]
             g.replay()  # every kernel of the step, no Python in between; writes `logits`
-        else:
-            logits = model.decode_step(self.tok, self.cache_pos, self.pos, self.valid, mlps)
         self.cache_pos += 1
         self.pos += 1
         return logits
 
-    def _capture(self, model: Transformer, mlps):
-        """Record one decode step as a CUDA graph. The warm-up runs (which the capture needs: cuBLAS workspaces and
-        lazy inits must not happen inside it) compute the real current step, so rewriting its cache slot is harmless."""
-        run = lambda: model.decode_step(self.tok, self.cache_pos, self.pos, self.valid, mlps)  # noqa: E731
+    def _capture(self, model: Transformer, mlps, compiled: bool = False):
+        """Record one decode step as a CUDA graph. The warm-up runs (which the capture needs: cuBLAS workspaces,
+        lazy inits and, compiled, the compilation itself must not happen inside it) compute the real current step,
+        so rewriting its cache slot is harmless."""
+        fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compiled else model.decode_step
+        run = lambda: fn(self.tok, self.cache_pos, self.pos, self.valid, mlps)  # noqa: E731
         side = torch.cuda.Stream(device=self.tok.device)
         side.wait_stream(torch.cuda.current_stream(self.tok.device))
         with torch.cuda.stream(side):
@@ -745,21 +751,22 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prefill forward and fills the KV cache itself (router.FreeMoE routes inside it, reusing the first layers).
     decode: how each step runs. "dynamic": the model's forward over the cache sliced to the tokens so far (the CPU
     default: least work). "static": `Transformer.decode_step`, fixed shapes over the whole cache with a mask.
-    "graph": the static step replayed as a CUDA graph (see DecodeSlot; the CUDA default). "auto" picks by device.
-    The three give the same tokens (tests: static == dynamic on CPU, graph == static on CUDA)."""
+    "graph": the static step replayed as a CUDA graph (see DecodeSlot; the CUDA default). "compiled": the same with
+    torch.compile's kernel fusion first (opt-in, CUDA). "auto" picks by device. All give the same tokens (tests:
+    static == dynamic on CPU, graph == static on CUDA)."""
     device = model.tok_emb.weight.device
     if decode == "auto":
         decode = "graph" if device.type == "cuda" else "dynamic"
     if decode not in DECODE_MODES[1:]:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    if decode == "graph" and device.type != "cuda":
-        raise ValueError(f"decode='graph' needs a CUDA model, this one is on {device}")
+    if decode in ("graph", "compiled") and device.type != "cuda":
+        raise ValueError(f"decode={decode!r} needs a CUDA model, this one is on {device}")
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
         raise UserError("cannot generate from an empty prompt")
     T0 = max(lens)
     S = T0 + max_new_tokens
-    if decode == "graph":  # a few cache lengths instead of one per prompt length: captured graphs get reused
+    if decode in ("graph", "compiled"):  # a few cache lengths instead of one per prompt length: graphs get reused
         S = min(-(-S // GRAPH_CACHE_ROUND) * GRAPH_CACHE_ROUND, max(S, model.config.max_seq_len))
     # built on the host, copied once (not one small copy per prompt)
     idx = torch.tensor([[0] * (T0 - n) + list(p) for p, n in zip(prompts, lens)], dtype=torch.long).to(device)
@@ -805,7 +812,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             if slot is None:
                 logits = model(nxt[:, None], T0 + step, valid, mlps)[:, -1]  # decode: (B, V)
             else:
-                logits = slot.step(model, nxt, mlps, graph=decode == "graph")  # (B, V)
+                logits = slot.step(model, nxt, mlps, decode)  # (B, V)
     finally:
         model.clear_cache()
     return out
@@ -842,6 +849,8 @@ def main():
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=fraction, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: fuse the decode step with torch.compile before capturing its graph (minutes to compile)")
     args = p.parse_args()
     t0 = time.perf_counter()
     model, tok = load_for_cli(args)
@@ -850,8 +859,10 @@ def main():
     prompt = tok.chat_prompt(args.prompt) if args.chat else args.prompt
     ids = tok.encode(prompt)
     t0 = time.perf_counter()
+    if args.compile and model.tok_emb.weight.device.type != "cuda":
+        raise UserError("--compile needs --device cuda (it fuses the kernels of the CUDA-graph decode step)")
     out = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   tokenizer=tok, seed=args.seed)[0]
+                   tokenizer=tok, seed=args.seed, decode="compiled" if args.compile else "auto")[0]
     dt = time.perf_counter() - t0
     print(args.prompt if not args.chat else "", end="")
     print(tok.decode(out))

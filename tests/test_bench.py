@@ -102,3 +102,79 @@ def test_router_section_compares_routed_and_unrouted_requests():
     text = bench.markdown({"meta": {"model": "tiny", "device": "cpu", "dtype": "float32", "threads": 1, "reps": 1},
                            "router": res})
     assert "routed request" in text and "per decode step" in text
+
+
+# ----------------------------------------------------------------------------- issue 14: the GPU parts, on the CPU
+
+def test_static_decode_loop_gives_generate_tokens():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 6))
+    with torch.inference_mode():
+        _, toks = bench.ours_decode(m, x, 7, decode="static")
+    assert toks.tolist() == M.generate(m, x.tolist(), 7, stop_ids=set())
+
+
+def test_transformers_column_comes_from_our_export():
+    """The transformers model is built from our own HF export (no gguf needed): the same logits as ours."""
+    for arch in ("llama", "gpt2"):
+        m = tiny(arch)
+        m.tok_emb.weight.data.mul_(20.0)  # logits well apart, so the comparison means something
+        hf, why = bench.load_hf(m, torch.device("cpu"), torch.float32)
+        assert why is None, why
+        x = torch.randint(0, 97, (2, 9))
+        with torch.no_grad():
+            assert (hf(x).logits - m(x)).abs().max() < 1e-4
+
+
+def test_scoring_section_counts_rows_tokens_and_flops():
+    m = tiny()
+    m.config.max_seq_len = 1024  # room for the 400..800-token MMLU-shaped contexts
+    plan = {"scoring_items": 2, "reps": 1}
+    res = bench.bench_scoring(m, plan, torch.device("cpu"), matmul_gflops=1.0)
+    reqs = bench.scoring_requests(97, 2)
+    assert len(reqs) == 16 and res["rows"] == 2 * 5  # per item one letters row and four cloze rows
+    assert res["tokens"] == sum(len(r) for r in {tuple((c + x)[:-1]) for c, x in reqs})  # every row once
+    assert res["tokens_per_s"]["median"] > 0 and res["of_forward_ceiling"] == res["gflops"] / 1.0
+    assert res["ceiling_tokens_per_s"] > 0
+
+
+def fake_cuda_result():
+    """A made-up CUDA bench result: what goals() and markdown() make of the GPU sections."""
+    dec = lambda s: {"prefill_s": {"median": 0.01}, "prefill_tok_s": {"median": 1e4, "min": 1e4, "max": 1e4},  # noqa
+                     "decode_s": {"median": s}, "decode_tok_s": {"median": 128 / s, "min": 1, "max": 1},
+                     "prefill_gflops": 1.0, "prefill_of_matmul": 0.5, "decode_gbs": 1.0, "decode_of_bandwidth": 0.5}
+    row = lambda b: {"batch": b, "prompt": 128, "new_tokens": 128, "ceiling_matmul_gflops": 1e5,  # noqa
+                     "ceiling_read_gbs": 3e3, "ours": dec(0.256), "ours eager": dec(2.0), "transformers": dec(2.56),
+                     "decode_vs_eager": 2.0 / 0.256, "graph_tokens_identical": True, "prefill_ratio": 1.2,
+                     "decode_ratio": 10.0, "tokens_identical": False, "tokens_agree": 0.97}
+    ceil = {k: {"shape": [8192, 8192, 8192], "dtype": "bfloat16", "gflops": {"median": 7e5, "min": 6e5, "max": 8e5}}
+            for k in ("matmul_ffn_shape", "matmul_square", "matmul_bf16_square", "matmul_fp32_square")}
+    ceil.update({k: {"bytes": 2**30, "gbs": {"median": 4e3, "min": 3e3, "max": 4e3}}
+                 for k in ("read_gemv", "read_sum")})
+    prof = {"decode_graph": {"wall_s_per_step": 0.003, "kernel_s_per_step": 0.0015, "kernels_per_step": 1200,
+                             "gpu_busy": 0.5},
+            "decode_eager": {"wall_s_per_step": 0.02, "kernel_s_per_step": 0.0018, "kernels_per_step": 1200,
+                             "gpu_busy": 0.09},
+            "prefill": {"wall_s_per_step": 0.01, "kernel_s_per_step": 0.009, "kernels_per_step": 1300, "gpu_busy": 0.9}}
+    return {"meta": {"model": "m", "device": "cuda", "dtype": "bfloat16", "threads": 1, "reps": 3},
+            "ceilings": ceil, "dense": [row(1), row(64)], "profile": prof,
+            "scoring": {"items": 64, "rows": 320, "tokens": 190000, "batch_tokens": 32768,
+                        "tokens_per_s": {"median": 5e5, "min": 4e5, "max": 6e5}, "gflops": 2e5,
+                        "of_forward_ceiling": 0.3, "ceiling_tokens_per_s": 1.6e6}}
+
+
+def test_cuda_goals_and_report_from_a_made_up_result():
+    res = fake_cuda_result()
+    res["goals"] = bench.goals(res)
+    by_name = {g["goal"].split(" (")[0]: g for g in res["goals"] if g["goal"].endswith("(GPU)")}
+    assert by_name["decode b1x128 vs transformers eager"]["met"]  # 10.0 >= 10
+    assert by_name["decode b64x128 CUDA graph vs eager decode"]["met"]  # 7.8 >= 3
+    score = by_name["MMLU-style scoring of the forward ceiling"]
+    assert not score["met"] and abs(score["gap_pct"] - 40.0) < 1e-9 and "CUDA profiler prefill" in score["bound"]
+    why = bench.cuda_why(res, res["dense"][0])[0]
+    # graph: 1.5 ms of kernels in a 2 ms step (0.256 s / 128) = 75% busy; eager: 1.8 of 15.6 ms = 12%, launch-bound
+    assert "75% busy" in why and "12% busy" in why and "launch-bound" in why
+    text = bench.markdown(res)
+    for line in ("matmul GFLOP/s, bfloat16, 8192x8192 @ 8192x8192", "read GB/s, 1024 MiB gemv", "| ours eager |",
+                 "**CUDA graph / eager**", "(97% equal)", "MMLU-style scoring", "| decode_graph | 1200 |"):
+        assert line in text, line

@@ -786,3 +786,122 @@ def test_llama3_tokenizer_matches_transformers(texts, tmp_path):
     hf.save(str(tmp_path / "tokenizer.json"))
     from_json = M.Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
     assert_same_ids([from_json.encode(t) for t in all_texts], ref, all_texts, "Llama-3 tokenizer.json")
+
+
+# ============================================================================ static-shape decode (issue 14)
+# The CUDA graph replays Transformer.decode_step: fixed shapes, the whole preallocated cache, a position mask.
+# On a CPU the same step runs eagerly (decode="static"); it must give the tokens of the default dynamic decode.
+
+STATIC_ARCHS = {
+    "llama-gqa": dict(arch="llama", n_kv_head=2),
+    "gpt2": dict(arch="gpt2", n_kv_head=4),
+    "gemma3-window": dict(arch="gemma3", n_kv_head=2, sliding_window=5, local_layers=[0]),
+}
+
+
+def static_model(kind: str, seed: int = 0) -> M.Transformer:
+    """A random model from our own Config, logits spread enough that sampling is not argmax."""
+    torch.manual_seed(seed)
+    m = M.Transformer(M.Config(vocab_size=64, n_layer=2, n_head=4, n_embd=32, n_ffn=48, max_seq_len=128,
+                               **STATIC_ARCHS[kind])).eval()
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(0.15)
+    return m
+
+
+PADDED = [[5, 9, 2], [7, 1, 1, 3, 40, 12, 8, 30, 2], [3], [60, 61, 62, 63, 1, 2]]  # left padded to 9 slots
+
+
+@pytest.mark.parametrize("kind", list(STATIC_ARCHS))
+def test_static_decode_equals_dynamic_greedy_sampling_batched(kind):
+    m = static_model(kind)
+    for prompts in (PADDED[:1], PADDED):  # one row; a left-padded batch
+        for kw in ({}, dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, top_p=0.9, seed=5)):
+            dynamic = M.generate(m, prompts, 24, stop_ids=set(), **kw)
+            static = M.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
+            assert static == dynamic, (kind, len(prompts), kw)
+            assert all(len(r) == 24 for r in static)
+
+
+@pytest.mark.parametrize("kind", list(STATIC_ARCHS))
+def test_decode_step_logits_equal_the_forward(kind):
+    """Step by step, the static step's logits over the whole cache equal the dynamic forward's over the prefix."""
+    m = static_model(kind)
+    B, T0, N = len(PADDED), max(map(len, PADDED)), 12
+    lens = [len(p) for p in PADDED]
+    idx = torch.tensor([[0] * (T0 - n) + p for p, n in zip(PADDED, lens)])  # (B, T0)
+    valid = torch.arange(T0 + N)[None, :] >= torch.tensor([T0 - n for n in lens])[:, None]  # (B, S)
+    nxt = torch.randint(0, 64, (N, B), generator=torch.Generator().manual_seed(0))  # fed tokens, (N, B)
+    with torch.inference_mode():
+        m.setup_cache(B, T0 + N)
+        m(idx, 0, valid, last_only=True)
+        want = [m(nxt[s][:, None], T0 + s, valid)[:, -1] for s in range(N)]  # (B, V) each
+        slot = M.decode_slot(m, B, T0 + N)  # a fresh zeroed cache of the same shape
+        m(idx, 0, valid, last_only=True)
+        slot.start(valid, lens, T0)
+        got = [slot.step(m, nxt[s], None, "static") for s in range(N)]
+        m.clear_cache()
+    for s, (a, b) in enumerate(zip(got, want)):
+        assert (a - b).abs().max() <= 1e-5, f"step {s}: {(a - b).abs().max():.2e}"
+
+
+def test_decode_slots_are_reused_zeroed_and_dropped_when_the_model_moves():
+    m = static_model("llama-gqa")
+    first = M.generate(m, PADDED, 10, stop_ids=set(), decode="static")
+    key = (len(PADDED), 9 + 10)  # (B, prompt + new tokens)
+    slot = m.decode_slots[key]
+    cache = slot.caches[0][0]
+    again = M.generate(m, PADDED, 10, stop_ids=set(), decode="static")  # same shape: same buffers, zeroed first
+    assert again == first and m.decode_slots[key] is slot and slot.caches[0][0] is cache
+    assert m.layers[0].attn.cache_k is None  # the model itself holds no cache between calls
+    for n in range(1, M.KEEP_SLOTS + 2):  # more shapes than are kept: the least recently used go
+        M.generate(m, [[1] * n], 3, stop_ids=set(), decode="static")
+    assert len(m.decode_slots) == M.KEEP_SLOTS and key not in m.decode_slots
+    m.to(torch.float64)  # new weight tensors: slots (and graphs, on CUDA) built on the old ones are dropped
+    assert m.decode_slots == {}
+    assert M.generate(m, PADDED, 10, stop_ids=set(), decode="static") == \
+        M.generate(m, PADDED, 10, stop_ids=set())
+
+
+def test_decode_mode_errors():
+    m = static_model("llama-gqa")
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        M.generate(m, [[1, 2]], 3, decode="graph")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        M.generate(m, [[1, 2]], 3, decode="fast")
+    with pytest.raises(M.UserError, match="exceeds the model's max_seq_len"):
+        M.generate(m, [[1, 2]], 200, decode="static")
+
+
+def test_routed_static_decode_equals_dynamic():
+    """router.FreeMoE routes inside the prefill (generate's prefill hook) and decodes with compact expert FFNs;
+    the static step must give the same tokens with those FFNs too (they are what a graph would capture)."""
+    import router as R
+    m = static_model("llama-gqa")
+    g = torch.Generator().manual_seed(0)
+    domains = ["code", "math"]
+    experts = type("E", (), {"domains": domains, "meta": {},
+                             "indices": {d: [torch.randperm(48, generator=g)[:24].sort().values for _ in range(2)]
+                                         for d in domains}})()
+    cfg = R.RouterConfig(domains=domains, n_layer=2, n_embd=32, route_layer=1, hidden=0, threshold=0.0)
+    torch.manual_seed(1)
+    moe = R.FreeMoE(m, experts, R.Router(cfg))
+    with torch.no_grad():
+        moe.router.gate_logits.fill_(1.0)  # every layer runs the expert
+    for prompts in ([PADDED[1]], [PADDED[1], PADDED[3]]):
+        dynamic, dec_d = moe.generate(prompts, 16, stop_ids=set())
+        static, dec_s = moe.generate(prompts, 16, stop_ids=set(), decode="static")
+        assert static == dynamic and dec_s == dec_d
+        assert any(d.use_expert[0] for d in dec_s)
+
+
+def test_tiny_static_decode_equals_transformers(tiny):
+    """Every checkpoint family of the tiny cases (GPT-2, Llama-3 RoPE, MQA, Qwen2 biases): the static step's greedy
+    tokens are transformers' tokens, unpadded and inside a left-padded batch."""
+    prompt = random_ids(1, 6, seed=2)[0].tolist()
+    with torch.no_grad():
+        ref = tiny["hf"].generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert M.generate(tiny["ours"], [prompt], 20, stop_ids=set(), decode="static")[0] == ref
+    other = random_ids(1, 11, seed=3)[0].tolist()
+    batched = M.generate(tiny["ours"], [other, prompt], 20, stop_ids=set(), decode="static")
+    assert batched[1] == ref and batched[0] == M.generate(tiny["ours"], [other], 20, stop_ids=set())[0]
