@@ -812,7 +812,8 @@ def main(argv=None):
     stats = {}
     for n, s in zip(args.names, args.specs):
         key = {"fingerprint": model.fingerprint, "domain": s, "tokens": args.tokens, "seed": args.seed,
-               "seq_len": args.seq_len, "n_windows": len(calib[n]), "dtype": args.dtype}
+               "seq_len": args.seq_len, "n_windows": len(calib[n]),
+               "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
         stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
         if args.score == "taylor":  # the loss-aware pass (a forward + backward per batch; not cached)
             t0 = time.perf_counter()

@@ -241,7 +241,7 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
     heldout = {d: data.load_domain_tokens(d, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
                for d in args.domains}
     key = {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
-           "dtype": args.dtype}
+           "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
     sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs)
           for d in args.domains}
     stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
