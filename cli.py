@@ -102,7 +102,9 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
                    help="auto, cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
+    p.add_argument("--data-dir", default=None,
+                   help="shared assets dir (default: $FREE_MOE_SHARED or ../shared; data missing there is "
+                        "downloaded into $FREE_MOE_CACHE or ~/.cache/free-moe)")
     if out_default is not None:
         p.add_argument("--out", type=out_dir, default=out_default, help=f"output directory (default: {out_default})")
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
@@ -144,12 +146,16 @@ def resolve_dtype(args, device: torch.device | None = None) -> torch.dtype:
 def write_atomic(path, data: str | bytes):
     """Write a file so readers see the old one or the new one, never half of one (a killed run loses nothing).
 
-    The temp name is unique (mkstemp in the same folder), so two writers never share one."""
+    The temp name is unique (mkstemp in the same folder), so two writers never share one; the file gets the
+    usual permissions (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
