@@ -43,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints as ckpt
+import hub
+import gguf_file
 from cli import (ArgumentParser, UserError, add_common_args, fraction, nonneg_float, positive_int, resolve_device,
                  resolve_dtype, run_cli, shared_dir)
 from tokenizer import Tokenizer
@@ -586,19 +588,19 @@ def load_weights(model: Transformer, weights: dict, source: str):
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
-    if path is not None and str(path) in ckpt.NAMED_MODELS and not Path(path).exists():  # a short name: fetched
-        path = ckpt.named_model(str(path))  # and joined once, then cached
+    if path is not None and str(path) in hub.NAMED_MODELS and not Path(path).exists():  # a short name: fetched
+        path = hub.named_model(str(path))  # and joined once, then cached
     given, path = path, Path(path) if path is not None else default_model_path()
     if not path.exists():
-        if given is None or not ckpt.is_hub_id(str(given)):  # as typed: Path() would turn "./a/b" into "a/b"
+        if given is None or not hub.is_hub_id(str(given)):  # as typed: Path() would turn "./a/b" into "a/b"
             raise UserError(f"model path {path} does not exist")
-        path = ckpt.hub_download(str(given))  # one line if the hub has no such model; nothing is created then
+        path = hub.hub_download(str(given))  # one line if the hub has no such model; nothing is created then
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a .gguf file or an HF model directory")
-        meta, tensors = ckpt.read_gguf(path)
-        cfg = Config(**ckpt.config_from_gguf(meta, path.name))
-        weights, dropped = ckpt.map_gguf(tensors, cfg, meta)
+        meta, tensors = gguf_file.read_gguf(path)
+        cfg = Config(**gguf_file.config_from_gguf(meta, path.name))
+        weights, dropped = gguf_file.map_gguf(tensors, cfg, meta)
         tokenizer = Tokenizer.from_gguf_meta(meta, path)
     else:
         cfg_file = path / "config.json"

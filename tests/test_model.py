@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import checkpoints as ckpt  # noqa: E402
+import gguf_file  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 
@@ -519,7 +519,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def gguf_read(gguf_path):
-    return ckpt.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
+    return gguf_file.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
 
 
 @pytest.fixture(scope="module")
@@ -580,7 +580,7 @@ def test_dequantize_every_supported_type_matches_gguf(kind):
     gguf = pytest.importorskip("gguf")
     qtype = gguf.GGMLQuantizationType[kind]
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    assert ckpt.GGML_BLOCK[kind] == (block_bytes, block_size)
+    assert gguf_file.GGML_BLOCK[kind] == (block_bytes, block_size)
     rng = np.random.default_rng(0)
     rows, per_row = 8, 4 * block_bytes  # (rows, bytes): 4 blocks of 32 weights (or 4 scalars) per row
     raw = rng.integers(0, 256, (rows, per_row), dtype=np.uint8)
@@ -596,7 +596,7 @@ def test_dequantize_every_supported_type_matches_gguf(kind):
             vals = (vals.view(np.uint32) >> 16).astype(np.uint16)  # the top half of a float32
         raw = vals.view(np.uint8).reshape(rows, per_row)
     ref = gguf.quants.dequantize(raw, qtype).astype(np.float32)  # (rows, weights per row)
-    ours = ckpt.dequantize(raw.reshape(-1), kind).reshape(ref.shape)
+    ours = gguf_file.dequantize(raw.reshape(-1), kind).reshape(ref.shape)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 

@@ -28,6 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import checkpoints as ckpt  # noqa: E402
+import hub as hub_mod  # noqa: E402
+import gguf_file  # noqa: E402
 import cli  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
@@ -189,7 +191,7 @@ def test_hub_download_checks_hashes_loads_and_reuses_offline(hub, tmp_path):
     ids = torch.randint(0, 49152, (1, 10), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(ids), local(ids))
     assert tok.chat_format == "chatml"
-    expected = sorted(f"someorg--tiny/{n}" for n in [*hub.files, ckpt.LISTING])
+    expected = sorted(f"someorg--tiny/{n}" for n in [*hub.files, hub_mod.LISTING])
     assert cache_files(tmp_path) == expected  # no .part left, nothing else
     # again online: the list is fetched, no file is downloaded a second time
     hub.requests.clear()
@@ -211,7 +213,7 @@ def test_hub_download_refuses_a_damaged_file(hub, tmp_path, damage):
     assert "model.safetensors" in msg and ("sha256" if damage == "flipped" else "bytes") in msg, msg
     left = cache_files(tmp_path)
     assert "someorg--tiny/model.safetensors" not in left and not any(".part" in f for f in left), left
-    assert f"someorg--tiny/{ckpt.LISTING}" not in left  # the list is kept only once every file is in place
+    assert f"someorg--tiny/{hub_mod.LISTING}" not in left  # the list is kept only once every file is in place
 
 
 def test_hub_download_refuses_a_wrong_small_file(hub, tmp_path):
@@ -251,9 +253,9 @@ def test_unknown_model_or_bad_path_creates_nothing(hub, tmp_path, monkeypatch):
 
 def test_hub_id_rule():
     for ok in ("HuggingFaceTB/SmolLM2-135M-Instruct", "a/b", "org/name.v1_2"):
-        assert ckpt.is_hub_id(ok), ok
+        assert hub_mod.is_hub_id(ok), ok
     for bad in ("a/b/c", "./a/b", "/a/b", "a/../b", "a--b/c", "-a/b", "a/b.", "a", "a/" + "x" * 97):
-        assert not ckpt.is_hub_id(bad), bad
+        assert not hub_mod.is_hub_id(bad), bad
 
 
 # ============================================================================ content checksums
@@ -431,7 +433,7 @@ def gguf_bytes(kv: dict, tensors: list, data: bytes, pad_to: int = 32) -> bytes:
     s = lambda x: struct.pack("<Q", len(x.encode())) + x.encode()
     out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
     for k, (vt, v) in kv.items():
-        out += s(k) + struct.pack("<I", vt) + (s(v) if vt == ckpt.GGUF_STRING else struct.pack(ckpt.GGUF_VALUE[vt], v))
+        out += s(k) + struct.pack("<I", vt) + (s(v) if vt == gguf_file.GGUF_STRING else struct.pack(gguf_file.GGUF_VALUE[vt], v))
     for name, dims, tt, off in tensors:
         out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
         out += struct.pack("<IQ", tt, off)
@@ -439,7 +441,7 @@ def gguf_bytes(kv: dict, tensors: list, data: bytes, pad_to: int = 32) -> bytes:
     return bytes(out) + data
 
 
-ARCH = {"general.architecture": (ckpt.GGUF_STRING, "llama")}
+ARCH = {"general.architecture": (gguf_file.GGUF_STRING, "llama")}
 TWO = [("a", [4], 0, 0), ("b", [2, 2], 0, 32)]  # F32 tensors at aligned offsets
 TWO_DATA = struct.pack("<4f", 1, 2, 3, 4) + bytes(16) + struct.pack("<4f", 5, 6, 7, 8)
 BAD_GGUF = {
@@ -458,7 +460,7 @@ BAD_GGUF = {
 def test_gguf_builder_round_trip(tmp_path):
     path = tmp_path / "ok.gguf"
     path.write_bytes(gguf_bytes(ARCH, TWO, TWO_DATA))
-    meta, t = ckpt.read_gguf(path)
+    meta, t = gguf_file.read_gguf(path)
     assert meta["general.architecture"] == "llama"
     assert t["a"].tolist() == [1, 2, 3, 4] and t["b"].tolist() == [[5, 6], [7, 8]]
 
@@ -468,7 +470,7 @@ def test_corrupt_gguf_is_one_line(tmp_path, case):
     kv, tensors, data, needle = BAD_GGUF[case]
     path = tmp_path / "x.gguf"
     path.write_bytes(gguf_bytes(kv, tensors, data))
-    msg = one_line(ckpt.read_gguf, path)
+    msg = one_line(gguf_file.read_gguf, path)
     assert str(path) in msg and needle in msg, msg
 
 
@@ -476,13 +478,13 @@ def test_gguf_metadata_missing_sizes_is_one_line():
     meta = {"general.architecture": "llama", "llama.attention.head_count": 2, "llama.embedding_length": 16,
             "llama.feed_forward_length": 32, "llama.context_length": 64, "tokenizer.ggml.tokens": ["a", "b"],
             "llama.block_count": 2}
-    assert ckpt.config_from_gguf(meta, "x.gguf")["n_layer"] == 2
+    assert gguf_file.config_from_gguf(meta, "x.gguf")["n_layer"] == 2
     for change, needle in (({"llama.block_count": None}, "llama.block_count is missing"),
                            ({"llama.block_count": "2"}, "llama.block_count is '2'"),
                            ({"llama.embedding_length": 0}, "llama.embedding_length is 0"),
                            ({"tokenizer.ggml.tokens": None}, "llama.vocab_size is missing")):
         bad = {k: v for k, v in {**meta, **change}.items() if v is not None}
-        msg = one_line(ckpt.config_from_gguf, bad, "x.gguf")
+        msg = one_line(gguf_file.config_from_gguf, bad, "x.gguf")
         assert "x.gguf" in msg and needle in msg and "positive integer" in msg, msg
 
 
