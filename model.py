@@ -126,93 +126,6 @@ GEMMA3_RULE = {"global_every": 6, "rope_local_theta": 10000.0, "query_pre_attn_s
 GEMMA3_FIELDS = ("head_dim", "sliding_window", "local_layers", "rope_local_theta", "attn_scale")
 
 
-def config_from_hf(hf: dict, name: str = "") -> Config:
-    """Map an HF config.json to our Config. An unknown model_type is refused by name."""
-    mt = hf.get("model_type")
-    if mt == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"activation_function {hf['activation_function']!r} is not supported (only gelu_new)")
-        return Config(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                      n_kv_head=hf["n_head"], n_embd=hf["n_embd"], n_ffn=hf.get("n_inner") or 4 * hf["n_embd"],
-                      max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                      tie_embeddings=True, name=name)
-    if mt in ("llama", "qwen2", "mistral"):
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-            raise UserError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
-        return Config(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                      n_head=hf["num_attention_heads"],
-                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      n_embd=hf["hidden_size"], n_ffn=hf["intermediate_size"],
-                      max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                      rope_scaling=_rope_scaling_from_hf(hf), qkv_bias=(mt == "qwen2") or hf.get("attention_bias", False),
-                      tie_embeddings=hf.get("tie_word_embeddings", mt != "llama"), name=name)
-    if mt == "gemma3":
-        raise UserError("multimodal Gemma 3 checkpoints (model_type gemma3) are not supported: use a text-only one "
-                        "(gemma3_text, e.g. gemma-3-270m / gemma-3-1b)")
-    if mt == "gemma3_text":
-        if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise UserError(f"hidden_activation {hf['hidden_activation']!r} is not supported (only gelu_pytorch_tanh)")
-        if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
-            raise UserError("logit soft-capping (Gemma 2) is not supported; Gemma 3 has none")
-        rope = hf.get("rope_parameters") or {}
-        global_rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-        kinds = {global_rope.get("rope_type", "default"), local_rope.get("rope_type", "default")}
-        if kinds != {"default"} or hf.get("rope_scaling"):  # (older config.json files say rope_scaling)
-            raise UserError("Gemma 3 rope scaling (the long-context 4B+ models) is not supported")
-        types = hf.get("layer_types")
-        return Config(arch="gemma3", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                      n_head=hf["num_attention_heads"],
-                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      n_embd=hf["hidden_size"], n_ffn=hf["intermediate_size"],
-                      max_seq_len=hf.get("max_position_embeddings", 32768), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=global_rope.get("rope_theta", hf.get("rope_theta", 1e6)),
-                      tie_embeddings=hf.get("tie_word_embeddings", True), name=name, head_dim=hf.get("head_dim", 256),
-                      sliding_window=hf.get("sliding_window") or 0,
-                      local_layers=None if types is None else [i for i, t in enumerate(types)
-                                                               if t == "sliding_attention"],
-                      rope_local_theta=local_rope.get("rope_theta", hf.get("rope_local_base_freq")),
-                      attn_scale=hf["query_pre_attn_scalar"] ** -0.5 if "query_pre_attn_scalar" in hf else None)
-    raise UserError(f"unknown model_type {mt!r} (supported: gpt2, llama, qwen2, mistral, gemma3_text)")
-
-
-def _rope_scaling_from_hf(hf: dict) -> dict | None:
-    rs = hf.get("rope_scaling") or hf.get("rope_parameters")
-    if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
-        return None
-    return {k: v for k, v in rs.items() if k != "rope_theta"}
-
-
-def config_to_hf(cfg: Config) -> dict:
-    """The inverse map, used to export an expert as an HF checkpoint that `transformers` loads."""
-    if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": cfg.n_ffn,
-                "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True}
-    if cfg.arch == "gemma3":
-        return {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": cfg.vocab_size,
-                "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-                "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_ffn,
-                "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-                "sliding_window": cfg.sliding_window, "query_pre_attn_scalar": round(cfg.attn_scale ** -2),
-                "layer_types": ["sliding_attention" if i in cfg.local_layers else "full_attention"
-                                for i in range(cfg.n_layer)],
-                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
-                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": cfg.tie_embeddings,
-                "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-    return {"model_type": "qwen2" if cfg.qkv_bias else "llama",
-            "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
-            "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_ffn,
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "rope_scaling": cfg.rope_scaling, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": cfg.qkv_bias, "head_dim": cfg.head_dim}
-
-
 # ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nn.Module):
@@ -565,7 +478,8 @@ def fingerprint(model: Transformer) -> str:
 
 def load_weights(model: Transformer, weights: dict, source: str):
     """Check every expected tensor is present with the right shape (naming the offender), then assign."""
-    expected = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    tied = model.config.tie_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     for name, ref in expected.items():
         w = weights.get(name)
         if w is None:
@@ -607,7 +521,7 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
         if not cfg_file.exists():
             raise UserError(f"{path}: no config.json (not an HF model directory)")
         try:
-            cfg = config_from_hf(json.loads(cfg_file.read_text()), path.name)
+            cfg = Config(**ckpt.config_from_hf(json.loads(cfg_file.read_text()), path.name))
         except (json.JSONDecodeError, KeyError) as e:
             raise UserError(f"{cfg_file}: bad config ({type(e).__name__}: {e})") from None
         except UserError as e:  # unknown model_type, unsupported activation...: name the file

@@ -92,7 +92,7 @@ def build_hf_gemma(overrides: dict, seed: int = 0):
 
 def load_ours(d: Path) -> M.Transformer:
     """load_model's HF path without a tokenizer: config.json -> Config, safetensors -> key map -> checked load."""
-    cfg = M.config_from_hf(json.loads((d / "config.json").read_text()), d.name)
+    cfg = M.Config(**ckpt.config_from_hf(json.loads((d / "config.json").read_text()), d.name))
     weights, dropped = ckpt.map_hf_gemma3(ckpt.read_hf_state_dict(d), cfg)
     assert dropped == []
     m = M.Transformer(cfg)
@@ -175,7 +175,7 @@ def test_tiny_export_loads_back_in_transformers(tiny, tmp_path):
     """config_to_hf + to_hf (what purify --export writes) give a checkpoint transformers loads with equal logits."""
     from transformers import Gemma3ForCausalLM
     m = tiny["ours"]
-    (tmp_path / "config.json").write_text(json.dumps(M.config_to_hf(m.config)))
+    (tmp_path / "config.json").write_text(json.dumps(ckpt.config_to_hf(m.config)))
     sd = ckpt.to_hf({k: v.contiguous() for k, v in m.state_dict().items()}, m.config)
     ckpt.write_safetensors(tmp_path / "model.safetensors", sd, {"format": "pt"})
     back = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

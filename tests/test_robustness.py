@@ -149,7 +149,7 @@ def tiny_hf_files(shards: int = 1, poison: str | None = None) -> dict[str, bytes
     sd = {k: v.clone() for k, v in ckpt.to_hf(m.state_dict(), m.config).items()}
     if poison:
         sd[poison].view(-1)[3] = float("inf")
-    files = {"config.json": json.dumps(M.config_to_hf(m.config)).encode()}
+    files = {"config.json": json.dumps(ckpt.config_to_hf(m.config)).encode()}
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         files[f] = (SMOL_HF_TOK / f).read_bytes()
     names = sorted(sd)
