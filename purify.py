@@ -594,7 +594,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
     cfg = M.Config(**{**asdict(model.config), "n_ffn": ks[0]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = M.config_to_hf(cfg)
+    hf = ckpt.config_to_hf(cfg)
     hf["torch_dtype"] = "float32"
     hf["free_moe"] = meta or {}
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
