@@ -468,7 +468,8 @@ def prepare_gsm8k(rt: Runtime) -> Task:
     k = rt.args.gsm8k_shots
     train = load_gsm8k("train", rt.args.data_dir)
     shots = select(train, k, rt.args.seed) if k else []  # the same k shots for every question
-    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)} for i, d in enumerate(load_gsm8k("test", rt.args.data_dir))]
+    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, shots)}
+            for i, d in enumerate(load_gsm8k("test", rt.args.data_dir))]
     return Task("gsm8k", "math", select(test, limit_for(rt.args, "gsm8k"), rt.args.seed),
                 {"shots": k, "max_new_tokens": rt.args.gsm8k_max_tokens}, run_gsm8k)
 
@@ -512,7 +513,8 @@ def _run_code(rt, system, items, stops, to_program) -> list[dict]:
     mlps, frac = system.pick([rt.tokenizer.encode(p) for p in prompts], "code")
     samples, n_tok = [[] for _ in items], 0
     for s in range(n):  # sample s of every item in one batch; seeded so a re-run draws the same samples
-        texts, t = complete(rt, prompts, stops, a.code_max_tokens, mlps, temperature, seed=a.seed + s if n > 1 else None)
+        seed = a.seed + s if n > 1 else None
+        texts, t = complete(rt, prompts, stops, a.code_max_tokens, mlps, temperature, seed=seed)
         n_tok += t
         for j, text in enumerate(texts):
             samples[j].append(text)
@@ -640,8 +642,9 @@ def warm_up(rt: Runtime, system: System, task: Task, batches: list[list[dict]]):
 
 def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: dict) -> dict[str, dict]:
     """Run one system on one task, resuming. Batches are fixed slices of the length-sorted item list (for a routed
-    system, of each routing decision's share of it), and a batch with any unfinished item is recomputed whole: every item is always scored in the same company of padded
-    rows, so its numbers are bitwise the same whether or not the run was interrupted."""
+    system, of each routing decision's share of it), and a batch with any unfinished item is recomputed whole:
+    every item is always scored in the same company of padded rows, so its numbers are bitwise the same whether
+    or not the run was interrupted."""
     path = out / "items" / system.name / f"{task.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_records(path, header)
@@ -700,7 +703,8 @@ def columns_of(task: Task, records: list[dict]) -> dict[str, tuple[np.ndarray, n
         cols = {}
         for d in task.settings["domains"]:
             rs = [r for r in records if r["domain"] == d]
-            cols[f"bpb_{d}"] = (np.array([r["nll"] / math.log(2) for r in rs]), np.array([float(r["bytes"]) for r in rs]))
+            bits = np.array([r["nll"] / math.log(2) for r in rs])
+            cols[f"bpb_{d}"] = (bits, np.array([float(r["bytes"]) for r in rs]))
         return cols
     return {task.name: (np.array([r["correct"] for r in records]), ones)}
 
@@ -743,7 +747,8 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
     cols: dict[str, dict[str, tuple]] = {}
     result = {"model": {"name": model.config.name, "fingerprint": model.fingerprint},
               "settings": {"limit": args.limits, "mmlu_per_subject": args.mmlu_per_subject, "seed": args.seed,
-                           "tasks": {t.name: t.settings for t in tasks}, "n_items": {t.name: len(t.items) for t in tasks}},
+                           "tasks": {t.name: t.settings for t in tasks},
+                           "n_items": {t.name: len(t.items) for t in tasks}},
               "systems": {}}
     if any(t.name in ("humaneval", "mbpp") for t in tasks):  # how generated code ran; UNSANDBOXED is said here
         result["settings"]["sandbox"] = sandbox.sandbox_config(args.allow_unsandboxed).describe()
@@ -785,7 +790,8 @@ def timings_of(tasks, systems, records) -> dict:
         for t in tasks:
             recs = list(records[s.name, t.name].values())
             tok, sec = sum(r["tokens"] for r in recs), sum(r["seconds"] for r in recs)
-            per[t.name] = {"tokens": round(tok), "seconds": round(sec, 3), "tokens_per_s": round(tok / max(sec, 1e-9), 1)}
+            per[t.name] = {"tokens": round(tok), "seconds": round(sec, 3),
+                           "tokens_per_s": round(tok / max(sec, 1e-9), 1)}
         tok, sec = sum(v["tokens"] for v in per.values()), sum(v["seconds"] for v in per.values())
         out[s.name] = {"tasks": per, "tokens_per_s": round(tok / max(sec, 1e-9), 1)}
     return out
@@ -815,7 +821,8 @@ def markdown_table(result: dict, timings: dict) -> str:
     mmlu = {name: s["details"]["mmlu"] for name, s in result["systems"].items() if s["details"].get("mmlu")}
     if mmlu:  # MMLU by category (mean over the subjects present), letters / cloze
         cats = list(MMLU_CATEGORIES)
-        notes += "\n| MMLU letters / cloze | " + " | ".join(cats) + " | macro over subjects |\n|" + "---|" * (len(cats) + 2)
+        notes += "\n| MMLU letters / cloze | " + " | ".join(cats) + " | macro over subjects |\n|"
+        notes += "---|" * (len(cats) + 2)
         for name, d in mmlu.items():
             cells = [f"{100 * d['letters']['categories'][c]:.1f} / {100 * d['cloze']['categories'][c]:.1f}"
                      if c in d["letters"]["categories"] else "-" for c in cats]
@@ -832,7 +839,8 @@ def parse_args(argv=None):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out_default="results")
     p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
-    p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"], help=f"tasks ({', '.join(ALL_TASKS)})")
+    p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"],
+                   help=f"tasks ({', '.join(ALL_TASKS)})")
     p.add_argument("--limit", nargs="+", default=None, metavar="N|TASK=N",
                    help="items per task: N for every task and/or TASK=N for one (e.g. 100 humaneval=164); default all; "
                         "ppl: see --ppl-windows")

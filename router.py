@@ -5,7 +5,8 @@ Pipeline position: loaded by evaluate.py / bench.py; trained by train_router.py
 
 What goes in:  a dense `model.Transformer`, the DSS-Experts of purify.py (`Experts`: .domains, .indices[domain][layer]),
                and a router checkpoint written by train_router.py (the only trained parameters; the LLM is frozen).
-What comes out: per-prompt routing decisions, the per-layer FFN modules to run (`mlps_for`, passed as model(..., mlps=)),
+What comes out: per-prompt routing decisions, the per-layer FFN modules to run (`mlps_for`, passed as
+model(..., mlps=)),
                the active FFN fraction of each request, and routed generation / scoring.
 
     python router.py --experts experts/experts.safetensors --router runs/router.safetensors \
@@ -27,7 +28,8 @@ The router has two levels (a third, token-level one is left out; see README / re
 
 Generation routes once on the prompt, inside the prefill (the first `route_layer` blocks that level 1 reads are the
 prefill's own first blocks, so routing adds only the router head), then prefills the remaining layers and decodes with
-the materialized compact FFNs (`MLP.select`: real smaller matmuls). Compact FFNs are cached per (expert set, layer), so every gate pattern of an expert reuses them.
+the materialized compact FFNs (`MLP.select`: real smaller matmuls). Compact FFNs are cached per (expert set, layer),
+so every gate pattern of an expert reuses them.
 No re-routing during decoding: the decision is fixed per request.
 
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k kept neurons, N prompts, H head width.
@@ -188,7 +190,8 @@ def experts_identity(experts) -> str:
     for d in experts.domains:
         h.update(d.encode() + b"\0")
         for idx in experts.indices[d]:
-            h.update(b"dense;" if idx is None else torch.as_tensor(idx, dtype=torch.int64).cpu().numpy().tobytes() + b";")
+            kept = b"dense" if idx is None else torch.as_tensor(idx, dtype=torch.int64).cpu().numpy().tobytes()
+            h.update(kept + b";")
     return h.hexdigest()[:16]
 
 
@@ -307,7 +310,7 @@ class FreeMoE:
         return self._layer_cache[key]
 
     def mlps_for(self, decision: Decision) -> list:
-        """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else the dense one."""
+        """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else dense."""
         return [self.expert_mlp(decision.domains, i) if u else blk.mlp
                 for i, (blk, u) in enumerate(zip(self.model.layers, decision.use_expert))]
 
@@ -318,7 +321,8 @@ class FreeMoE:
 
         Routing rides on the prefill (`_routed_prefill`): level 1 needs the residual stream after the first
         `route_layer` blocks, which the prefill computes anyway, so routing costs only the router head. When the
-        prompts of one batch get different decisions, each group is generated on its own (a batch runs one set of FFNs)."""
+        prompts of one batch get different decisions, each group is generated on its own (a batch runs one set of
+        FFNs)."""
         if max(len(p) for p in prompts) > self.router.cfg.max_route_tokens:
             return self._generate_grouped(prompts, self.route(prompts), max_new_tokens, **kw)  # route() truncates
         decided: list = []

@@ -180,7 +180,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
-        tok_cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        cfg_file = path / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         if (path / "chat_template.jinja").exists():
             tok_cfg["chat_template"] = (path / "chat_template.jinja").read_text()
         if (path / "tokenizer.json").exists():

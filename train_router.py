@@ -23,9 +23,9 @@ Training choices, all in one place:
         0.05. Held-out split "heldout": windows and snippets from purify's held-out documents, plus benchmark-style
         prompts never used in training: MMLU held-out-bucket questions (knowledge), GSM8K test questions (math) and
         HumanEval prompts (code).
-    Level 2 (per-layer gates). Loss = KL(dense || routed) per token + w * active FFN fraction (w = --sparsity-weight), on calibration
-        windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an expert is safe,
-        independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
+    Level 2 (per-layer gates). Loss = KL(dense || routed) per token + w * active FFN fraction (w = --sparsity-weight),
+        on calibration windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an
+        expert is safe, independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
         (router.MixedMLP, passed through mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
         "st" (default) uses the hard 0/1 gate in the forward pass and the sigmoid's gradient (straight-through), so
         training sees the same model inference runs; "soft" uses the relaxed g. The dense teacher's log-probs are
@@ -243,8 +243,8 @@ def kl_dense_routed(dense_logp, routed_logits):
     return (dense_logp.exp() * (dense_logp - logq)).sum(-1).mean()
 
 
-def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight: float, epochs: int, lr: float, tau: float,
-                 relax: str, batch_size: int, seed: int, log=print):
+def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight: float, epochs: int, lr: float,
+                 tau: float, relax: str, batch_size: int, seed: int, log=print):
     """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen."""
     model, router = moe.model, moe.router
     domains, Fn = router.cfg.domains, model.config.n_ffn
@@ -375,7 +375,8 @@ def compare_markdown(c: dict, domains: list[str]) -> str:
     for s, row in c["ppl"].items():
         lines.append(f"| {s} | " + " | ".join(f"{row[d]:.2f}" for d in domains)
                      + f" | {c['fraction'][s]:.3f} | {c['tokens_per_s'][s]:.1f} |")
-    return "\n".join(lines) + f"\n\nFree-MoE routed {100 * c['freemoe_routing_accuracy']:.1f}% of the windows to their domain."
+    routed = 100 * c["freemoe_routing_accuracy"]
+    return "\n".join(lines) + f"\n\nFree-MoE routed {routed:.1f}% of the windows to their domain."
 
 
 # ----------------------------------------------------------------------------- main
@@ -502,10 +503,12 @@ def main(argv=None):
               "comparison": comparison}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = [f"# router {out.name}", "", f"router params: {n_router} ({100 * n_router / n_model:.4f}% of the model)", "",
-          f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "", confusion_markdown(conf, domains),
+          f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "",
+          confusion_markdown(conf, domains),
           "", "by source: " + ", ".join(f"{k} {v:.3f}" for k, v in by_source.items()), ""]
     if l2:
-        md += [f"## level 2 (sparsity weight {args.sparsity_weight}): held-out perplexity with the true domain's expert", "",
+        md += [f"## level 2 (sparsity weight {args.sparsity_weight}): held-out perplexity with the true domain's "
+               "expert", "",
                "| domain | dense | gated expert | gated frac | full expert | full frac |", "|---|---|---|---|---|---|"]
         md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_fraction']:.3f} | "
                f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]

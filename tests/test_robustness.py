@@ -433,7 +433,8 @@ def gguf_bytes(kv: dict, tensors: list, data: bytes, pad_to: int = 32) -> bytes:
     s = lambda x: struct.pack("<Q", len(x.encode())) + x.encode()
     out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
     for k, (vt, v) in kv.items():
-        out += s(k) + struct.pack("<I", vt) + (s(v) if vt == gguf_file.GGUF_STRING else struct.pack(gguf_file.GGUF_VALUE[vt], v))
+        value = s(v) if vt == gguf_file.GGUF_STRING else struct.pack(gguf_file.GGUF_VALUE[vt], v)
+        out += s(k) + struct.pack("<I", vt) + value
     for name, dims, tt, off in tensors:
         out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
         out += struct.pack("<IQ", tt, off)

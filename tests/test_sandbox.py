@@ -241,13 +241,15 @@ def _hostile_programs(protected, port):
         "infinite_loop": "while True:\n    pass",
         "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
         "alloc_50GB": "x = bytearray(50 * 2**30)\nx[-1] = 1",
-        "write_10GB_file": "with open('big.bin', 'wb') as f:\n    for _ in range(10 * 1024):\n        f.write(b'x' * 2**20)",
+        "write_10GB_file": "with open('big.bin', 'wb') as f:\n    for _ in range(10 * 1024):\n"
+                           "        f.write(b'x' * 2**20)",
         "delete_outside": (f"import os, shutil\nos.remove({str(protected / 'keep.txt')!r})\n"
                            f"shutil.rmtree({str(protected)!r})"),
         "write_outside": f"open({str(protected / 'keep.txt')!r}, 'w').write('gone')",
         "socket_to_localhost": (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
                                 "s.sendall(b'hello')"),
-        "kill_parent": f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)\nos.kill(os.getppid(), signal.SIGKILL)",
+        "kill_parent": f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)\n"
+                       "os.kill(os.getppid(), signal.SIGKILL)",
         "kill_all": "import os, signal\nos.kill(-1, signal.SIGKILL)",
     }
 
