@@ -4,9 +4,12 @@ The paper claims purified DSS-Experts outperform the dense model. For each domai
 perplexity of the dense model against the model purified for that domain, by every score and budget:
 
     neuron level   (real DSS-Experts, purify.materialize: compact FFNs, real compute savings)
-        dowp        purify's default score (structured Wanda on the domain's text), at --keeps and --auto
+        dowp        purify's default score (structured Wanda on the domain's text)
         taylor      loss-aware: the estimated change of the domain's loss when the neuron is removed
-                    (purify.loss_aware_stats), at --keeps and --auto
+                    (purify.loss_aware_stats)
+                    each at --keeps (the same fraction of every layer), "auto" (purify --auto threshold: one global
+                    threshold chosen on split B) and "greedy" (purify --auto greedy: layer by layer, a removal is
+                    kept only if it lowers the loss on split B)
     weight level   (reference: no speedup: masks inside full-size FFN matrices; no weight changes value)
         wanda       |W_ij| * ||x_j|| (x: the matrix's input), per output row, as in Wanda
         taylor      -W_ij * dL/dW_ij: the first-order change of the loss when weight ij is removed (signed:
@@ -20,8 +23,8 @@ its change against dense on the same windows ("beats dense" = that whole interva
 measures the calibration loss change exactly (rank correlation with the estimate).
 
 Data protocol (no held-out text is ever used to choose anything): each domain's calibration split (--tokens) is cut
-into A = the first 3/4 of its windows (every score and statistic) and B = the last 1/4 (the --auto threshold
-only); the held-out split of purify.py / evaluate.py gives the reported numbers.
+into A = the first 3/4 of its windows (every score and statistic) and B = the last 1/4 (the auto and greedy
+choices only); the held-out split of purify.py / evaluate.py gives the reported numbers.
 
 What comes out (under --out; every step is cached, a killed run resumes):
     scores.{domain}.safetensors   statistics + loss-aware pass on A (with the per-weight Taylor scores)
@@ -69,6 +72,7 @@ def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_siz
         tensors, md = ckpt.read_safetensors(path, with_metadata=True)
         if json.loads(md.get("key", "{}")) == key:
             return unpack(tensors)
+        print(f"{path} was made with {md.get('key')}, not {key}: recomputing", file=sys.stderr)
     t0 = time.perf_counter()
     stats = P.collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
     loss = P.loss_aware_stats(model, windows, max(1, batch_size // 4), weights=True, desc=f"taylor {path.stem}")
@@ -252,14 +256,25 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
 
     def neuron_row(d, score, keep):
         s = P.score_neurons(stats, model, score, d)
-        if keep != "auto":
-            idx = P.select_neurons(s, keep, protected)
-            extra = {}
-        else:  # the threshold is chosen on split B; the row stores it, so a resumed run rebuilds the same experts
-            row = results.rows.get(f"{d}|neuron:{score}:auto")
+        row = results.rows.get(f"{d}|neuron:{score}:{keep}")  # auto/greedy: a finished row stores its choice
+        if keep == "auto":  # one global threshold, chosen on split B
             tau, trials = (row["threshold"], row["trials"]) if row else P.auto_threshold(model, s, split_b[d],
                                                                                           protected, bs)
             idx, extra = P.select_above(s, tau, protected), {"threshold": tau, "trials": trials}
+        elif keep == "greedy":  # layer-wise removals, each kept only if it lowers the loss on split B
+            kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
+            if row:
+                for l, js in row["removed"].items():
+                    kept[int(l), js] = False
+                trials = row["trials"]
+            else:
+                idx, trials = P.greedy_layers(model, s, split_b[d], protected, bs)
+                kept = torch.stack([torch.zeros_like(kept[l]).index_fill_(0, i, True) for l, i in enumerate(idx)])
+            idx = [r.nonzero().flatten() for r in kept]
+            gone = {str(l): (~kept[l]).nonzero().flatten().tolist() for l in range(L)}
+            extra = {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
+        else:
+            idx, extra = P.select_neurons(s, keep, protected), {}
         experts.setdefault(f"{score}:{keep}", {})[d] = idx
         return lambda: {"nll": window_nll(model, heldout[d], P.materialize(model, idx), bs).tolist(),
                         "active": P.kept_fraction(idx, model), **extra}
@@ -275,7 +290,7 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
     for d in args.domains:
         results.get(f"{d}|dense", lambda: {"nll": window_nll(model, heldout[d], None, bs).tolist(), "active": 1.0})
         for score in NEURON_SCORES:
-            for keep in [*args.keeps, "auto"]:
+            for keep in [*args.keeps, "auto", "greedy"]:
                 results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
         for score in WEIGHT_SCORES:
             for s in args.sparsities:
@@ -377,21 +392,22 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
     for ax, d in zip(axes[0], domains):
         lines: dict[str, list] = {}
         for system, r in table[d].items():
-            if system != "dense" and not system.endswith(":auto"):
+            if system != "dense" and not system.endswith((":auto", ":greedy")):
                 lines.setdefault(system.rsplit(":", 1)[0], []).append((r["active"], r["ppl"]))
         for i, (name, pts) in enumerate(sorted(lines.items())):
             pts.sort()
             ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=f"C{i}", label=name,
                     ls="-" if name.startswith("neuron") else ":")
-            auto = table[d].get(f"{name}:auto")
-            if auto:
-                ax.plot(auto["active"], auto["ppl"], marker="*", ms=9, color=f"C{i}", ls="none")
+            for mode, marker in (("auto", "*"), ("greedy", "D")):
+                r = table[d].get(f"{name}:{mode}")
+                if r:
+                    ax.plot(r["active"], r["ppl"], marker=marker, ms=7, color=f"C{i}", ls="none")
         ax.axhline(table[d]["dense"]["ppl"], color="k", ls="--", lw=1, label="dense")
         ax.set(title=d, xlabel="fraction of FFN weights kept", yscale="log")
         ax.invert_xaxis()
     axes[0][0].set_ylabel("held-out perplexity")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("purified for its own domain vs dense (★ = --auto)", fontsize=9)
+    fig.suptitle("purified for its own domain vs dense (★ = auto threshold, ◆ = greedy)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -237,6 +237,11 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     assert 5 not in idx[2].tolist() and trials[0]["removed"] == 0  # the "remove nothing" candidate was tried
     best = min(t["val_loss"] for t in trials)
     assert best < trials[0]["val_loss"] and P.kept_fraction(idx, m) > 0.8
+    greedy, trials = P.greedy_layers(m, taylor, val)  # layer by layer: each layer's block here is 1 neuron
+    assert 5 not in greedy[2].tolist() and all(len(g) >= 47 for g in greedy)
+    accepted = [t for t in trials if t["accepted"]]
+    assert {"layer": 2, "removed": 1} in [{k: t[k] for k in ("layer", "removed")} for t in accepted]
+    assert all(b["val_loss"] < a["val_loss"] for a, b in zip(accepted, accepted[1:]))  # each step lowers it
     masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
         assert (m(val, mlps=P.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
@@ -406,26 +411,26 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     P.export_hf(M.Transformer(cfg).eval().requires_grad_(False), [None, None], tmp_path / "tiny", SMOL_HF_TOK)
     common = ["--model", str(tmp_path / "tiny"), "--domains", "general", "code", "--tokens", "512", "--seq-len", "128",
               "--threads", "1"]
-    r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "--no-report",
-                        "--out", str(tmp_path / "auto")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "threshold",
+                        "--no-report", "--out", str(tmp_path / "auto")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "taylor general" in r.stderr and "auto code: threshold" in r.stderr
+    assert "taylor general" in r.stderr and "auto code: removes" in r.stderr
     model, _ = M.load_model(tmp_path / "tiny")
     ex = P.load_experts(tmp_path / "auto" / "experts.safetensors", model)
-    assert ex.meta["alloc"] == "auto" and set(ex.meta["auto"]) == {"general", "code"}
+    assert ex.meta["alloc"] == "auto threshold" and set(ex.meta["auto"]) == {"general", "code"}
     assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
     argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
             "--sparsities", "0.1", "--check-neurons", "4", "--check-lowest", "2", "--check-tokens", "128",
-            "--write-experts", "taylor:auto", "--out", str(tmp_path / "sweep")]
+            "--write-experts", "taylor:greedy", "--out", str(tmp_path / "sweep")]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
-    systems = {"dense", "neuron:dowp:0.9", "neuron:dowp:auto", "neuron:taylor:0.9", "neuron:taylor:auto",
-               "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1"}
+    systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1",
+               *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
     assert rep["table"]["code"]["neuron:taylor:0.9"]["active"] == 0.9
     assert "## Summary" in (tmp_path / "sweep" / "report.md").read_text()
-    ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.auto.safetensors", model)
+    ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
     assert ex.domains == ["general", "code"]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
