@@ -12,6 +12,7 @@ statistics pass per domain for the whole module).
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, V vocab, k kept neurons.
 """
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,8 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     accepted = [t for t in trials if t["accepted"]]
     assert {"layer": 2, "removed": 1} in [{k: t[k] for k in ("layer", "removed")} for t in accepted]
     assert all(b["val_loss"] < a["val_loss"] for a, b in zip(accepted, accepted[1:]))  # each step lowers it
+    exact = math.log(P.perplexity(m, val, P.materialize(m, greedy)))  # the cached-prefix loss is the real one
+    assert accepted[-1]["val_loss"] == pytest.approx(exact, abs=1e-5)
     masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
         assert (m(val, mlps=P.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
