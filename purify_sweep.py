@@ -296,6 +296,17 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
             for s in args.sparsities:
                 results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
         print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
+    for system in args.cross:  # an expert purified for d, on the held-out text of every other domain e
+        score, keep = system.split(":")[1:] if system.count(":") == 2 else ("", "")
+        if f"{score}:{keep}" not in experts:
+            raise UserError(f"--cross {system!r}: not a neuron-level system of this sweep (e.g. neuron:taylor:greedy)")
+        for d in args.domains:
+            idx = experts[f"{score}:{keep}"][d]
+            for e in args.domains:
+                if e != d:
+                    results.get(f"cross|{d}|{system}|{e}", lambda: {
+                        "nll": window_nll(model, heldout[e], P.materialize(model, idx), bs).tolist(),
+                        "active": P.kept_fraction(idx, model)})
 
     check = None
     if args.check_neurons:
@@ -367,6 +378,18 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
     for d, s in summary.items():
         md.append(f"| {d} | {table[d]['dense']['ppl']:.2f} | {s['best']} | {s['ppl']:.2f} | {s['delta']:+.2f} "
                   f"[{s['delta_ci'][0]:+.2f}, {s['delta_ci'][1]:+.2f}] | {', '.join(s['beats_dense']) or 'none'} |")
+    for system in args.cross:
+        md += ["", f"## {system} on every domain's held-out text (rows: the domain it was purified for; cells: "
+                   "Δ perplexity % against dense on that text [95%])", "",
+               "| purified for \\ held-out | " + " | ".join(args.domains) + " |",
+               "|---" * (len(args.domains) + 1) + "|"]
+        for d in args.domains:
+            cells = []
+            for e in args.domains:
+                r = table[d][system] if e == d else intervals(torch.tensor(rows[f"cross|{d}|{system}|{e}"]["nll"]),
+                                                               torch.tensor(rows[f"{e}|dense"]["nll"]))
+                cells.append(f"{r['delta']:+.2f} [{r['delta_ci'][0]:+.2f}, {r['delta_ci'][1]:+.2f}]")
+            md.append(f"| {d} | " + " | ".join(cells) + " |")
     c = info["check"]
     if c:
         md += ["", f"## Taylor estimate vs exact removal ({c['domain']}, {c['tokens']} calibration tokens)", "",
@@ -434,6 +457,8 @@ def parse_args(argv=None):
     p.add_argument("--check-domain", default=None, help="domain of the check (default: the first)")
     p.add_argument("--write-experts", nargs="*", default=None, metavar="SCORE:KEEP",
                    help="write these neuron-level systems as experts files for evaluate.py (e.g. taylor:0.99)")
+    p.add_argument("--cross", nargs="*", default=["neuron:taylor:greedy", "neuron:dowp:greedy"],
+                   help="neuron-level systems also measured on the other domains' held-out text")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     args = p.parse_args(argv)
     bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]

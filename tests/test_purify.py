@@ -432,7 +432,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
                *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
     assert rep["table"]["code"]["neuron:taylor:0.9"]["active"] == 0.9
-    assert "## Summary" in (tmp_path / "sweep" / "report.md").read_text()
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "## Summary" in md and "## neuron:taylor:greedy on every domain's held-out text" in md
     ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
     assert ex.domains == ["general", "code"]
     r = subprocess.run(argv, capture_output=True, text=True)
