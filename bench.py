@@ -12,15 +12,22 @@ What comes out: markdown tables on stdout and a JSON file (--out, default result
 
     python bench.py --quick                      # ~5 min on 2 CPU cores
     python bench.py --threads 2 --out results/bench.json
+    python bench.py --device cuda --compile      # the GPU table (sizes up to batch 64), with the fused decode too
     python bench.py --experts experts/k050/experts.safetensors --router runs/router.safetensors
 
 Sections (each skipped with a note when what it needs is missing):
   1. ceilings    the machine's own limits in the model's dtype: matmul GFLOP/s (prefill is compute-bound) and
                  streaming read bandwidth GB/s (batch-1 decode is bandwidth-bound: every weight is read once per token).
+                 CUDA: also the bf16 and fp32 tensor-core ceilings (8192^3) and HBM bandwidth (a 1 GiB buffer).
   2. dense       prefill and decode tokens/s of our model vs `transformers` on identical weights, dtype and threads,
                  run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is a test
-                 oracle: imported lazily here, its column skipped with a note if it is not installed. Greedy tokens
-                 of both are compared (they must be identical).
+                 oracle: imported lazily here, built from our own HF export (purify.export_hf) in a temp dir, its
+                 column skipped with a note if it is not installed. Greedy tokens of both are compared. Decode runs
+                 as model.generate does: CPU the dynamic step, CUDA the CUDA graph, next to the eager decode of before
+                 ("ours eager"). What bounds a step: torch.profiler's CPU op times (CPU), or the CUDA profiler's kernel
+                 time against the step's wall time (CUDA: a busy GPU is kernel-bound, an idle one launch-bound).
+  2b. scoring    MMLU-shaped requests through evaluate.loglikelihoods: tokens/s and the fraction of the forward
+                 ceiling (achieved FLOP/s over the matmul ceiling).
   3. experts     each materialized DSS-Expert (purify.materialize) vs dense: measured speedup next to the ideal one
                  from FLOPs (attention + kept FFN + LM head), batch-1 decode and batch-8 prefill. Without an experts
                  file, a random keep-0.5 index set stands in (speed does not depend on which neurons are kept).
@@ -31,7 +38,8 @@ Sections (each skipped with a note when what it needs is missing):
                  /proc/self/status, reset through /proc/self/clear_refs after loading) minus the RSS of the loaded
                  dense model, i.e. the extra memory the run needs (KV cache, activations, compact expert weights).
                  tracemalloc would not see torch's allocations. CUDA: torch.cuda.max_memory_allocated.
-  7. goals       the targets of the issue, each as measured vs target, met or missed by how much.
+  7. goals       the targets of the issues, each as measured vs target, met or missed by how much (issue 14's GPU
+                 goals on CUDA only).
 
 Every time is the median of `--reps` runs after one warm-up run, with min and max. Prefill = one forward filling the
 KV cache and returning the last position's logits (what generation does). Decode = greedy steps from a prefilled
