@@ -325,19 +325,25 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
 
 
 def write_experts(out: Path, spec: str, experts: dict, model, args, stats, protected):
-    """One experts file (purify.save_experts format) holding each domain's purified expert for `spec` = SCORE:KEEP."""
+    """One experts file (purify.save_experts format) holding each domain's purified expert for `spec` = SCORE:KEEP,
+    with the statistics and the one-mask baselines (at the experts' mean kept fraction), as purify.py writes them,
+    so train_router.py and evaluate.py (mixed, general, random, magnitude at equal compute) can use it."""
     if spec not in experts:
         raise UserError(f"--write-experts {spec!r}: not a neuron-level system of this sweep "
                         f"(have {', '.join(experts)})")
     cfg = model.config
     score, keep = spec.split(":")
+    fraction = sum(P.kept_fraction(e, model) for e in experts[spec].values()) / len(experts[spec])
+    baselines = {b: P.select_neurons(P.score_neurons(stats, model, b, seed=args.seed), fraction, protected)
+                 for b in P.BASELINES if b != "general" or "general" in stats}
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
-            "score": score, "contrast": 0.0, "keep": keep, "alloc": "auto" if keep == "auto" else "uniform",
-            "protect": P.PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
+            "score": score, "contrast": 0.0, "keep": fraction, "alloc": keep if keep in ("auto", "greedy") else
+            "uniform", "protect": P.PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
             "seq_len": args.seq_len, "domain_specs": {d: d for d in experts[spec]},
-            "tokens": {d: int(stats[d]["count"]) for d in experts[spec]}, "source": "purify_sweep.py"}
+            "tokens": {d: int(stats[d]["count"]) for d in experts[spec]}, "source": "purify_sweep.py (split A)"}
     path = out / f"experts.{score}.{keep}.safetensors"
-    P.save_experts(path, experts[spec], meta)
+    P.save_experts(path, experts[spec], meta, baselines, {d: {k: stats[d][k] for k in (*P.STATS, "count")}
+                                                          for d in experts[spec]})
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -435,7 +435,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Summary" in md and "## neuron:taylor:greedy on every domain's held-out text" in md
     ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
-    assert ex.domains == ["general", "code"]
+    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)  # for evaluate's baselines
+    assert set(ex.stats) == {"general", "code"}
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
 
