@@ -631,15 +631,16 @@ class DecodeSlot:
         so rewriting its cache slot is harmless."""
         fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compiled else model.decode_step
         run = lambda: fn(self.tok, self.cache_pos, self.pos, self.valid, mlps)  # noqa: E731
-        side = torch.cuda.Stream(device=self.tok.device)
-        side.wait_stream(torch.cuda.current_stream(self.tok.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(self.tok.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            logits = run()  # (B, V): allocated in the graph's own memory, rewritten by every replay
+        with torch.cuda.device(self.tok.device):  # the model's GPU (cuda:N), whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                logits = run()  # (B, V): allocated in the graph's own memory, rewritten by every replay
         weights = list(model.parameters()) + [p for m in mlps or [] for p in m.parameters()]
         return g, logits, weights  # the graph reads these addresses: keep them alive
 
