@@ -95,7 +95,7 @@ GOALS = {  # the issues' targets
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that GPU (cuda:N), not the current one
 
 
 def timed(fn, device) -> tuple[float, object]:
@@ -504,7 +504,7 @@ def memory_child(args, plan, device, dtype):
     """Runs in a subprocess: load, build the system, reset the peak, run a batch-8 prefill + decode, print JSON."""
     model, _ = M.load_model(args.model, device, dtype)
     name = args.memory_child
-    base = rss_kib("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated()
+    base = rss_kib("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device)
     if name == "dense":
         mlps = None
     elif name == "freemoe":
@@ -515,12 +515,12 @@ def memory_child(args, plan, device, dtype):
     if device.type == "cpu":
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     else:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     T = max(t for _, t in plan["sizes"])
     idx = torch.randint(0, model.config.vocab_size, (8, T)).to(device)
     with torch.inference_mode():
         ours_decode(model, idx, plan["new_tokens"], mlps)
-    peak = rss_kib("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated()
+    peak = rss_kib("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated(device)
     base = base * 1024 if device.type == "cpu" else base
     print(json.dumps({"system": name, "peak_mib": peak / 2**20, "over_dense_model_mib": (peak - base) / 2**20,
                       "workload": f"batch 8 x {T} prefill + {plan['new_tokens']} decode steps"}))
