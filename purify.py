@@ -400,26 +400,18 @@ def auto_threshold(model: M.Transformer, scores: torch.Tensor, val_windows: torc
 
 
 @torch.no_grad()
-def greedy_layers(model: M.Transformer, scores: torch.Tensor, val_windows: torch.Tensor,
-                  protected: torch.Tensor | None = None, batch_size: int = 8) -> tuple[list[torch.Tensor], list[dict]]:
-    """--auto greedy: layer by layer, first to last, remove the layer's GREEDY_BLOCKS[0] fraction of lowest-scoring
-    neurons (for a signed score such as taylor, only those estimated to help: score < 0) if that lowers the loss on
-    `val_windows` given every removal accepted so far; else try the next, smaller block; else keep the layer whole.
-    Each step is checked exactly, so removals that interact (several layers correcting the same excess, where
-    removing all of them at once overshoots) are not all taken. Returns index sets and every trial.
+def greedy_by_layer(model: M.Transformer, val_windows: torch.Tensor, propose, batch_size: int = 8):
+    """Layer by layer, first to last: try the candidate FFNs that `propose(l)` yields for layer l, as (label, mlp),
+    and keep the first that lowers the loss on `val_windows` given the choices already kept; else keep the layer
+    dense. Each step is checked exactly. Returns the kept (label, mlp) per layer (None = dense) and every trial.
 
     Cost: a trial at layer l runs layers l..L-1 only: the residual stream entering l is kept per batch."""
-    L, n = scores.shape
-    s = scores.float().clone()
-    if protected is not None:
-        s[protected] = float("inf")
-    bound = 0.0 if bool((scores < 0).any()) else float("inf")  # signed score: only estimated-helpful removals
-    device = model.tok_emb.weight.device
+    L, device = model.config.n_layer, model.tok_emb.weight.device
     batches = [val_windows[i:i + batch_size].to(device) for i in range(0, len(val_windows), batch_size)]
     state = [list(model.embed(x)) for x in batches]  # [h (B, T, C) entering the current layer, rope, mask]
     n_pred = sum(x[:, 1:].numel() for x in batches)
 
-    def val_loss(l, mlp):  # mean NLL with `mlp` at layer l, the kept removals before it, dense after it
+    def val_loss(l, mlp):  # mean NLL with `mlp` at layer l, the kept choices before it, dense after it
         mlps = [None] * L
         mlps[l] = mlp
         total = 0.0
@@ -428,26 +420,47 @@ def greedy_layers(model: M.Transformer, scores: torch.Tensor, val_windows: torch
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
         return total / n_pred
 
-    keep = torch.ones(L, n, dtype=torch.bool)
-    best, trials = val_loss(0, None), []
+    best, trials, chosen = val_loss(0, None), [], [None] * L
     for l in tqdm(range(L), desc="greedy", leave=False):
+        for label, mlp in propose(l):
+            loss = val_loss(l, mlp)
+            trials.append({"layer": l, "removed": len(label), "val_loss": loss, "accepted": loss < best})
+            if loss < best:
+                chosen[l], best = (label, mlp), loss
+                break
+        mlps = [None] * L
+        mlps[l] = chosen[l][1] if chosen[l] else None
+        for st in state:  # advance the kept residual streams through layer l as decided
+            st[0] = model.run_layers(st[0], st[1], st[2], l, l + 1, mlps=mlps)
+    return chosen, trials
+
+
+def greedy_layers(model: M.Transformer, scores: torch.Tensor, val_windows: torch.Tensor,
+                  protected: torch.Tensor | None = None, batch_size: int = 8) -> tuple[list[torch.Tensor], list[dict]]:
+    """--auto greedy: layer by layer (`greedy_by_layer`), remove the layer's GREEDY_BLOCKS[0] fraction of
+    lowest-scoring neurons (for a signed score such as taylor, only those estimated to help: score < 0) if that
+    lowers the validation loss given the removals already kept; else try the next, smaller block; else keep the
+    layer whole. Removals that interact (several layers correcting the same excess, where removing all of them at
+    once overshoots) are not all taken. Returns index sets and every trial."""
+    L, n = scores.shape
+    s = scores.float().clone()
+    if protected is not None:
+        s[protected] = float("inf")
+    bound = 0.0 if bool((scores < 0).any()) else float("inf")  # signed score: only estimated-helpful removals
+
+    def propose(l):
         for frac in GREEDY_BLOCKS:
             low = s[l].argsort()[:max(1, round(frac * n))]
             low = low[s[l, low] < bound]
             if len(low) == 0:
-                break
-            cand = keep[l].clone()
-            cand[low] = False
-            loss = val_loss(l, model.layers[l].mlp.select(cand.nonzero().flatten()))
-            trials.append({"layer": l, "removed": len(low), "val_loss": loss, "accepted": loss < best})
-            if loss < best:
-                keep[l], best = cand, loss
-                break
-        mlps = [None] * L
-        mlps[l] = model.layers[l].mlp.select(keep[l].nonzero().flatten()) if not keep[l].all() else None
-        for st in state:  # advance the kept residual streams through layer l as decided
-            st[0] = model.run_layers(st[0], st[1], st[2], l, l + 1, mlps=mlps)
-    return [r.nonzero().flatten() for r in keep], trials
+                return
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[low] = False
+            yield low, model.layers[l].mlp.select(keep.nonzero().flatten())
+
+    chosen, trials = greedy_by_layer(model, val_windows, propose, batch_size)
+    full = torch.arange(n)
+    return [full if c is None else full[~torch.isin(full, c[0].cpu())] for c in chosen], trials
 
 
 # ----------------------------------------------------------------------------- DOWP step 5: DSS-Experts

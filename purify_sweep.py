@@ -15,7 +15,9 @@ perplexity of the dense model against the model purified for that domain, by eve
         taylor      -W_ij * dL/dW_ij: the first-order change of the loss when weight ij is removed (signed:
                     weights whose removal is estimated to help go first)
         taylor_abs  |W_ij * dL/dW_ij| (the usual first-order Taylor importance, sign dropped)
-                    each removes the --sparsities fraction of the lowest-scoring weights of every row
+                    each removes the --sparsities fraction of the lowest-scoring weights of every row; and
+                    taylor "greedy" (`greedy_weights`): layer by layer, the weights estimated to hurt most, kept
+                    removed only if the loss on split B drops
 
 Every number has a 95% bootstrap interval over held-out windows, and every purified model the paired interval of
 its change against dense on the same windows ("beats dense" = that whole interval below 0).
@@ -117,6 +119,33 @@ def weight_masked(mlp: M.MLP, scores: dict[str, torch.Tensor], sparsity: float) 
             if k:
                 w.scatter_(1, torch.topk(s.to(w.device), k, dim=1, largest=False).indices, 0.0)
     return out
+
+
+def greedy_weights(model, sc: dict, val_windows: torch.Tensor, batch_size: int) -> tuple[list, list[dict]]:
+    """Weight-level counterpart of purify.greedy_layers with the signed Taylor score (reference: no speedup): layer by
+    layer, zero the GREEDY_BLOCKS fraction of the layer's FFN weights (up, gate and down together) with the most
+    negative estimate -W dL/dW, kept only if the loss on `val_windows` drops. Returns per-layer FFNs (None = dense)."""
+    def propose(l):
+        scores = weight_scores(model, "taylor", sc, l)
+        flat = torch.cat([v.flatten() for v in scores.values()])  # the layer's weights, matrix after matrix
+        order = flat.argsort()
+        for frac in P.GREEDY_BLOCKS:
+            drop = order[:round(frac * len(flat))]
+            drop = drop[flat[drop] < 0]
+            if len(drop) == 0:
+                return
+            keep = torch.ones(len(flat), dtype=torch.bool)
+            keep[drop] = False
+            mlp, start = model.layers[l].mlp.select(torch.arange(model.config.n_ffn)), 0  # a copy to mask
+            with torch.no_grad():
+                for name, v in scores.items():
+                    w = getattr(mlp, name).weight
+                    w.mul_(keep[start:start + v.numel()].view(w.shape).to(w))
+                    start += v.numel()
+            yield drop, mlp
+
+    chosen, trials = P.greedy_by_layer(model, val_windows, propose, batch_size)
+    return [c[1] if c else None for c in chosen], trials
 
 
 # ----------------------------------------------------------------------------- held-out NLL and intervals
@@ -286,6 +315,15 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
             return {"nll": window_nll(model, heldout[d], mlps, bs).tolist(), "active": 1 - sparsity}
         return run
 
+    def weight_greedy_row(d):
+        def run():
+            mlps, trials = greedy_weights(model, sc[d], split_b[d], bs)
+            total = sum(w.numel() for blk in model.layers for w in (*blk.mlp.up_weights(), blk.mlp.down_weight()))
+            removed = sum(t["removed"] for t in trials if t["accepted"])
+            return {"nll": window_nll(model, heldout[d], mlps, bs).tolist(), "active": 1 - removed / total,
+                    "trials": trials}
+        return run
+
     t0 = time.perf_counter()
     for d in args.domains:
         results.get(f"{d}|dense", lambda: {"nll": window_nll(model, heldout[d], None, bs).tolist(), "active": 1.0})
@@ -295,6 +333,7 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
         for score in WEIGHT_SCORES:
             for s in args.sparsities:
                 results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
+        results.get(f"{d}|weight:taylor:greedy", weight_greedy_row(d))
         print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
     for system in args.cross:  # an expert purified for d, on the held-out text of every other domain e
         score, keep = system.split(":")[1:] if system.count(":") == 2 else ("", "")

@@ -245,6 +245,11 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     assert all(b["val_loss"] < a["val_loss"] for a, b in zip(accepted, accepted[1:]))  # each step lowers it
     exact = math.log(P.perplexity(m, val, P.materialize(m, greedy)))  # the cached-prefix loss is the real one
     assert accepted[-1]["val_loss"] == pytest.approx(exact, abs=1e-5)
+    import purify_sweep as S  # the weight-level counterpart finds the harmful weights (neuron 5's down column)
+    sc = {"stats": P.collect_stats(m, calib), **P.loss_aware_stats(m, calib, weights=True)}
+    mlps, trials = S.greedy_weights(m, sc, val, 8)
+    assert mlps[2] is not None and 2 in [t["layer"] for t in trials if t["accepted"]]
+    assert mean_nll(m, val, [x or b.mlp for x, b in zip(mlps, m.layers)]) < mean_nll(m, val) - 1
     masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
         assert (m(val, mlps=P.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
@@ -428,7 +433,7 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
-    systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1",
+    systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1", "weight:taylor:greedy",
                *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
     assert rep["table"]["code"]["neuron:taylor:0.9"]["active"] == 0.9
