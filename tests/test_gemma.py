@@ -402,6 +402,28 @@ def test_real_gemma_logits_and_greedy_match_transformers(gemma, hf_gemma):
         assert got == picks, (tok.decode(got), tok.decode(picks))
 
 
+@pytest.mark.slow
+def test_real_gemma_wikitext2_perplexity(gemma):
+    """WikiText-2 test perplexity, windows as in tests/test_model.py but each <bos> + window - 1 text tokens (Gemma
+    needs <bos>). Two windows of 512 by default; FREE_MOE_PPL_TOKENS / FREE_MOE_PPL_WINDOW as in test_model."""
+    import math
+    import os
+    model, tok = gemma
+    window = int(os.environ.get("FREE_MOE_PPL_WINDOW", 512))
+    n = max(1, int(os.environ.get("FREE_MOE_PPL_TOKENS", 2 * window)) // window)
+    text = gzip.open(data.data_file("corpora/english_wikitext2_test.txt.gz"), "rt", encoding="utf-8").read()
+    ids = tok.encode(text, bos=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            x = torch.tensor([[tok.bos_id] + ids[i * (window - 1):(i + 1) * (window - 1)]])  # (1, T)
+            nll += torch.nn.functional.cross_entropy(model(x)[0, :-1], x[0, 1:], reduction="sum").item()
+            count += x.shape[1] - 1
+    ppl = math.exp(nll / count)
+    print(f"\ngemma3-270m wikitext-2 test perplexity: {ppl:.3f} ({count} predicted tokens, {n} windows of {window})")
+    assert 1.0 < ppl < 100.0  # uniform over 262,144 tokens would be 262144
+
+
 def tokenizer_texts() -> list[str]:
     """~2.6k texts: code, prose, math, medical, benchmark prompts, and unicode/whitespace stress strings."""
     rng = random.Random(0)
