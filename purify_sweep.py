@@ -388,6 +388,15 @@ def write_experts(out: Path, spec: str, experts: dict, model, args, stats, prote
 
 # ----------------------------------------------------------------------------- report
 
+def num(v: float, sign: str = "") -> str:
+    """2 decimals; huge values (a destroyed model) in scientific notation, so tables stay readable."""
+    return f"{v:{sign}.2f}" if abs(v) < 1e5 else f"{v:{sign}.1e}"
+
+
+def delta_text(r: dict) -> str:
+    return f"{num(r['delta'], '+')} [{num(r['delta_ci'][0], '+')}, {num(r['delta_ci'][1], '+')}]"
+
+
 def report(rows: dict, info: dict, args) -> tuple[str, dict]:
     table, summary = {}, {}
     for d in args.domains:
@@ -403,7 +412,7 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
         summary[d] = {"best": best, **purified[best],
                       "beats_dense": [s for s, r in purified.items() if r["delta_ci"][1] < 0]}
     md = ["# Does any purification beat dense? (held-out perplexity, own domain)", "",
-          f"Scores from {info['tokens']['A']} calibration tokens (split A), --auto thresholds from "
+          f"Scores from {info['tokens']['A']} calibration tokens (split A), auto and greedy choices from "
           f"{info['tokens']['B']} (split B), held-out {info['tokens']['heldout']} tokens in windows of {args.seq_len}. "
           f"Intervals: 95% bootstrap over held-out windows; Δ = paired change of perplexity against dense. "
           f"{info['n_protected']} super neurons kept by every neuron-level system.", ""]
@@ -411,18 +420,18 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
         md += [f"## {d}", "", "| system | fraction of FFN weights kept | held-out ppl [95%] | Δ vs dense % [95%] |",
                "|---|---|---|---|"]
         for system, r in table[d].items():
-            delta = "" if system == "dense" else f"{r['delta']:+.2f} [{r['delta_ci'][0]:+.2f}, {r['delta_ci'][1]:+.2f}]"
+            delta = "" if system == "dense" else delta_text(r)
             if system.endswith(":auto"):
                 system += f" (threshold {rows[f'{d}|{system}']['threshold']:.3g})"
-            md.append(f"| {system} | {r['active']:.3f} | {r['ppl']:.2f} [{r['ppl_ci'][0]:.2f}, {r['ppl_ci'][1]:.2f}] "
-                      f"| {delta} |")
+            md.append(f"| {system} | {r['active']:.4f} | {num(r['ppl'])} [{num(r['ppl_ci'][0])}, "
+                      f"{num(r['ppl_ci'][1])}] | {delta} |")
         md.append("")
     md += ["## Summary", "",
            "| domain | dense ppl | best purified system | its ppl | Δ % [95%] | systems beating dense |",
            "|---|---|---|---|---|---|"]
     for d, s in summary.items():
-        md.append(f"| {d} | {table[d]['dense']['ppl']:.2f} | {s['best']} | {s['ppl']:.2f} | {s['delta']:+.2f} "
-                  f"[{s['delta_ci'][0]:+.2f}, {s['delta_ci'][1]:+.2f}] | {', '.join(s['beats_dense']) or 'none'} |")
+        md.append(f"| {d} | {num(table[d]['dense']['ppl'])} | {s['best']} | {num(s['ppl'])} | {delta_text(s)} "
+                  f"| {', '.join(s['beats_dense']) or 'none'} |")
     for system in args.cross:
         md += ["", f"## {system} on every domain's held-out text (rows: the domain it was purified for; cells: "
                    "Δ perplexity % against dense on that text [95%])", "",
@@ -433,7 +442,7 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
             for e in args.domains:
                 r = table[d][system] if e == d else intervals(torch.tensor(rows[f"cross|{d}|{system}|{e}"]["nll"]),
                                                                torch.tensor(rows[f"{e}|dense"]["nll"]))
-                cells.append(f"{r['delta']:+.2f} [{r['delta_ci'][0]:+.2f}, {r['delta_ci'][1]:+.2f}]")
+                cells.append(delta_text(r))
             md.append(f"| {d} | " + " | ".join(cells) + " |")
     c = info["check"]
     if c:
