@@ -24,6 +24,7 @@ Training choices, all in one place:
         prompts never used in training: MMLU held-out-bucket questions (knowledge), GSM8K test questions (math) and
         HumanEval prompts (code).
     Level 2 (per-layer gates). Loss = KL(dense || routed) per token + w * active FFN fraction (w = --sparsity-weight),
+        or with --l2-target nll the routed model's next-token NLL on the domain's text instead of the KL,
         on calibration windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an
         expert is safe, independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
         (router.MixedMLP, passed through mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
@@ -243,9 +244,17 @@ def kl_dense_routed(dense_logp, routed_logits):
     return (dense_logp.exp() * (dense_logp - logq)).sum(-1).mean()
 
 
+def next_token_nll(x, routed_logits):
+    """Mean next-token NLL of the domain's own text x (B, T) under the routed model's logits (B, T, V)."""
+    return F.cross_entropy(routed_logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+
+
 def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight: float, epochs: int, lr: float,
-                 tau: float, relax: str, batch_size: int, seed: int, log=print):
-    """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen."""
+                 tau: float, relax: str, batch_size: int, seed: int, target: str = "kl", log=print):
+    """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen.
+    target "kl": stay close to the dense model (the expert can only be as good as dense, so a gate opens where the
+    expert is harmless and the sparsity weight pays for it). target "nll": fit the domain's own next tokens, so a
+    gate also opens where the purified expert is *better* than dense on that domain (issue 16's greedy experts)."""
     model, router = moe.model, moe.router
     domains, Fn = router.cfg.domains, model.config.n_ffn
     mixers = {d: [R.MixedMLP(moe.expert_mlp((d,), l), blk.mlp) for l, blk in enumerate(model.layers)] for d in calib}
@@ -258,25 +267,27 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
     order = list(range(len(batches)))
     for epoch in range(epochs):
         random.Random(seed + epoch).shuffle(order)
-        kl_sum, frac_sum = 0.0, 0.0
+        fit_sum, frac_sum = 0.0, 0.0
         for bi in tqdm(order, desc=f"level2 epoch {epoch + 1}", leave=False):
             d, x = batches[bi]
-            if bi not in teacher:
+            if target == "kl" and bi not in teacher:
                 with torch.no_grad():
                     teacher[bi] = model(x).log_softmax(-1).to(torch.bfloat16)  # (B, T, V)
             row = domains.index(d)
             gates = gumbel_sigmoid(router.gate_logits[row], tau, relax, g)  # (L,)
             for l, mix in enumerate(mixers[d]):
                 mix.g = gates[l]
-            kl = kl_dense_routed(teacher[bi].float(), model(x, mlps=mixers[d]))
+            routed = model(x, mlps=mixers[d])  # (B, T, V)
+            fit = kl_dense_routed(teacher[bi].float(), routed) if target == "kl" else next_token_nll(x, routed)
             frac = expected_fraction(gates, kept[d], Fn)
-            loss = kl + sparsity_weight * frac
+            loss = fit + sparsity_weight * frac
             opt.zero_grad()
             loss.backward()
             opt.step()
-            kl_sum, frac_sum = kl_sum + kl.item(), frac_sum + frac.item()
+            fit_sum, frac_sum = fit_sum + fit.item(), frac_sum + frac.item()
         hard = {d: moe.decision_for((d,)) for d in calib}
-        log(f"level2 epoch {epoch + 1:3d} | kl {kl_sum / len(order):.4f} | sampled frac {frac_sum / len(order):.3f} | "
+        log(f"level2 epoch {epoch + 1:3d} | {target} {fit_sum / len(order):.4f} | "
+            f"sampled frac {frac_sum / len(order):.3f} | "
             + " ".join(f"{d}: {sum(h.use_expert)}/{len(h.use_expert)} layers, frac {h.active_fraction:.3f}"
                        for d, h in hard.items()))
     for mixes in mixers.values():  # drop the graph references held by the gates
@@ -403,6 +414,9 @@ def parse_args(argv=None):
     g.add_argument("--l1-lr", type=positive_float, default=3e-3)
     g = p.add_argument_group("level 2")
     g.add_argument("--sparsity-weight", type=nonneg_float, default=1.0, help="weight of the active-fraction penalty")
+    g.add_argument("--l2-target", choices=["kl", "nll"], default="kl",
+                   help="gate objective: kl = stay close to dense; nll = the domain's own next tokens (lets a gate "
+                        "pick an expert that beats dense)")
     g.add_argument("--l2-windows", type=positive_int, default=4, help="calibration windows per domain")
     g.add_argument("--seq-len", type=int_at_least(2), default=64, help="tokens per level 2 window")
     g.add_argument("--l2-batch", type=positive_int, default=2)
@@ -473,7 +487,7 @@ def main(argv=None):
         calib = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.seq_len,
                                               args.seed + 1, args.seq_len) for d in domains}
         train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
-                     args.seed, log=lambda s: print(s, file=sys.stderr))
+                     args.seed, args.l2_target, log=lambda s: print(s, file=sys.stderr))
         t_l2 = time.perf_counter() - t0
         heldout = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
                    for d in domains}

@@ -251,6 +251,35 @@ def test_level2_training_changes_only_gate_logits():
     assert g[[DOMAINS.index("general"), DOMAINS.index("knowledge")]].abs().sum() == 0  # untrained stay at init
 
 
+def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
+    """Issue 16: with --l2-target kl the gates can only approach dense (KL is least there); with nll they open
+    where the expert predicts the domain's own text better than dense."""
+    import purify
+    import train_router as TR
+    m = tiny_model()
+    m.requires_grad_(False)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(4)  # sharper (tied) logits: the expert's and dense predictions differ clearly
+    moe = tiny_moe(m, tiny_experts(m))
+    expert_everywhere = moe.mlps_for(moe.decision_for(("math",), use_expert=(True,) * m.config.n_layer))
+    x = ids(4, 4, seed=3)  # "math" text = the math expert's own greedy continuations of random prompts
+    with torch.no_grad():
+        for _ in range(28):
+            x = torch.cat([x, m(x, mlps=expert_everywhere)[:, -1:].argmax(-1)], 1)  # (4, 32)
+    dense_ppl = purify.perplexity(m, x)
+    assert purify.perplexity(m, x, expert_everywhere) < dense_ppl
+    chosen = {}
+    for target in ("kl", "nll"):
+        with torch.no_grad():
+            moe.router.gate_logits.zero_()
+        TR.train_level2(moe, {"math": x}, sparsity_weight=0.0, epochs=10, lr=0.3, tau=1.0, relax="st",
+                        batch_size=2, seed=0, target=target, log=lambda s: None)
+        chosen[target] = moe.decision_for(("math",))
+    assert not any(chosen["kl"].use_expert)  # without a sparsity reward, matching dense means being dense
+    assert any(chosen["nll"].use_expert)
+    assert purify.perplexity(m, x, moe.mlps_for(chosen["nll"])) < dense_ppl
+
+
 def test_level1_training_learns_separable_features():
     import train_router as TR
     torch.manual_seed(0)
