@@ -93,9 +93,11 @@ from tqdm import tqdm
 
 import checkpoints as ckpt
 import data
+import gguf_file
 import model as M
 from cli import (ArgumentParser, UserError, add_common_args, fraction, int_at_least, nonneg_float, out_dir,
-                 positive_int, run_cli, shared_dir)
+                 positive_int, run_cli)
+from tokenizer import hf_tokenizer_files
 
 BASELINES = ("random", "magnitude", "general", "mixed")
 SCORES = ("dowp", "taylor") + BASELINES
@@ -652,10 +654,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokenizer_dir=None, meta: dict | None = None):
+def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokenizer_dir=None, meta: dict | None = None,
+              tokenizer_files: dict[str, str] | None = None):
     """DOWP step 6: write one expert as a plain HF checkpoint: config.json (intermediate_size = k) +
-    model.safetensors, plus tokenizer files copied from `tokenizer_dir` when given (else none: the checkpoint
-    then loads in transformers with a tokenizer from elsewhere, and in model.load_model not at all)."""
+    model.safetensors, plus tokenizer files copied from `tokenizer_dir`, or written from `tokenizer_files`
+    ({name: text}, e.g. tokenizer.hf_tokenizer_files of a GGUF), when given (else none: the checkpoint then loads
+    in transformers with a tokenizer from elsewhere, and in model.load_model not at all)."""
     ks = sorted({model.config.n_ffn if i is None else len(i) for i in indices})
     if len(ks) != 1:
         raise UserError(f"export needs the same number of kept neurons in every layer (HF has one "
@@ -675,7 +679,20 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
                 copied.append(name)
+    for name, text in (tokenizer_files or {}).items():
+        if name not in copied:
+            (out_dir / name).write_text(text, encoding="utf-8")
+            copied.append(name)
     return copied
+
+
+def gguf_tokenizer_files(path) -> dict[str, str]:
+    """HF tokenizer files for an export from a GGUF model (byte-level BPE vocabularies; none for SentencePiece)."""
+    meta, _ = gguf_file.read_gguf(Path(path))
+    try:
+        return hf_tokenizer_files(meta)
+    except UserError:
+        return {}
 
 
 # ------------------------------------------------------------------------- DOWP step 7: report (held-out perplexity)
@@ -937,12 +954,13 @@ def main(argv=None):
     # DOWP step 6: export
     if args.export:
         d = args.export_domain or args.names[0]
-        tok_dir = None
-        if args.model is None:
-            tok_dir = shared_dir(args.data_dir) / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
-        elif Path(args.model).is_dir():
-            tok_dir = Path(args.model)
-        copied = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta})
+        tok_dir, tok_files = None, None
+        path = M.default_model_path() if args.model is None else Path(args.model)
+        if path.is_dir():
+            tok_dir = path
+        elif path.suffix == ".gguf" and path.is_file():  # the tokenizer lives inside the GGUF: write it out
+            tok_files = gguf_tokenizer_files(path)
+        copied = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta}, tok_files)
         print(f"exported expert {d} to {args.export} (tokenizer files: {', '.join(copied) or 'none'})",
               file=sys.stderr)
 

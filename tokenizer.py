@@ -219,6 +219,44 @@ def _chat_format(template: str) -> dict:
     return {}
 
 
+def hf_tokenizer_files(meta: dict) -> dict[str, str]:
+    """The byte-level BPE vocabulary inside a GGUF file, written as HF `tokenizer.json` + `tokenizer_config.json`
+    (+ `chat_template.jinja`; the inverse of `from_tokenizer_json`): an expert exported from a GGUF-only model then loads in
+    `transformers` with its own tokenizer. SentencePiece vocabularies (Gemma) are not written."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"writing HF tokenizer files needs a byte-level BPE ('gpt2') vocabulary, not "
+                        f"{meta.get('tokenizer.ggml.model')!r}")
+    pattern = GGUF_PRE.get(meta.get("tokenizer.ggml.pre", "default"), GPT2_PATTERN)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
+    types = types if types is not None else [1] * len(tokens)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+    # GPT-2's own regex is ByteLevel's built-in split; any other is an explicit Split before a regex-free ByteLevel
+    pre = ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+           if pattern == GPT2_PATTERN else
+           {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": {t: i for i, t in enumerate(tokens)},
+             "merges": [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]}
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+          "pre_tokenizer": pre, "post_processor": None,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": model}
+    name = lambda key: tokens[int(meta[key])] if key in meta else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+              "pad_token": name("tokenizer.ggml.padding_token_id"), "add_bos_token": False,
+              "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 2048))}
+    files = {"tokenizer.json": json.dumps(tj, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps({k: v for k, v in config.items() if v is not None}, indent=1)}
+    if meta.get("tokenizer.chat_template"):  # its own file, as transformers >= 4.47 writes it
+        files["chat_template.jinja"] = meta["tokenizer.chat_template"]
+    return files
+
+
 # ----------------------------------------------------------------------------- SentencePiece BPE (Gemma)
 
 SP_SPACE = "\u2581"  # ▁, SentencePiece's visible space

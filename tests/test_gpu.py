@@ -35,11 +35,12 @@ import model as M  # noqa: E402
 import purify as P  # noqa: E402
 import router as R  # noqa: E402
 import train_router as TR  # noqa: E402
+from conftest import smol_hf_tokenizer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-SMOL_HF_TOK = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+SMOL_HF_TOK = smol_hf_tokenizer()
 DOMAINS = ["general", "code", "math", "knowledge"]
 
 

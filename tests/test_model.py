@@ -37,15 +37,17 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import gguf_file  # noqa: E402
+import tokenizer as T  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
+from conftest import smol_hf_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 SHARED = M.shared_dir()
 GPT2_TOK_DIR = SHARED / "models" / "gpt2-tokenizer"
 SMOL_DIR = SHARED / "models" / "smollm2-135m-instruct"
-SMOL_HF_TOK = SMOL_DIR / "hf_tokenizer"
+SMOL_HF_TOK = smol_hf_tokenizer()  # ../shared's, else written from the GGUF
 LLAMA3_TOK = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
 
 TOL = 1e-4  # max |delta logit| allowed against transformers in fp32
@@ -105,7 +107,16 @@ def save_hf(hf, d: Path, how: str):
         torch.save(hf.state_dict(), d / "pytorch_model.bin")
     else:
         hf.save_pretrained(d, **({"max_shard_size": "5MB"} if how == "sharded" else {}))
-    write_gpt2_tokenizer(d)
+    write_tiny_tokenizer(d)
+
+
+def write_tiny_tokenizer(d: Path):
+    """The GPT-2 files where ../shared has them (as in CI), else SmolLM2's tokenizer written from its GGUF (a fresh
+    clone): either fits the tiny models' 50,257-token vocabulary."""
+    if GPT2_TOK_DIR.exists() or not SMOL_HF_TOK.exists():
+        return write_gpt2_tokenizer(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(SMOL_HF_TOK / f, d / f)
 
 
 def write_gpt2_tokenizer(d: Path):
@@ -393,7 +404,7 @@ def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
     served = tmp_path / "served"
     shutil.copytree(tiny_llama_dir, served)
     for f in ("vocab.json", "merges.txt"):  # the hub path fetches tokenizer.json (+ its config), not the GPT-2 files
-        (served / f).unlink()
+        (served / f).unlink(missing_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SMOL_HF_TOK / f, served / f)
     urls = []
@@ -748,6 +759,25 @@ def test_smollm2_tokenizer_matches_transformers(gguf_path, gguf_read, hf_smol_to
         assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
         assert_round_trip(tok, texts)
     assert len(texts) > 3000
+
+
+@pytest.mark.slow
+def test_hf_tokenizer_files_written_from_gguf(gguf_path, gguf_read, tmp_path, texts):
+    """tokenizer.hf_tokenizer_files: the GGUF's vocabulary as HF files, read back by us and by transformers."""
+    from transformers import AutoTokenizer
+    meta, _ = gguf_read
+    for name, text in T.hf_tokenizer_files(meta).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    from_gguf, written = M.Tokenizer.from_gguf_meta(meta, gguf_path), M.Tokenizer.from_dir(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    sample = texts[::4] + ["<|im_start|>user\nHi<|im_end|>\n"]
+    ref = [from_gguf.encode(t) for t in sample]
+    assert_same_ids([written.encode(t) for t in sample], ref, sample, "written tokenizer.json, ours")
+    assert_same_ids(hf(sample, add_special_tokens=False)["input_ids"], ref, sample, "written tokenizer.json, HF")
+    assert (written.bos_id, written.eos_id, written.pad_id, written.chat_format) == (1, 2, 2, "chatml")
+    assert written.chat_prompt("Hi") == from_gguf.chat_prompt("Hi")
+    with pytest.raises(M.UserError, match="byte-level BPE"):
+        T.hf_tokenizer_files({"tokenizer.ggml.model": "llama"})
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ import data  # noqa: E402
 import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
 import purify as P  # noqa: E402
+from conftest import smol_hf_tokenizer  # noqa: E402
 
-SMOL_HF_TOK = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+SMOL_HF_TOK = smol_hf_tokenizer()
 
 
 def tiny(arch="llama", seed=0, tie=True, n_ffn=48) -> M.Transformer:
@@ -509,11 +510,16 @@ def test_real_protection_and_stats_sanity(real):
 @pytest.mark.slow
 def test_real_export_matches_transformers(real, tmp_path):
     transformers = pytest.importorskip("transformers")
-    if not SMOL_HF_TOK.exists():  # a fresh clone: the export needs the HF tokenizer files to load in transformers
-        pytest.skip(f"needs {SMOL_HF_TOK}, which only the shared assets hold: set $FREE_MOE_SHARED")
     model, tok = real["model"], real["tok"]
     idx = real["experts"]["code"]
-    P.export_hf(model, idx, tmp_path / "code", SMOL_HF_TOK, {"domain": "code"})
+    # the tokenizer files are written from the GGUF's own vocabulary, as `purify.py --export` does
+    copied = P.export_hf(model, idx, tmp_path / "code", None, {"domain": "code"},
+                         P.gguf_tokenizer_files(M.default_model_path()))
+    assert copied == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "code")
+    text = "def fibonacci(n):\n    if n < 2:\n        return n  # ü 日本 <|im_end|>"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert (hf_tok.eos_token, hf_tok.pad_token) == ("<|im_end|>", "<|im_end|>")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "code", dtype=torch.float32).eval()
     assert hf.config.intermediate_size == len(idx[0]) == 768  # keep 0.5 of 1536
     ids = torch.tensor([tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")])  # (1, T)

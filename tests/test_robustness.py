@@ -37,8 +37,9 @@ import purify as P  # noqa: E402
 import router as R  # noqa: E402
 import train_router as TR  # noqa: E402
 from cli import UserError  # noqa: E402
+from conftest import smol_hf_tokenizer  # noqa: E402
 
-SMOL_HF_TOK = M.shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+SMOL_HF_TOK = smol_hf_tokenizer()
 
 
 def one_line(fn, *args, **kw) -> str:
