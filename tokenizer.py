@@ -220,9 +220,9 @@ def _chat_format(template: str) -> dict:
 
 
 def hf_tokenizer_files(meta: dict) -> dict[str, str]:
-    """The byte-level BPE vocabulary inside a GGUF file, written as HF `tokenizer.json` + `tokenizer_config.json`
-    (+ `chat_template.jinja`; the inverse of `from_tokenizer_json`): an expert exported from a GGUF-only model then loads in
-    `transformers` with its own tokenizer. SentencePiece vocabularies (Gemma) are not written."""
+    """The byte-level BPE vocabulary inside a GGUF file, written as HF `tokenizer.json`, `tokenizer_config.json`
+    and `chat_template.jinja` (the inverse of `from_tokenizer_json`): an expert exported from a GGUF-only model
+    then loads in `transformers` with its own tokenizer. SentencePiece vocabularies (Gemma) are not written."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise UserError(f"writing HF tokenizer files needs a byte-level BPE ('gpt2') vocabulary, not "
                         f"{meta.get('tokenizer.ggml.model')!r}")
