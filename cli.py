@@ -47,6 +47,13 @@ def shared_dir(data_dir: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- one flag vocabulary
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, once: help texts that already say "(default..." keep their own words."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: a bad flag is one line (via run_cli) and exit code 2, like every other
     user mistake, instead of the usage block plus a message."""

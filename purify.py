@@ -76,7 +76,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k ke
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -95,8 +94,8 @@ import checkpoints as ckpt
 import data
 import gguf_file
 import model as M
-from cli import (ArgumentParser, UserError, add_common_args, fraction, int_at_least, nonneg_float, out_dir,
-                 positive_int, run_cli)
+from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, fraction, int_at_least,
+                 nonneg_float, out_dir, positive_int, run_cli)
 from tokenizer import hf_tokenizer_files
 
 BASELINES = ("random", "magnitude", "general", "mixed")
@@ -827,7 +826,7 @@ def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
 
 def parse_args(argv=None):
     p = ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="experts")
     p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
                    help="domains: built-in names and/or NAME=path.txt|.jsonl")

@@ -44,7 +44,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, N windows.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -59,7 +58,7 @@ import checkpoints as ckpt
 import data
 import model as M
 import purify as P
-from cli import UserError, add_common_args, run_cli, write_atomic
+from cli import ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, run_cli, write_atomic
 
 NEURON_SCORES = ("dowp", "taylor")
 WEIGHT_SCORES = ("wanda", "taylor", "taylor_abs")
@@ -494,8 +493,8 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
+                                formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="results/purify_sweep")
     p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS), choices=data.BUILTIN_DOMAINS)
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per domain (A = 3/4, B = 1/4)")

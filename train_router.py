@@ -38,7 +38,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k ke
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -55,8 +54,8 @@ from tqdm import tqdm
 import checkpoints as ckpt
 import data
 import model as M
-from cli import (ArgumentParser, UserError, add_common_args, int_at_least, nonneg_float, nonneg_int,
-                 positive_float, positive_int, probability, run_cli)
+from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, int_at_least, nonneg_float,
+                 nonneg_int, positive_float, positive_int, probability, run_cli)
 import purify
 import router as R
 
@@ -395,7 +394,7 @@ def compare_markdown(c: dict, domains: list[str]) -> str:
 def parse_args(argv=None):
     p = ArgumentParser(description="Train the Free-MoE router (level 1 domain head, level 2 layer gates); "
                                    "the LLM stays frozen.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="runs/router")
     p.add_argument("--experts", required=True, help="experts file from purify.py")
     g = p.add_argument_group("router")
