@@ -799,12 +799,27 @@ def matrix_markdown(matrix: dict[str, dict[str, float]], domains: list[str], fra
     return markdown_table(["system \\ held-out", "active"] + domains, rows)
 
 
-def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display), or None: matplotlib is a dev-only extra, plots are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return True
+
+
+def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     names = list(matrix)
     vals = torch.tensor([[math.log(matrix[r][d]) for d in domains] for r in names])
@@ -816,10 +831,7 @@ def plot_matrix(matrix: dict, domains: list[str], path: Path) -> bool:
         for j, d in enumerate(domains):
             ax.text(j, i, f"{matrix[r][d]:.1f}", ha="center", va="center", color="w", fontsize=8)
     ax.set_title("held-out perplexity (columns) of each expert / baseline (rows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- CLI

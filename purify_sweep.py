@@ -458,11 +458,8 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
 
 def plot(table: dict, domains: list[str], path: Path) -> bool:
     """Held-out ppl vs fraction of FFN weights kept, one panel per domain, one line per score; dense dashed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = P.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
     for ax, d in zip(axes[0], domains):
@@ -484,17 +481,14 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
     axes[0][0].set_ylabel("held-out perplexity")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("purified for its own domain vs dense (★ = auto threshold, ◆ = greedy)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return P.save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
-                                formatter_class=DefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="results/purify_sweep")
     p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS), choices=data.BUILTIN_DOMAINS)
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per domain (A = 3/4, B = 1/4)")

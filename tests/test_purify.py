@@ -387,7 +387,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains", "general", "code",
             "--tokens", "256", "--heldout-tokens", "128", "--seq-len", "128", "--keep", "0.5", "--out", str(out),
-            "--export", str(tmp_path / "exp"), "--export-domain", "code"]
+            "--export", str(tmp_path / "exp"), "--export-domain", "code", "--plot"]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stats general" in r.stderr
@@ -398,6 +398,9 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     assert ex.meta["tokens"] == {"general": 256, "code": 256}
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
+    if P.pyplot() is not None:
+        assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and "![matrix](report.png)" in (
+            out / "report.md").read_text()
     assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
     assert "| dense |" in (out / "report.md").read_text()
     r2 = subprocess.run(argv + ["--no-report"], capture_output=True, text=True)
@@ -430,10 +433,12 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
     argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
             "--sparsities", "0.1", "--check-neurons", "4", "--check-lowest", "2", "--check-tokens", "128",
-            "--write-experts", "taylor:greedy", "--out", str(tmp_path / "sweep")]
+            "--write-experts", "taylor:greedy", "--plot", "--out", str(tmp_path / "sweep")]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    if P.pyplot() is not None:  # matplotlib is a dev extra: with it, the plot is drawn
+        assert (tmp_path / "sweep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1", "weight:taylor:greedy",
                *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
