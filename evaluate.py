@@ -8,7 +8,9 @@ What goes in:  a model (--model, default SmolLM2-135M-Instruct), the shared benc
                router from train_router.py (--router).
 What comes out (under --out, default results/):
     items/<system>/<task>.jsonl  one line per item (prompt hash, prediction, reference, correct, timing), appended
-                                 and flushed as it goes; a re-run resumes and skips finished items
+                                 and flushed as it goes; a re-run resumes and skips finished items (its first
+                                 line: model, settings and, for sparse systems, the experts/router identity; a
+                                 resume with different ones is refused, so a table never mixes two experts files)
     results.json                 every score with a 95% bootstrap interval and its difference to dense; no timings,
                                  so an interrupted-and-resumed run writes the same bytes as an uninterrupted one
     timings.json                 tokens/s per system and task (wall clock: differs run to run)
@@ -64,6 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints as ckpt
 import purify
 import router
 import sandbox
@@ -319,6 +322,7 @@ class System:
     name: str
     pick: Callable[[list[list[int]], str], tuple[list | None, float]] = lambda prompts, domain: (None, 1.0)
     route_key: Callable[[list[int]], object] | None = None
+    uses: str = ""  # what it runs besides the model (experts identity, router checksum): part of the items' header
 
 
 # system name -> what it runs from the experts file (purify.py names the general-text Wanda baseline
@@ -334,7 +338,7 @@ def build_systems(args, model) -> list[System]:
     FFN neurons that Free-MoE's decision for d runs (level 2 leaves some layers dense, so it is above the file's
     keep); the baseline is rebuilt at that keep from the statistics in the experts file. Without a router it runs
     at the file's keep."""
-    systems, experts, moe = [], None, None
+    systems, experts, moe, uses = [], None, None, ""
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
@@ -345,25 +349,28 @@ def build_systems(args, model) -> list[System]:
             raise UserError(f"system {name} needs --experts FILE (run purify.py first)")
         if name == "freemoe" and not args.router:
             raise UserError("system freemoe needs --router FILE (run train_router.py first)")
-        experts = experts or purify.load_experts(args.experts, model)
+        if experts is None:
+            experts = purify.load_experts(args.experts, model)
+            uses = f"experts {router.experts_identity(experts)[:16]}"
         if args.router and moe is None:
             moe = router.load_router(args.router, model, experts)
+            uses += f", router {router.read_router(args.router)[1].get(ckpt.CHECKSUM_KEY, '')[:16]}"
         if name == "freemoe":
-            systems.append(routed_system(name, moe))
+            systems.append(routed_system(name, moe, uses))
         elif name == "oracle":
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), purify.kept_fraction(e.index_sets(domain), model)
-            systems.append(System(name, pick))
-        elif moe is not None and experts.stats:
-            systems.append(System(name, budget_matched(name, model, experts, moe)))
+            systems.append(System(name, pick, uses=uses.split(",")[0]))  # the experts only
+        elif moe is not None and experts.stats:  # its budget comes from the router's decisions
+            systems.append(System(name, budget_matched(name, model, experts, moe), uses=uses))
         else:
             key = BASELINE_OF[name]
             mlps, frac = experts.mlps(key), purify.kept_fraction(experts.index_sets(key), model)
-            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f)))
+            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f), uses=uses.split(",")[0]))
     return systems
 
 
-def routed_system(name: str, moe) -> System:
+def routed_system(name: str, moe, uses: str = "") -> System:
     """Free-MoE as a System: every prompt is routed on its own (level 1 + level 2 on the prompt itself, memoised),
     and evaluate_task batches prompts that got the same decision."""
     decisions: dict = {}
@@ -379,7 +386,7 @@ def routed_system(name: str, moe) -> System:
         if len({d.key for d in chosen}) != 1:
             raise RuntimeError("a batch of a routed system mixes routing decisions")
         return moe.mlps_for(chosen[0]), chosen[0].active_fraction
-    return System(name, pick, route_key=lambda prompt: decide(prompt).key)
+    return System(name, pick, route_key=lambda prompt: decide(prompt).key, uses=uses)
 
 
 def budget_matched(name: str, model, experts, moe):
@@ -902,7 +909,7 @@ def run(args, model, tokenizer) -> dict:
     for s in systems:
         for t in tasks:
             header = {"task": t.name, "system": s.name, "model": model.fingerprint, "settings": t.settings,
-                      "seed": args.seed}
+                      "seed": args.seed, **({"uses": s.uses} if s.uses else {})}  # other experts: other items
             records[s.name, t.name] = evaluate_task(rt, s, t, args.out, header)
     result = summarize(tasks, systems, records, args, model)
     timings = timings_of(tasks, systems, records)

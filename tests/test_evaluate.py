@@ -351,6 +351,29 @@ def test_sparse_systems_run_their_experts(tmp_path):
         E.build_systems(E.parse_args(["--systems", "freemoe", "--experts", str(experts_path)]), model)
 
 
+def test_resume_with_other_experts_or_router_is_refused(tmp_path):
+    """Items of a sparse system belong to the experts (and router) that made them: a resume into the same --out
+    with others is refused, while dense items, which need neither, are reused."""
+    model, tok = tiny_model_and_tokenizer()
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    experts_path, router_path, _ = _tiny_artifacts(first, model, keep=0.5)
+    other_experts, other_router, _ = _tiny_artifacts(second, model, keep=0.25)
+
+    def args(systems, experts, router):
+        return E.parse_args(["--systems", *systems, "--experts", str(experts), "--router", str(router),
+                             "--tasks", "ppl", "--limit", "1", "--seq-len", "32", "--ppl-domains", "code",
+                             "--out", str(tmp_path / "out")])
+    E.run(args(["dense", "oracle", "freemoe"], experts_path, router_path), model, tok)
+    header = json.loads((tmp_path / "out" / "items" / "freemoe" / "ppl.jsonl").read_text().splitlines()[0])
+    assert header["header"]["uses"].startswith("experts ") and ", router " in header["header"]["uses"]
+    for systems in (["oracle"], ["freemoe"]):
+        with pytest.raises(M.UserError, match="other settings"):
+            E.run(args(systems, other_experts, other_router), model, tok)
+    E.run(args(["dense"], other_experts, other_router), model, tok)  # dense items stay valid
+
+
 def test_per_task_limits_and_mmlu_per_subject():
     args = E.parse_args(["--limit", "3", "gsm8k=7", "--mmlu-per-subject", "2", "--mmlu-shots", "0"])
     assert args.limits == {"*": 3, "gsm8k": 7}
