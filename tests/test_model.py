@@ -585,30 +585,34 @@ def test_gguf_dequantization_bit_exact(gguf_path, gguf_read):
     assert kinds == {"Q4_1", "Q8_0", "F32"}
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+# where each block type keeps its fp16 factors (d, and dmin / m), made finite so NaN can never hide a mismatch
+FP16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82], "Q3_K": [108],
+           "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", *FP16_AT])
 def test_dequantize_every_supported_type_matches_gguf(kind):
-    """Random blocks of every type model.py reads (the real model only has F32, Q8_0 and Q4_1), bit for bit."""
+    """Random blocks of every type gguf_file reads, bit for bit against the gguf package (the real files hold
+    F32, Q8_0, Q4_1 (SmolLM2) and Q5_0, Q4_K, Q6_K (Gemma 3))."""
     gguf = pytest.importorskip("gguf")
     qtype = gguf.GGMLQuantizationType[kind]
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     assert gguf_file.GGML_BLOCK[kind] == (block_bytes, block_size)
     rng = np.random.default_rng(0)
-    rows, per_row = 8, 4 * block_bytes  # (rows, bytes): 4 blocks of 32 weights (or 4 scalars) per row
-    raw = rng.integers(0, 256, (rows, per_row), dtype=np.uint8)
-    if kind in ("Q8_0", "Q4_0", "Q4_1"):  # finite fp16 scales/mins, so NaN never hides a mismatch
-        blocks = raw.reshape(-1, block_bytes)
-        n_half = 2 if kind == "Q4_1" else 1
-        blocks[:, :2 * n_half] = rng.normal(0, 0.1, (len(blocks), n_half)).astype(np.float16).view(np.uint8)
-    else:  # plain floats: random finite values
-        vals = rng.normal(0, 1, rows * per_row // block_bytes).astype(np.float32)
+    if kind in FP16_AT:  # 512 random blocks, their fp16 factors finite
+        raw = rng.integers(0, 256, (512, block_bytes), dtype=np.uint8)
+        for at in FP16_AT[kind]:
+            raw[:, at:at + 2] = rng.normal(0, 0.05, (512, 1)).astype(np.float16).view(np.uint8)
+    else:  # plain floats: 256 random finite values
+        vals = rng.normal(0, 1, 256).astype(np.float32)
         if kind == "F16":
             vals = vals.astype(np.float16)
         if kind == "BF16":
             vals = (vals.view(np.uint32) >> 16).astype(np.uint16)  # the top half of a float32
-        raw = vals.view(np.uint8).reshape(rows, per_row)
-    ref = gguf.quants.dequantize(raw, qtype).astype(np.float32)  # (rows, weights per row)
-    ours = gguf_file.dequantize(raw.reshape(-1), kind).reshape(ref.shape)
-    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+        raw = vals.view(np.uint8).reshape(8, -1)
+    ref = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(-1)
+    ours = gguf_file.dequantize(raw.reshape(-1), kind)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.slow
