@@ -272,7 +272,7 @@ def loss_aware_stats(model: M.Transformer, windows: torch.Tensor, batch_size: in
             for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
                 x = windows[i:i + batch_size].to(device)  # (B, T)
                 logits = model(x, mlps=recorders)  # (B, T, V)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                loss = next_token_nll(logits, x, reduction="sum")
                 loss.backward()  # the sum: every token's gradient counts once; divided by n_pred below
                 for r in recorders:
                     r.after_backward()
@@ -418,7 +418,7 @@ def greedy_by_layer(model: M.Transformer, val_windows: torch.Tensor, propose, ba
         total = 0.0
         for x, (h, rope, mask) in zip(batches, state):
             logits = model.head(model.run_layers(h, rope, mask, l, None, mlps=mlps))  # (B, T, V)
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+            total += float(next_token_nll(logits, x, reduction="sum"))
         return total / n_pred
 
     best, trials, chosen = val_loss(0, None), [], [None] * L
@@ -696,6 +696,12 @@ def gguf_tokenizer_files(path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------- DOWP step 7: report (held-out perplexity)
 
+def next_token_nll(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of next-token prediction: logits (B, T, V) at positions 0..T-2 score the tokens x (B, T) at
+    1..T-1 (every position but the first of a window is predicted). reduction as in F.cross_entropy."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction=reduction)
+
+
 @torch.no_grad()
 def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over all windows (N, T); every position but the first of a window is predicted."""
@@ -704,8 +710,7 @@ def perplexity(model: M.Transformer, windows: torch.Tensor, mlps=None, batch_siz
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)  # (B, T)
         logits = model(x, mlps=mlps)  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        total += float(next_token_nll(logits, x, reduction="sum"))
         n += x[:, 1:].numel()
     return math.exp(total / n)
 

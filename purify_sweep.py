@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoints as ckpt
@@ -156,7 +155,7 @@ def window_nll(model, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> 
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)  # (B, T)
         logits = model(x, mlps=mlps)  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")  # (B*(T-1),)
+        nll = P.next_token_nll(logits, x, reduction="none")  # (B*(T-1),)
         out.append(nll.view(len(x), -1).double().mean(1).cpu())
     return torch.cat(out)
 
@@ -193,7 +192,7 @@ def removal_deltas(model, windows: torch.Tensor, neurons: list[tuple[int, int]],
         return done
     device, L = model.tok_emb.weight.device, model.config.n_layer
     x = windows.to(device)  # (B, T)
-    loss = lambda logits: float(F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), x[:, 1:].flatten()))
+    loss = lambda logits: float(P.next_token_nll(logits.double(), x))
     h, rope, mask = model.embed(x)
     hidden = [h]  # hidden[l]: (B, T, C) entering layer l
     for l in range(L):

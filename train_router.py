@@ -243,11 +243,6 @@ def kl_dense_routed(dense_logp, routed_logits):
     return (dense_logp.exp() * (dense_logp - logq)).sum(-1).mean()
 
 
-def next_token_nll(x, routed_logits):
-    """Mean next-token NLL of the domain's own text x (B, T) under the routed model's logits (B, T, V)."""
-    return F.cross_entropy(routed_logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
-
-
 def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight: float, epochs: int, lr: float,
                  tau: float, relax: str, batch_size: int, seed: int, target: str = "kl", log=print):
     """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen.
@@ -277,7 +272,8 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
             for l, mix in enumerate(mixers[d]):
                 mix.g = gates[l]
             routed = model(x, mlps=mixers[d])  # (B, T, V)
-            fit = kl_dense_routed(teacher[bi].float(), routed) if target == "kl" else next_token_nll(x, routed)
+            fit = (kl_dense_routed(teacher[bi].float(), routed) if target == "kl"
+                   else purify.next_token_nll(routed.float(), x))  # nll: the domain's own next tokens
             frac = expected_fraction(gates, kept[d], Fn)
             loss = fit + sparsity_weight * frac
             opt.zero_grad()
