@@ -64,8 +64,9 @@ class _Reader:
         return self.scalar(GGUF_VALUE[vtype])
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse a GGUF file: returns (metadata, {gguf tensor name: float32 tensor in torch (out, in) layout})."""
+def read_gguf(path: Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Parse a GGUF file: returns (metadata, {gguf tensor name: float32 tensor in torch (out, in) layout}).
+    tensors=False stops after the metadata (e.g. the tokenizer): ({...}, {}), nothing dequantized."""
     with open(path, "rb") as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -82,6 +83,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for _ in range(n_kv):
         key = r.string()
         meta[key] = r.value(r.scalar("<I"))
+    if not tensors:
+        return meta, {}
     infos = []
     for _ in range(n_tensors):
         name, n_dims = r.string(), r.scalar("<I")
@@ -119,12 +122,12 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for (_, end_a, a, *_), (start_b, _, b, *_) in zip(sorted(plan), sorted(plan)[1:]):
         if start_b < end_a:
             raise UserError(f"{path}: corrupt GGUF tensor table: tensors {a} and {b} overlap")
-    tensors = {}
+    weights = {}
     for start, end, name, dims, kind in plan:
         raw = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
         w = dequantize(raw, kind)
-        tensors[name] = torch.from_numpy(w.reshape(list(reversed(dims))))  # [ne0, ne1] -> (ne1, ne0) = (out, in)
-    return meta, tensors
+        weights[name] = torch.from_numpy(w.reshape(list(reversed(dims))))  # [ne0, ne1] -> (ne1, ne0) = (out, in)
+    return meta, weights
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

@@ -687,7 +687,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
 
 def gguf_tokenizer_files(path) -> dict[str, str]:
     """HF tokenizer files for an export from a GGUF model (byte-level BPE vocabularies; none for SentencePiece)."""
-    meta, _ = gguf_file.read_gguf(Path(path))
+    meta, _ = gguf_file.read_gguf(Path(path), tensors=False)
     try:
         return hf_tokenizer_files(meta)
     except UserError:

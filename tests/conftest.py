@@ -38,7 +38,7 @@ def smol_hf_tokenizer() -> Path:
     if SMOL_HF_TOK_SHARED.exists():
         return SMOL_HF_TOK_SHARED
     try:
-        meta, _ = gguf_file.read_gguf(M.default_model_path())
+        meta, _ = gguf_file.read_gguf(M.default_model_path(), tensors=False)
     except M.UserError:
         return SMOL_HF_TOK_SHARED
     d = Path(tempfile.mkdtemp(prefix="free-moe-smol-tok-"))

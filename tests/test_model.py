@@ -770,7 +770,10 @@ def test_hf_tokenizer_files_written_from_gguf(gguf_path, gguf_read, tmp_path, te
     """tokenizer.hf_tokenizer_files: the GGUF's vocabulary as HF files, read back by us and by transformers."""
     from transformers import AutoTokenizer
     meta, _ = gguf_read
-    for name, text in T.hf_tokenizer_files(meta).items():
+    files = T.hf_tokenizer_files(meta)
+    meta_only, no_tensors = gguf_file.read_gguf(gguf_path, tensors=False)  # what purify --export reads
+    assert no_tensors == {} and T.hf_tokenizer_files(meta_only) == files
+    for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     from_gguf, written = M.Tokenizer.from_gguf_meta(meta, gguf_path), M.Tokenizer.from_dir(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
