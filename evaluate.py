@@ -338,7 +338,8 @@ def build_systems(args, model) -> list[System]:
     FFN neurons that Free-MoE's decision for d runs (level 2 leaves some layers dense, so it is above the file's
     keep); the baseline is rebuilt at that keep from the statistics in the experts file. Without a router it runs
     at the file's keep."""
-    systems, experts, moe, uses = [], None, None, ""
+    systems, experts, moe = [], None, None
+    uses_experts = uses_router = ""  # identities for the items' header: other experts or router, other items
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
@@ -351,22 +352,22 @@ def build_systems(args, model) -> list[System]:
             raise UserError("system freemoe needs --router FILE (run train_router.py first)")
         if experts is None:
             experts = purify.load_experts(args.experts, model)
-            uses = f"experts {router.experts_identity(experts)[:16]}"
+            uses_experts = f"experts {router.experts_identity(experts)[:16]}"
         if args.router and moe is None:
             moe = router.load_router(args.router, model, experts)
-            uses += f", router {router.read_router(args.router)[1].get(ckpt.CHECKSUM_KEY, '')[:16]}"
+            uses_router = f"{uses_experts}, router {router.read_router(args.router)[1].get(ckpt.CHECKSUM_KEY, '')[:16]}"
         if name == "freemoe":
-            systems.append(routed_system(name, moe, uses))
+            systems.append(routed_system(name, moe, uses_router))
         elif name == "oracle":
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), purify.kept_fraction(e.index_sets(domain), model)
-            systems.append(System(name, pick, uses=uses.split(",")[0]))  # the experts only
+            systems.append(System(name, pick, uses=uses_experts))
         elif moe is not None and experts.stats:  # its budget comes from the router's decisions
-            systems.append(System(name, budget_matched(name, model, experts, moe), uses=uses))
+            systems.append(System(name, budget_matched(name, model, experts, moe), uses=uses_router))
         else:
             key = BASELINE_OF[name]
             mlps, frac = experts.mlps(key), purify.kept_fraction(experts.index_sets(key), model)
-            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f), uses=uses.split(",")[0]))
+            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f), uses=uses_experts))
     return systems
 
 
