@@ -32,9 +32,9 @@ SMOL_HF_TOK_SHARED = shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tok
 
 @functools.cache
 def smol_hf_tokenizer() -> Path:
-    """A folder with SmolLM2's HF tokenizer files (tokenizer.json, tokenizer_config.json): ../shared's copy, else
-    written once per run from the default GGUF's own vocabulary; without either, the shared path (missing), so the
-    tests that read it skip as before."""
+    """A folder with SmolLM2's HF tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja):
+    ../shared's copy, else written once per run from the default GGUF's own vocabulary; without either, the shared
+    path (missing), so the tests that read it skip as before."""
     if SMOL_HF_TOK_SHARED.exists():
         return SMOL_HF_TOK_SHARED
     try:
