@@ -66,7 +66,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints as ckpt
 import purify
 import router
 import sandbox
@@ -355,7 +354,7 @@ def build_systems(args, model) -> list[System]:
             uses_experts = f"experts {router.experts_identity(experts)[:16]}"
         if args.router and moe is None:
             moe = router.load_router(args.router, model, experts)
-            uses_router = f"{uses_experts}, router {router.read_router(args.router)[1].get(ckpt.CHECKSUM_KEY, '')[:16]}"
+            uses_router = f"{uses_experts}, router {moe.checksum[:16]}"
         if name == "freemoe":
             systems.append(routed_system(name, moe, uses_router))
         elif name == "oracle":

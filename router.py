@@ -216,6 +216,7 @@ class FreeMoE:
             raise UserError(f"fallback must be 'dense' or 'top2', got {self.fallback!r}")
         self._layer_cache: dict = {}   # (domains, layer) -> compact MLP
         self._sizes: dict = {}         # domains -> per-layer kept-neuron counts
+        self.checksum = ""             # the router file's content sha256 (set by load_router; evaluate's headers)
 
     # --- level 1 + level 2 -> a decision
     @torch.no_grad()
@@ -449,7 +450,9 @@ def load_router(path, model: M.Transformer, experts, **kw) -> FreeMoE:
     if meta.get("experts_identity") != ident:
         raise UserError(f"{path} was trained for experts {meta.get('experts_identity')}, but the given experts are "
                           f"{ident}: retrain it with train_router.py --experts for these experts")
-    return FreeMoE(model, experts, router.to(model.tok_emb.weight.device), **kw)
+    moe = FreeMoE(model, experts, router.to(model.tok_emb.weight.device), **kw)
+    moe.checksum = meta.get(ckpt.CHECKSUM_KEY, "")
+    return moe
 
 
 # ----------------------------------------------------------------------------- CLI: route and generate one prompt
