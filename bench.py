@@ -21,19 +21,19 @@ Sections (each skipped with a note when what it needs is missing):
                  CUDA: also the bf16 and fp32 tensor-core ceilings (8192^3) and HBM bandwidth (a 1 GiB buffer).
   2. dense       prefill and decode tokens/s of our model vs `transformers` on identical weights, dtype and threads,
                  run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is a test
-                 oracle: imported lazily here, built from our own HF export (purify.export_hf) in a temp dir, its
+                 oracle: imported lazily here, built from our own HF export (export_hf) in a temp dir, its
                  column skipped with a note if it is not installed. Greedy tokens of both are compared. Decode runs
                  as model.generate does: CPU the dynamic step, CUDA the CUDA graph, next to the eager decode of before
                  ("ours eager"). What bounds a step: torch.profiler's CPU op times (CPU), or the CUDA profiler's kernel
                  time against the step's wall time (CUDA: a busy GPU is kernel-bound, an idle one launch-bound).
-  2b. scoring    MMLU-shaped requests through evaluate.loglikelihoods: tokens/s and the fraction of the forward
+  2b. scoring    MMLU-shaped requests through scoring.loglikelihoods: tokens/s and the fraction of the forward
                  ceiling (achieved FLOP/s over the matmul ceiling).
-  3. experts     each materialized DSS-Expert (purify.materialize) vs dense: measured speedup next to the ideal one
+  3. experts     each materialized DSS-Expert (materialize) vs dense: measured speedup next to the ideal one
                  from FLOPs (attention + kept FFN + LM head), batch-1 decode and batch-8 prefill. Without an experts
                  file, a random keep-0.5 index set stands in (speed does not depend on which neurons are kept).
   4. freemoe     the routed model (router.FreeMoE): routed request vs the same FFNs unrouted (router overhead), and
                  speedup.
-  5. stats       purify.collect_stats cost vs a plain forward over the same windows (both last_only).
+  5. stats       collect_stats cost vs a plain forward over the same windows (both last_only).
   6. memory      peak memory of each system, each in its own subprocess. CPU: peak resident set (VmHWM from
                  /proc/self/status, reset through /proc/self/clear_refs after loading) minus the RSS of the loaded
                  dense model, i.e. the extra memory the run needs (KV cache, activations, compact expert weights).
@@ -67,9 +67,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import generate as G
 import model as M
-import purify
 import router
+from dowp import collect_stats
+from experts import export_hf, kept_fraction, load_experts, materialize
+from scoring import default_batch_tokens, loglikelihoods, shared_contexts
 from cli import (ArgumentParser, UserError, add_common_args, fraction, positive_int, resolve_device, resolve_dtype,
                  run_cli, write_atomic)
 
@@ -153,7 +156,7 @@ def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contex
     B, T = idx.shape
     if decode == "auto":
         decode = "graph" if idx.device.type == "cuda" else "dynamic"
-    slot = M.decode_slot(model, B, T + n_new) if decode != "dynamic" else None
+    slot = G.decode_slot(model, B, T + n_new) if decode != "dynamic" else None
     if slot is None:
         model.setup_cache(B, T + n_new)
     logits = model(idx, 0, None, mlps, last_only=True)[:, -1]  # (B, V)
@@ -179,7 +182,7 @@ def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contex
 # ----------------------------------------------------------------------------- transformers (test oracle only)
 
 def load_hf(model, device, dtype):
-    """Our loaded weights in transformers, or (None, why not). Built from our own HF export (purify.export_hf with
+    """Our loaded weights in transformers, or (None, why not). Built from our own HF export (export_hf with
     every neuron kept) in a temp dir, so it needs neither the `gguf` package nor the original files, and both columns
     run exactly the same weights (for a GGUF model: our dequantization, checked against gguf's in the tests)."""
     if importlib.util.find_spec("transformers") is None:
@@ -189,7 +192,7 @@ def load_hf(model, device, dtype):
     from transformers import AutoModelForCausalLM
     try:
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as d:
-            purify.export_hf(model, [None] * model.config.n_layer, d)
+            export_hf(model, [None] * model.config.n_layer, d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     except Exception as e:  # an architecture transformers lacks, ...
         return None, f"transformers could not load our HF export: {type(e).__name__}: {e}"
@@ -359,31 +362,39 @@ def bench_dense(model, hf, plan, device, compiled: bool = False) -> list[dict]:
 
 def scoring_requests(vocab_size: int, items: int, seed: int = 4) -> list[tuple[list[int], list[int]]]:
     """MMLU-shaped requests of random tokens: per item a 5-shot-sized context (400..800 tokens) scored on four
-    one-token letters (they share one row) and, as the cloze variant, on four 3-token answers (four rows)."""
+    one-token letters (they share one row) and, as the cloze variant, a context 100 tokens shorter (no options)
+    scored on four 3-token answers (the context runs once, each answer after it)."""
     g = torch.Generator().manual_seed(seed)
     reqs = []
     for _ in range(items):
         ctx = torch.randint(0, vocab_size, (int(torch.randint(400, 801, (1,), generator=g)),), generator=g).tolist()
         reqs += [(ctx, [t]) for t in torch.randperm(vocab_size, generator=g)[:4].tolist()]
-        reqs += [(ctx, torch.randint(0, vocab_size, (3,), generator=g).tolist()) for _ in range(4)]
+        reqs += [(ctx[100:], torch.randint(0, vocab_size, (3,), generator=g).tolist()) for _ in range(4)]
     return reqs
 
 
 def bench_scoring(model, plan, device, matmul_gflops: float) -> dict:
-    """evaluate.loglikelihoods on MMLU-shaped requests: tokens/s over every token of every row the model runs, and
-    the fraction of the forward ceiling, i.e. achieved FLOP/s (forward_flops, LM head on the scored positions only)
-    over the matmul ceiling in the model's dtype."""
-    import evaluate as E
+    """scoring.loglikelihoods on MMLU-shaped requests: tokens/s over every token the model runs (a shared context
+    once, then each continuation on its copy of the cache), and the fraction of the forward ceiling, i.e. achieved
+    FLOP/s (forward_flops, LM head on the scored positions only) over the matmul ceiling in the model's dtype."""
     cfg, kept = model.config, kept_per_layer(model, None)
     reqs = scoring_requests(cfg.vocab_size, plan["scoring_items"])
+    shared = shared_contexts(reqs, cfg.max_seq_len)
+    grouped = {r for rs in shared.values() for r in rs}
     rows: dict[tuple, int] = {}  # input row -> scored positions (requests sharing a row share their positions)
-    for ctx, cont in reqs:
-        key = tuple((ctx + cont)[:-1])
-        rows[key] = max(rows.get(key, 0), len(cont))
+    for r, (ctx, cont) in enumerate(reqs):
+        if r not in grouped:
+            key = tuple((ctx + cont)[:-1])
+            rows[key] = max(rows.get(key, 0), len(cont))
     tokens = sum(len(r) for r in rows)
     flops = sum(forward_flops(cfg, kept, 1, len(r), 0, n) for r, n in rows.items())
-    batch_tokens = E.default_batch_tokens(device)
-    s = side_by_side({"scoring": lambda: timed(lambda: E.loglikelihoods(model, reqs, batch_tokens=batch_tokens),
+    for ctx, rs in shared.items():  # the context once, then each continuation after it
+        tokens += len(ctx) + sum(len(reqs[r][1]) - 1 for r in rs)
+        flops += forward_flops(cfg, kept, 1, len(ctx), 0, len(rs))
+        flops += sum(forward_flops(cfg, kept, 1, len(reqs[r][1]) - 1, len(ctx), len(reqs[r][1]) - 1)
+                     for r in rs if len(reqs[r][1]) > 1)
+    batch_tokens = default_batch_tokens(device)
+    s = side_by_side({"scoring": lambda: timed(lambda: loglikelihoods(model, reqs, batch_tokens=batch_tokens),
                                                device)}, plan["reps"])["scoring"]
     gflops = flops / s["median"] / 1e9
     return {"items": plan["scoring_items"], "rows": len(rows), "tokens": tokens, "batch_tokens": batch_tokens,
@@ -395,24 +406,24 @@ def bench_scoring(model, plan, device, matmul_gflops: float) -> dict:
 # ----------------------------------------------------------------------------- 3./4. experts and FreeMoE
 
 def expert_systems(model, args) -> tuple[dict, str | None]:
-    """{name: per-layer mlps} of each DSS-Expert at keep 0.5, built by purify.materialize, or (_, why skipped)."""
+    """{name: per-layer mlps} of each DSS-Expert at keep 0.5, built by materialize, or (_, why skipped)."""
     if args.experts:
-        ex = purify.load_experts(args.experts, model)
-        keeps = {d: purify.kept_fraction(ex.indices[d], model) for d in ex.domains}
+        ex = load_experts(args.experts, model)
+        keeps = {d: kept_fraction(ex.indices[d], model) for d in ex.domains}
         note = None if all(abs(k - args.keep) < 0.02 for k in keeps.values()) else \
             f"experts file keeps {keeps}, not {args.keep}: measured as stored"
-        return {f"expert:{d}": purify.materialize(model, ex.indices[d]) for d in ex.domains}, note
+        return {f"expert:{d}": materialize(model, ex.indices[d]) for d in ex.domains}, note
     g = torch.Generator().manual_seed(args.seed)
     k = round(args.keep * model.config.n_ffn)
     idx = [torch.randperm(blk.mlp.n_neurons, generator=g)[:k].sort().values for blk in model.layers]
-    return {f"random_k{args.keep:g}": purify.materialize(model, idx)}, \
+    return {f"random_k{args.keep:g}": materialize(model, idx)}, \
         f"no --experts file: a random keep-{args.keep:g} index set stands in (speed does not depend on which neurons)"
 
 
 def load_freemoe(model, args):
     if not (args.router and args.experts):
         return None, "FreeMoE needs --experts and --router (train_router.py output): rows skipped"
-    return router.load_router(args.router, model, purify.load_experts(args.experts, model)), None
+    return router.load_router(args.router, model, load_experts(args.experts, model)), None
 
 
 def bench_systems(model, systems: dict, plan, device) -> list[dict]:
@@ -456,7 +467,7 @@ def bench_router(model, fm, plan, device) -> dict:
     s = side_by_side({
         "route": lambda: timed(lambda: fm.route(prompt)[0], device),
         "routed": lambda: timed(lambda: fm.generate(prompt, N, stop_ids=())[1][0], device),
-        "unrouted": lambda: timed(lambda: M.generate(model, prompt, N, mlps=mlps, stop_ids=()), device)}, plan["reps"])
+        "unrouted": lambda: timed(lambda: G.generate(model, prompt, N, mlps=mlps, stop_ids=()), device)}, plan["reps"])
     if s["routed"]["extra"].key != decision.key:
         raise RuntimeError("routing inside the prefill chose differently from route()")
     step = s["unrouted"]["median"] / N  # the whole request per new token (prefill amortised)
@@ -486,7 +497,7 @@ def bench_stats(model, plan, device) -> dict:
         for i in range(0, n, 8):
             model(windows[i:i + 8].to(device), last_only=True)
     s = side_by_side({"plain_forward": lambda: timed(plain, device),
-                      "collect_stats": lambda: timed(lambda: purify.collect_stats(model, windows, batch_size=8),
+                      "collect_stats": lambda: timed(lambda: collect_stats(model, windows, batch_size=8),
                                                      device)},
                      plan["reps"])
     return {"windows": [n, T], "plain_s": s["plain_forward"]["median"],

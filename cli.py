@@ -1,13 +1,16 @@
-"""cli.py — the terminal plumbing every script shares: one-line errors, one flag vocabulary, atomic writes.
+"""cli.py — the terminal plumbing every script shares: one-line errors, one flag vocabulary, safe outputs.
 
-Nothing here knows about transformers. Each stage script builds its parser with `add_common_args` (the six
-shared flags mean the same everywhere) and runs its main through `run_cli`, so a user mistake (`UserError`)
-prints one line and exits with code 2 instead of a traceback.
+Nothing here knows about transformers. Each stage script builds its parser with `add_common_args` (the shared
+flags mean the same everywhere) and runs its main through `run_cli`, so a user mistake (`UserError`) prints one
+line and exits with code 2 instead of a traceback. Outputs: `write_atomic` (a reader sees the old file or the
+new one), `locked_dir` (one run per --out), `RowCache` (finished rows of a long job, resumed after a kill),
+`progress` (bars on a terminal only), `markdown_table` and the optional matplotlib figure.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import math
 import os
 import sys
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 REPO_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +47,18 @@ def run_cli(main):
 def shared_dir(data_dir: str | None = None) -> Path:
     """Where the workspace's real assets live: --data-dir, else $FREE_MOE_SHARED, else ../shared beside the repo."""
     return Path(data_dir or os.environ.get("FREE_MOE_SHARED") or REPO_DIR.parent / "shared")
+
+
+def cache_dir() -> Path:
+    """The user cache: $FREE_MOE_CACHE, else ~/.cache/free-moe. Data files go under data/, hub models under
+    owner--name/, joined model files at the top."""
+    return Path(os.environ.get("FREE_MOE_CACHE") or Path.home() / ".cache" / "free-moe")
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar on a terminal; nothing when stderr is a file or a pipe, where a bar would leave escape codes."""
+    kw.setdefault("disable", None)  # tqdm: None = draw only on a TTY
+    return tqdm(iterable, **kw)
 
 
 # ----------------------------------------------------------------------------- one flag vocabulary
@@ -195,3 +211,54 @@ def locked_dir(path, what: str = "another run"):
         yield
     finally:
         f.close()  # releases the lock; the file itself is harmless
+
+
+class RowCache:
+    """Results of a long job, one row per name, written atomically after each row to a JSON file, so a killed run
+    resumes without recomputing what finished. `key` describes everything the rows depend on (model, data,
+    settings): a file written with another key is ignored, so a changed setting never reuses stale rows."""
+
+    def __init__(self, path, key: dict):
+        self.path, self.key, self.rows = Path(path), key, {}
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("rows"), dict):
+                    self.rows = saved["rows"]
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                print(f"{self.path} is not readable JSON: recomputing its rows", file=sys.stderr)
+
+    def get(self, name: str, compute):
+        """The row called `name`: from the file, or `compute()` now and saved before it is returned."""
+        if name not in self.rows:
+            self.rows[name] = compute()
+            write_atomic(self.path, json.dumps({"key": self.key, "rows": self.rows}))
+        return self.rows[name]
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with 2 decimals."""
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display), or None: matplotlib is a dev-only extra, plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path, dpi: int) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return True

@@ -3,10 +3,10 @@
 The paper claims purified DSS-Experts outperform the dense model. For each domain this script measures held-out
 perplexity of the dense model against the model purified for that domain, by every score and budget:
 
-    neuron level   (real DSS-Experts, purify.materialize: compact FFNs, real compute savings)
+    neuron level   (real DSS-Experts, materialize: compact FFNs, real compute savings)
         dowp        purify's default score (structured Wanda on the domain's text)
         taylor      loss-aware: the estimated change of the domain's loss when the neuron is removed
-                    (purify.loss_aware_stats)
+                    (loss_aware_stats)
                     each at --keeps (the same fraction of every layer), "auto" (purify --auto threshold: one global
                     threshold chosen on split B) and "greedy" (purify --auto greedy: layer by layer, a removal is
                     kept only if it lowers the loss on split B)
@@ -44,20 +44,24 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, N windows.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import checkpoints as ckpt
 import data
 import model as M
-import purify as P
-from cli import ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, run_cli, write_atomic
+from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, progress, pyplot,
+                 run_cli, save_figure, write_atomic)
+from dowp import (BASELINES, PROTECT_FACTOR, STATS, collect_stats, loss_aware_stats, score_neurons, select_above,
+                  select_neurons, super_neurons)
+from experts import kept_fraction, materialize, save_experts
+from scoring import next_token_nll, ppl_intervals, window_nll
+from search import GREEDY_BLOCKS, auto_threshold, greedy_by_layer, greedy_layers
 
 NEURON_SCORES = ("dowp", "taylor")
 WEIGHT_SCORES = ("wanda", "taylor", "taylor_abs")
@@ -66,7 +70,7 @@ WEIGHT_SCORES = ("wanda", "taylor", "taylor_abs")
 # ----------------------------------------------------------------------------- scores (cached per domain)
 
 def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_size: int) -> dict:
-    """Statistics (purify.collect_stats) and the loss-aware pass with per-weight scores on `windows`, cached in
+    """Statistics (collect_stats) and the loss-aware pass with per-weight scores on `windows`, cached in
     `path`. Returns {"stats": {...}, "taylor": (L, F), "in_norm": (L, C), "taylor_w": {"{l}.{name}": W's shape}}."""
     if path.exists():
         tensors, md = ckpt.read_safetensors(path, with_metadata=True)
@@ -74,8 +78,8 @@ def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_siz
             return unpack(tensors)
         print(f"{path} was made with {md.get('key')}, not {key}: recomputing", file=sys.stderr)
     t0 = time.perf_counter()
-    stats = P.collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
-    loss = P.loss_aware_stats(model, windows, max(1, batch_size // 4), weights=True, desc=f"taylor {path.stem}")
+    stats = collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
+    loss = loss_aware_stats(model, windows, max(1, batch_size // 4), weights=True, desc=f"taylor {path.stem}")
     print(f"{path.stem}: statistics + loss-aware pass on {windows.numel()} tokens in {time.perf_counter() - t0:.0f}s",
           file=sys.stderr)
     tensors = {**{f"stats.{k}": v.reshape(1) if k == "count" else v for k, v in stats.items()},
@@ -120,14 +124,14 @@ def weight_masked(mlp: M.MLP, scores: dict[str, torch.Tensor], sparsity: float) 
 
 
 def greedy_weights(model, sc: dict, val_windows: torch.Tensor, batch_size: int) -> tuple[list, list[dict]]:
-    """Weight-level counterpart of purify.greedy_layers with the signed Taylor score (reference: no speedup): layer by
+    """Weight-level counterpart of greedy_layers with the signed Taylor score (reference: no speedup): layer by
     layer, zero the GREEDY_BLOCKS fraction of the layer's FFN weights (up, gate and down together) with the most
     negative estimate -W dL/dW, kept only if the loss on `val_windows` drops. Returns per-layer FFNs (None = dense)."""
     def propose(l):
         scores = weight_scores(model, "taylor", sc, l)
         flat = torch.cat([v.flatten() for v in scores.values()])  # the layer's weights, matrix after matrix
         order = flat.argsort()
-        for frac in P.GREEDY_BLOCKS:
+        for frac in GREEDY_BLOCKS:
             drop = order[:round(frac * len(flat))]
             drop = drop[flat[drop] < 0]
             if len(drop) == 0:
@@ -142,35 +146,15 @@ def greedy_weights(model, sc: dict, val_windows: torch.Tensor, batch_size: int) 
                     start += v.numel()
             yield drop, mlp
 
-    chosen, trials = P.greedy_by_layer(model, val_windows, propose, batch_size)
+    chosen, trials = greedy_by_layer(model, val_windows, propose, batch_size)
     return [c[1] if c else None for c in chosen], trials
 
 
-# ----------------------------------------------------------------------------- held-out NLL and intervals
+# ----------------------------------------------------------------------------- held-out NLL
 
-@torch.no_grad()
-def window_nll(model, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> torch.Tensor:
-    """Mean next-token NLL of each window, (N,) float64 (purify.perplexity = exp of their mean)."""
-    device, out = model.tok_emb.weight.device, []
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(device)  # (B, T)
-        logits = model(x, mlps=mlps)  # (B, T, V)
-        nll = P.next_token_nll(logits, x, reduction="none")  # (B*(T-1),)
-        out.append(nll.view(len(x), -1).double().mean(1).cpu())
-    return torch.cat(out)
-
-
-def intervals(nll: torch.Tensor, ref: torch.Tensor | None = None, seed: int = 0, n_boot: int = 2000) -> dict:
-    """ppl = exp(mean window NLL) with a 95% bootstrap interval over windows; with `ref` (dense on the same
-    windows) the paired change exp(mean(nll - ref)) - 1 in %, and its interval (same resamples)."""
-    idx = torch.randint(0, len(nll), (n_boot, len(nll)), generator=torch.Generator().manual_seed(seed))
-    q = lambda v: torch.quantile(v, torch.tensor([0.025, 0.975], dtype=v.dtype)).tolist()
-    out = {"ppl": math.exp(nll.mean()), "ppl_ci": [math.exp(v) for v in q(nll[idx].mean(1))]}
-    if ref is not None:
-        d = nll - ref
-        out["delta"] = 100 * math.expm1(d.mean())
-        out["delta_ci"] = [100 * math.expm1(v) for v in q(d[idx].mean(1))]
-    return out
+def mean_nll(model, windows: torch.Tensor, mlps=None, batch_size: int = 8) -> list[float]:
+    """Mean next-token NLL of each window (N,) (scoring.window_nll per predicted token; ppl = exp of their mean)."""
+    return (window_nll(model, windows, mlps, batch_size) / (windows.shape[1] - 1)).tolist()
 
 
 # ----------------------------------------------------------------------------- check: Taylor vs exact removal
@@ -192,13 +176,13 @@ def removal_deltas(model, windows: torch.Tensor, neurons: list[tuple[int, int]],
         return done
     device, L = model.tok_emb.weight.device, model.config.n_layer
     x = windows.to(device)  # (B, T)
-    loss = lambda logits: float(P.next_token_nll(logits.double(), x))
+    loss = lambda logits: float(next_token_nll(logits.double(), x))
     h, rope, mask = model.embed(x)
     hidden = [h]  # hidden[l]: (B, T, C) entering layer l
     for l in range(L):
         hidden.append(model.run_layers(hidden[l], rope, mask, l, l + 1))
     base = loss(model.head(hidden[L]))
-    for n, (l, j) in enumerate(tqdm(todo, desc="exact removals", leave=False)):
+    for n, (l, j) in enumerate(progress(todo, desc="exact removals", leave=False)):
         mlps = [None] * L
         mlps[l] = model.layers[l].mlp.select(torch.cat([torch.arange(j), torch.arange(j + 1, model.config.n_ffn)]))
         done[f"{l}.{j}"] = loss(model.head(model.run_layers(hidden[l], rope, mask, l, None, mlps=mlps))) - base
@@ -215,7 +199,7 @@ def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, pat
     if saved.get("key") != key:
         saved = {"key": key, "exact": {}}
     if "estimate" not in saved:
-        saved["estimate"] = P.loss_aware_stats(model, windows, 2, desc="taylor (check)")["taylor"].tolist()
+        saved["estimate"] = loss_aware_stats(model, windows, 2, desc="taylor (check)")["taylor"].tolist()
         write_atomic(path, json.dumps(saved))
     est = torch.tensor(saved["estimate"])  # (L, F)
     L, n_ffn = est.shape
@@ -242,23 +226,6 @@ def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, pat
 
 # ----------------------------------------------------------------------------- the sweep
 
-class Results:
-    """Per-window NLL of every (domain, system), written atomically to results.json after each one (resumable)."""
-
-    def __init__(self, path: Path, key: dict):
-        self.path, self.key, self.rows = path, key, {}
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                self.rows = saved["rows"]
-
-    def get(self, name: str, run) -> dict:
-        if name not in self.rows:
-            self.rows[name] = run()  # {"nll": [...], "active": fraction kept, ...}
-            write_atomic(self.path, json.dumps({"key": self.key, "rows": self.rows}))
-        return self.rows[name]
-
-
 def sweep(args, model, tok) -> tuple[dict, dict]:
     out, L = Path(args.out), model.config.n_layer
     bs = args.batch_size
@@ -276,18 +243,18 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
     sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs)
           for d in args.domains}
     stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
-    protected = P.super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
+    protected = super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
 
-    results = Results(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens})
+    results = RowCache(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens, "format": 2})
     experts: dict[str, dict] = {}  # "score:keep" -> {domain: index sets}, for --write-experts
 
     def neuron_row(d, score, keep):
-        s = P.score_neurons(stats, model, score, d)
+        s = score_neurons(stats, model, score, d)
         row = results.rows.get(f"{d}|neuron:{score}:{keep}")  # auto/greedy: a finished row stores its choice
         if keep == "auto":  # one global threshold, chosen on split B
-            tau, trials = (row["threshold"], row["trials"]) if row else P.auto_threshold(model, s, split_b[d],
+            tau, trials = (row["threshold"], row["trials"]) if row else auto_threshold(model, s, split_b[d],
                                                                                           protected, bs)
-            idx, extra = P.select_above(s, tau, protected), {"threshold": tau, "trials": trials}
+            idx, extra = select_above(s, tau, protected), {"threshold": tau, "trials": trials}
         elif keep == "greedy":  # layer-wise removals, each kept only if it lowers the loss on split B
             kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
             if row:
@@ -295,22 +262,22 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
                     kept[int(l), js] = False
                 trials = row["trials"]
             else:
-                idx, trials = P.greedy_layers(model, s, split_b[d], protected, bs)
+                idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
                 kept = torch.stack([torch.zeros_like(kept[l]).index_fill_(0, i, True) for l, i in enumerate(idx)])
             idx = [r.nonzero().flatten() for r in kept]
             gone = {str(l): (~kept[l]).nonzero().flatten().tolist() for l in range(L)}
             extra = {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
         else:
-            idx, extra = P.select_neurons(s, keep, protected), {}
+            idx, extra = select_neurons(s, keep, protected), {}
         experts.setdefault(f"{score}:{keep}", {})[d] = idx
-        return lambda: {"nll": window_nll(model, heldout[d], P.materialize(model, idx), bs).tolist(),
-                        "active": P.kept_fraction(idx, model), **extra}
+        return lambda: {"nll": mean_nll(model, heldout[d], materialize(model, idx), bs),
+                        "active_fraction": kept_fraction(idx, model), **extra}
 
     def weight_row(d, score, sparsity):
         def run():
             mlps = [weight_masked(model.layers[l].mlp, weight_scores(model, score, sc[d], l), sparsity)
                     for l in range(L)]
-            return {"nll": window_nll(model, heldout[d], mlps, bs).tolist(), "active": 1 - sparsity}
+            return {"nll": mean_nll(model, heldout[d], mlps, bs), "active_fraction": 1 - sparsity}
         return run
 
     def weight_greedy_row(d):
@@ -318,22 +285,26 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
             mlps, trials = greedy_weights(model, sc[d], split_b[d], bs)
             total = sum(w.numel() for blk in model.layers for w in (*blk.mlp.up_weights(), blk.mlp.down_weight()))
             removed = sum(t["removed"] for t in trials if t["accepted"])
-            return {"nll": window_nll(model, heldout[d], mlps, bs).tolist(), "active": 1 - removed / total,
+            return {"nll": mean_nll(model, heldout[d], mlps, bs), "active_fraction": 1 - removed / total,
                     "trials": trials}
         return run
 
+    wanted = lambda system: any(fnmatch.fnmatchcase(system, p) for p in args.systems)  # noqa: E731
     t0 = time.perf_counter()
     for d in args.domains:
-        results.get(f"{d}|dense", lambda: {"nll": window_nll(model, heldout[d], None, bs).tolist(), "active": 1.0})
+        results.get(f"{d}|dense", lambda: {"nll": mean_nll(model, heldout[d], None, bs), "active_fraction": 1.0})
         for score in NEURON_SCORES:
             for keep in [*args.keeps, "auto", "greedy"]:
-                results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
+                if wanted(f"neuron:{score}:{keep}"):
+                    results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
         for score in WEIGHT_SCORES:
             for s in args.sparsities:
-                results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
-        results.get(f"{d}|weight:taylor:greedy", weight_greedy_row(d))
+                if wanted(f"weight:{score}:{s}"):
+                    results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
+        if wanted("weight:taylor:greedy"):
+            results.get(f"{d}|weight:taylor:greedy", weight_greedy_row(d))
         print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
-    for system in args.cross:  # an expert purified for d, on the held-out text of every other domain e
+    for system in [c for c in args.cross if wanted(c)]:  # a system purified for d, on every other domain's text e
         score, keep = system.split(":")[1:] if system.count(":") == 2 else ("", "")
         if f"{score}:{keep}" not in experts:
             raise UserError(f"--cross {system!r}: not a neuron-level system of this sweep (e.g. neuron:taylor:greedy)")
@@ -342,8 +313,8 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
             for e in args.domains:
                 if e != d:
                     results.get(f"cross|{d}|{system}|{e}", lambda: {
-                        "nll": window_nll(model, heldout[e], P.materialize(model, idx), bs).tolist(),
-                        "active": P.kept_fraction(idx, model)})
+                        "nll": mean_nll(model, heldout[e], materialize(model, idx), bs),
+                        "active_fraction": kept_fraction(idx, model)})
 
     check = None
     if args.check_neurons:
@@ -362,7 +333,7 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
 
 
 def write_experts(out: Path, spec: str, experts: dict, model, args, stats, protected):
-    """One experts file (purify.save_experts format) holding each domain's purified expert for `spec` = SCORE:KEEP,
+    """One experts file (save_experts format) holding each domain's purified expert for `spec` = SCORE:KEEP,
     with the statistics and the one-mask baselines (at the experts' mean kept fraction), as purify.py writes them,
     so train_router.py and evaluate.py (mixed, general, random, magnitude at equal compute) can use it."""
     if spec not in experts:
@@ -370,16 +341,16 @@ def write_experts(out: Path, spec: str, experts: dict, model, args, stats, prote
                         f"(have {', '.join(experts)})")
     cfg = model.config
     score, keep = spec.split(":")
-    fraction = sum(P.kept_fraction(e, model) for e in experts[spec].values()) / len(experts[spec])
-    baselines = {b: P.select_neurons(P.score_neurons(stats, model, b, seed=args.seed), fraction, protected)
-                 for b in P.BASELINES if b != "general" or "general" in stats}
+    fraction = sum(kept_fraction(e, model) for e in experts[spec].values()) / len(experts[spec])
+    baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), fraction, protected)
+                 for b in BASELINES if b != "general" or "general" in stats}
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
             "score": score, "contrast": 0.0, "keep": fraction, "alloc": keep if keep in ("auto", "greedy") else
-            "uniform", "protect": P.PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
+            "uniform", "protect": PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
             "seq_len": args.seq_len, "domain_specs": {d: d for d in experts[spec]},
             "tokens": {d: int(stats[d]["count"]) for d in experts[spec]}, "source": "purify_sweep.py (split A)"}
     path = out / f"experts.{score}.{keep}.safetensors"
-    P.save_experts(path, experts[spec], meta, baselines, {d: {k: stats[d][k] for k in (*P.STATS, "count")}
+    save_experts(path, experts[spec], meta, baselines, {d: {k: stats[d][k] for k in (*STATS, "count")}
                                                           for d in experts[spec]})
     print(f"wrote {path}", file=sys.stderr)
 
@@ -398,13 +369,13 @@ def delta_text(r: dict) -> str:
 def report(rows: dict, info: dict, args) -> tuple[str, dict]:
     table, summary = {}, {}
     for d in args.domains:
-        dense = torch.tensor(rows[f"{d}|dense"]["nll"])
+        dense = rows[f"{d}|dense"]["nll"]
         table[d] = {}
         for name, row in rows.items():
             dom, system = name.split("|", 1)
             if dom == d:
-                table[d][system] = {"active": row["active"],
-                                    **intervals(torch.tensor(row["nll"]), None if system == "dense" else dense)}
+                table[d][system] = {"active_fraction": row["active_fraction"],
+                                    **ppl_intervals(row["nll"], None if system == "dense" else dense)}
         purified = {s: r for s, r in table[d].items() if s != "dense"}
         best = min(purified, key=lambda s: purified[s]["ppl"])
         summary[d] = {"best": best, **purified[best],
@@ -421,7 +392,7 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
             delta = "" if system == "dense" else delta_text(r)
             if system.endswith(":auto"):
                 system += f" (threshold {rows[f'{d}|{system}']['threshold']:.3g})"
-            md.append(f"| {system} | {r['active']:.4f} | {num(r['ppl'])} [{num(r['ppl_ci'][0])}, "
+            md.append(f"| {system} | {r['active_fraction']:.4f} | {num(r['ppl'])} [{num(r['ppl_ci'][0])}, "
                       f"{num(r['ppl_ci'][1])}] | {delta} |")
         md.append("")
     md += ["## Summary", "",
@@ -438,8 +409,8 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
         for d in args.domains:
             cells = []
             for e in args.domains:
-                r = table[d][system] if e == d else intervals(torch.tensor(rows[f"cross|{d}|{system}|{e}"]["nll"]),
-                                                               torch.tensor(rows[f"{e}|dense"]["nll"]))
+                r = table[d][system] if e == d else ppl_intervals(rows[f"cross|{d}|{system}|{e}"]["nll"],
+                                                                   rows[f"{e}|dense"]["nll"])
                 cells.append(delta_text(r))
             md.append(f"| {d} | " + " | ".join(cells) + " |")
     c = info["check"]
@@ -458,7 +429,7 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
 def plot(table: dict, domains: list[str], path: Path) -> bool:
     """Held-out ppl vs fraction of FFN weights removed (log scale: the greedy choices remove 0.01-0.5%), one panel
     per domain, one line per score, dense dashed. The y axis stops at 3x dense: what leaves the top is far worse."""
-    plt = P.pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
@@ -467,15 +438,15 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
         lines: dict[str, list] = {}
         for system, r in table[d].items():
             if system != "dense" and not system.endswith((":auto", ":greedy")):
-                lines.setdefault(system.rsplit(":", 1)[0], []).append((1 - r["active"], r["ppl"]))
+                lines.setdefault(system.rsplit(":", 1)[0], []).append((1 - r["active_fraction"], r["ppl"]))
         for i, (name, pts) in enumerate(sorted(lines.items())):
             pts.sort()
             ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=f"C{i}", label=name,
                     ls="-" if name.startswith("neuron") else ":")
             for mode, marker in (("auto", "*"), ("greedy", "D")):
                 r = table[d].get(f"{name}:{mode}")
-                if r and r["active"] < 1:  # an auto threshold that removed nothing is dense itself
-                    ax.plot(1 - r["active"], r["ppl"], marker=marker, ms=7, color=f"C{i}", ls="none")
+                if r and r["active_fraction"] < 1:  # an auto threshold that removed nothing is dense itself
+                    ax.plot(1 - r["active_fraction"], r["ppl"], marker=marker, ms=7, color=f"C{i}", ls="none")
         ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
         low = min(r["ppl"] for r in table[d].values())
         ax.set(title=d, xlabel="fraction of FFN weights removed", xscale="log", yscale="log",
@@ -484,7 +455,7 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("purified for its own domain vs dense (◆ = greedy, ★ = auto threshold; off the top: > 3x dense)",
                  fontsize=9)
-    return P.save_figure(fig, path, dpi=90)
+    return save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -509,6 +480,9 @@ def parse_args(argv=None):
                    help="write these neuron-level systems as experts files for evaluate.py (e.g. taylor:0.99)")
     p.add_argument("--cross", nargs="*", default=["neuron:taylor:greedy", "neuron:dowp:greedy"],
                    help="neuron-level systems also measured on the other domains' held-out text")
+    p.add_argument("--systems", nargs="+", default=["*"], metavar="PATTERN",
+                   help="run only the systems matching these patterns, e.g. neuron:taylor:greedy or 'weight:*' "
+                        "(dense always runs)")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     args = p.parse_args(argv)
     bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]

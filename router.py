@@ -36,7 +36,6 @@ Shape legend: B batch, T time, C width, L layers, F FFN neurons, D domains, k ke
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -48,8 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints as ckpt
+import generate as G
 import model as M
-import purify
+from experts import experts_identity, load_experts
 from cli import ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, run_cli
 
 ROUTER_FORMAT = "free-moe-router/1"
@@ -179,20 +179,6 @@ class Decision:
     @property
     def key(self):
         return (self.domains, self.use_expert)
-
-
-def experts_identity(experts) -> str:
-    """Identity of a set of DSS-Experts: sha256 over the domain names and every kept-index tensor.
-
-    It hashes the content rather than the file bytes, so the same experts saved twice (or moved) match, and any
-    change of a single index does not. A router is only valid for the experts it was trained with."""
-    h = hashlib.sha256()
-    for d in experts.domains:
-        h.update(d.encode() + b"\0")
-        for idx in experts.indices[d]:
-            kept = b"dense" if idx is None else torch.as_tensor(idx, dtype=torch.int64).cpu().numpy().tobytes()
-            h.update(kept + b";")
-    return h.hexdigest()[:16]
 
 
 class FreeMoE:
@@ -328,7 +314,7 @@ class FreeMoE:
             return self._generate_grouped(prompts, self.route(prompts), max_new_tokens, **kw)  # route() truncates
         decided: list = []
         try:
-            out = M.generate(self.model, prompts, max_new_tokens, prefill=lambda idx, valid:
+            out = G.generate(self.model, prompts, max_new_tokens, prefill=lambda idx, valid:
                              self._routed_prefill(idx, valid, decided), **kw)
         except _SplitBatch:
             return self._generate_grouped(prompts, decided, max_new_tokens, **kw)
@@ -363,7 +349,7 @@ class FreeMoE:
             groups.setdefault(d.key, []).append(i)
         for rows in groups.values():
             mlps = self.mlps_for(decisions[rows[0]])
-            new = M.generate(self.model, [prompts[i] for i in rows], max_new_tokens, mlps=mlps, **kw)
+            new = G.generate(self.model, [prompts[i] for i in rows], max_new_tokens, mlps=mlps, **kw)
             for i, r in zip(rows, new):
                 out[i] = r
         return out, decisions
@@ -472,7 +458,7 @@ def main():
     p.add_argument("--fallback", choices=["dense", "top2"], default=None)
     args = p.parse_args()
     model, tok = M.load_for_cli(args)
-    experts = purify.load_experts(args.experts, model)
+    experts = load_experts(args.experts, model)
     moe = load_router(args.router, model, experts, budget=args.budget, threshold=args.threshold,
                       fallback=args.fallback)
     ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)

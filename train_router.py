@@ -53,11 +53,13 @@ from tqdm import tqdm
 
 import checkpoints as ckpt
 import data
+import generate as G
 import model as M
 from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, int_at_least, nonneg_float,
                  nonneg_int, positive_float, positive_int, probability, run_cli)
-import purify
 import router as R
+from experts import baseline_indices, experts_identity, kept_fraction, load_experts, materialize
+from scoring import next_token_nll, perplexity
 
 
 # ----------------------------------------------------------------------------- level 1 data
@@ -273,7 +275,7 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
                 mix.g = gates[l]
             routed = model(x, mlps=mixers[d])  # (B, T, V)
             fit = (kl_dense_routed(teacher[bi].float(), routed) if target == "kl"
-                   else purify.next_token_nll(routed.float(), x))  # nll: the domain's own next tokens
+                   else next_token_nll(routed.float(), x))  # nll: the domain's own next tokens
             frac = expected_fraction(gates, kept[d], Fn)
             loss = fit + sparsity_weight * frac
             opt.zero_grad()
@@ -297,10 +299,10 @@ def level2_heldout(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], batch_size:
     for d, w in heldout.items():
         gated = moe.decision_for((d,))
         full = moe.decision_for((d,), use_expert=(True,) * moe.model.config.n_layer)
-        out[d] = {"dense_ppl": purify.perplexity(moe.model, w, None, batch_size),
-                  "gated_ppl": purify.perplexity(moe.model, w, moe.mlps_for(gated), batch_size),
+        out[d] = {"dense_ppl": perplexity(moe.model, w, None, batch_size),
+                  "gated_ppl": perplexity(moe.model, w, moe.mlps_for(gated), batch_size),
                   "gated_fraction": gated.active_fraction, "gated_layers": [int(u) for u in gated.use_expert],
-                  "expert_ppl": purify.perplexity(moe.model, w, moe.mlps_for(full), batch_size),
+                  "expert_ppl": perplexity(moe.model, w, moe.mlps_for(full), batch_size),
                   "expert_fraction": full.active_fraction}
     return out
 
@@ -312,7 +314,7 @@ def decode_speed(model, prompt: list[int], mlps, n_new: int, repeats: int = 2) -
     best = 0.0
     for _ in range(repeats):  # best of a few: the machine is shared, the minimum time is the least disturbed
         t0 = time.perf_counter()
-        M.generate(model, [prompt], n_new, mlps=mlps, stop_ids=set())
+        G.generate(model, [prompt], n_new, mlps=mlps, stop_ids=set())
         best = max(best, n_new / (time.perf_counter() - t0))
     return best
 
@@ -326,21 +328,21 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
     res = {"dense": {}, "freemoe": {}, "oracle": {}, "mixed": {}}
     fracs, hits = [], []
     for d, w in heldout.items():
-        res["dense"][d] = purify.perplexity(model, w, None, batch_size)
+        res["dense"][d] = perplexity(model, w, None, batch_size)
         nll, decs = moe.score(w, batch_size)
         res["freemoe"][d] = math.exp(float(nll.mean()))
         fracs += [x.active_fraction for x in decs]
         hits += [x.domains == (d,) for x in decs]
-        res["oracle"][d] = purify.perplexity(model, w, moe.mlps_for(moe.decision_for((d,))), batch_size)
+        res["oracle"][d] = perplexity(model, w, moe.mlps_for(moe.decision_for((d,))), batch_size)
     frac = sum(fracs) / len(fracs)
     stats = experts.stats if getattr(experts, "stats", None) else None
     if stats:
-        mixed_idx = purify.baseline_indices("mixed", model, experts, frac)
+        mixed_idx = baseline_indices("mixed", model, experts, frac)
     else:  # no statistics in the file: the stored mixed baseline at the file's keep
         mixed_idx = experts.baselines["mixed"]
-    mixed = purify.materialize(model, mixed_idx)
+    mixed = materialize(model, mixed_idx)
     for d, w in heldout.items():
-        res["mixed"][d] = purify.perplexity(model, w, mixed, batch_size)
+        res["mixed"][d] = perplexity(model, w, mixed, batch_size)
     mlps_by_domain = {d: moe.mlps_for(moe.route([p])[0]) for d, p in speed_prompts.items()}
     speed = {"dense": [], "freemoe": [], "oracle": [], "mixed": []}
     for d, p in speed_prompts.items():
@@ -350,7 +352,7 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
         speed["mixed"].append(decode_speed(model, p, mixed, n_new))
     fractions = {"dense": 1.0, "freemoe": frac,
                  "oracle": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
-                 "mixed": purify.kept_fraction(mixed_idx, model)}
+                 "mixed": kept_fraction(mixed_idx, model)}
     return {"ppl": res, "fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
             "freemoe_routing_accuracy": sum(hits) / len(hits)}
 
@@ -438,7 +440,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     model, tok = M.load_for_cli(args)
     model.requires_grad_(False)  # tuning-free: only router parameters ever get gradients
-    experts = purify.load_experts(args.experts, model)
+    experts = load_experts(args.experts, model)
     domains = list(experts.domains)
     cfg = R.RouterConfig(domains=domains, n_layer=model.config.n_layer, n_embd=model.config.n_embd,
                          route_layer=R.default_route_layer(model.config.n_layer) if args.route_layer is None
@@ -503,7 +505,7 @@ def main(argv=None):
         comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
         comparison["fallbacks"] = compare_fallbacks(moe, heldout)
     report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
-              "experts_identity": R.experts_identity(experts), "router_params": n_router, "model_params": n_model,
+              "experts_identity": experts_identity(experts), "router_params": n_router, "model_params": n_model,
               "level1": {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
                          "below_threshold": fallback, "confusion": conf.tolist(), "domains": domains},
               "level2": l2, "hparams": hparams,

@@ -5,7 +5,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import generate as G
 import model as M
+import scoring as SC
 
 
 def tiny(arch="llama"):
@@ -69,7 +71,7 @@ def test_bench_decode_loop_gives_generate_tokens():
     with torch.inference_mode():
         for sub in (None, mlps):
             _, toks = bench.ours_decode(m, x, 7, sub)
-            ref = M.generate(m, x.tolist(), 7, stop_ids=set(), mlps=sub)
+            ref = G.generate(m, x.tolist(), 7, stop_ids=set(), mlps=sub)
             assert toks.tolist() == [r[:7] for r in ref]
 
 
@@ -111,7 +113,7 @@ def test_static_decode_loop_gives_generate_tokens():
     x = torch.randint(0, 97, (2, 6))
     with torch.inference_mode():
         _, toks = bench.ours_decode(m, x, 7, decode="static")
-    assert toks.tolist() == M.generate(m, x.tolist(), 7, stop_ids=set())
+    assert toks.tolist() == G.generate(m, x.tolist(), 7, stop_ids=set())
 
 
 def test_transformers_column_comes_from_our_export():
@@ -132,8 +134,11 @@ def test_scoring_section_counts_rows_tokens_and_flops():
     plan = {"scoring_items": 2, "reps": 1}
     res = bench.bench_scoring(m, plan, torch.device("cpu"), matmul_gflops=1.0)
     reqs = bench.scoring_requests(97, 2)
-    assert len(reqs) == 16 and res["rows"] == 2 * 5  # per item one letters row and four cloze rows
-    assert res["tokens"] == sum(len(r) for r in {tuple((c + x)[:-1]) for c, x in reqs})  # every row once
+    shared = SC.shared_contexts(reqs, 1024)  # the cloze context of each item runs once, its 4 answers after it
+    assert len(reqs) == 16 and res["rows"] == 2 and len(shared) == 2  # per item one letters row
+    letters = {tuple((c + x)[:-1]) for c, x in reqs if tuple(c) not in shared}
+    cloze = sum(len(c) + sum(len(reqs[r][1]) - 1 for r in rs) for c, rs in shared.items())
+    assert res["tokens"] == sum(map(len, letters)) + cloze
     assert res["tokens_per_s"]["median"] > 0 and res["of_forward_ceiling"] == res["gflops"] / 1.0
     assert res["ceiling_tokens_per_s"] > 0
 

@@ -275,9 +275,9 @@ def test_shared_copy_wins(serve, tmp_path):
     assert not server.requests
 
 
-def test_table_matches_evaluate():
-    import evaluate
-    assert data.MMLU_SUBJECTS == sorted(evaluate.MMLU_SUBJECT_CATEGORY)
+def test_table_matches_tasks():
+    import tasks
+    assert data.MMLU_SUBJECTS == sorted(tasks.MMLU_SUBJECT_CATEGORY)
     assert len(data.CPYTHON_FILES) == 121 and all(f.size == 0 or "://" in f.sources[0] for f in data.FILES.values())
 
 

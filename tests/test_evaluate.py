@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
+import tasks as TS  # noqa: E402
 import model as M  # noqa: E402
+import dowp  # noqa: E402
+import experts as EX  # noqa: E402
+import scoring as SC  # noqa: E402
 from conftest import smol_hf_tokenizer  # noqa: E402
 
 HF_TOKENIZER = smol_hf_tokenizer() / "tokenizer.json"
@@ -46,15 +50,15 @@ def test_mmlu_prompt_golden():
 
 def test_mmlu_categories_cover_the_data():
     subjects = {d["subject"] for d in data.load_mmlu("test")}
-    assert subjects == set(E.MMLU_SUBJECT_CATEGORY) and len(subjects) == 57
-    assert [len(v) for v in E.MMLU_CATEGORIES.values()] == [19, 13, 12, 13]
+    assert subjects == set(TS.MMLU_SUBJECT_CATEGORY) and len(subjects) == 57
+    assert [len(v) for v in TS.MMLU_CATEGORIES.values()] == [19, 13, 12, 13]
 
 
 def test_gsm8k_prompt_and_reference():
     train = data.load_gsm8k("train")
     p = data.gsm8k_prompt({"question": "Q?"}, train[:1])
     assert p.startswith("Question: Natalia sold clips") and "<<" not in p and p.endswith("\n\nQuestion: Q?\nAnswer:")
-    assert E.gsm8k_reference(train[0]) == "72"
+    assert TS.gsm8k_reference(train[0]) == "72"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -80,28 +84,28 @@ def test_gsm8k_prompt_and_reference():
     ("", None),
 ])
 def test_gsm8k_answer_extraction(text, expected):
-    assert E.extract_gsm8k_answer(text) == expected
+    assert TS.extract_gsm8k_answer(text) == expected
 
 
 def test_pass_at_k():
-    assert E.pass_at_k(10, 0, 1) == 0.0 and E.pass_at_k(10, 10, 5) == 1.0
+    assert TS.pass_at_k(10, 0, 1) == 0.0 and TS.pass_at_k(10, 10, 5) == 1.0
     for n, c, k in [(5, 2, 1), (10, 3, 5), (20, 1, 10), (7, 6, 2)]:
-        assert E.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+        assert TS.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
 
 
 def test_select_is_seeded_and_prefix_stable():
     items = list(range(100))
-    a, b = E.select(items, 10, 0), E.select(items, 20, 0)
-    assert a == E.select(items, 10, 0) and set(a) <= set(b) and a == sorted(a) and a != E.select(items, 10, 1)
-    assert E.select(items, None, 0) == items
+    a, b = TS.select(items, 10, 0), TS.select(items, 20, 0)
+    assert a == TS.select(items, 10, 0) and set(a) <= set(b) and a == sorted(a) and a != TS.select(items, 10, 1)
+    assert TS.select(items, None, 0) == items
 
 
 def test_bootstrap_is_deterministic_and_brackets_the_mean():
     x = (torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.3).double().numpy()
     ones = x * 0 + 1
-    lo, hi = E.bootstrap(x, ones, seed=0)
-    assert lo < x.mean() < hi and [lo, hi] == E.bootstrap(x, ones, seed=0)
-    dlo, dhi = E.bootstrap(x, ones, seed=0, ref=(x, ones))
+    lo, hi = SC.bootstrap(x, ones, seed=0)
+    assert lo < x.mean() < hi and [lo, hi] == SC.bootstrap(x, ones, seed=0)
+    dlo, dhi = SC.bootstrap(x, ones, seed=0, ref=(x, ones))
     assert dlo == dhi == 0.0
 
 
@@ -138,7 +142,7 @@ def test_corrupt_or_missing_data_is_a_one_line_user_error(tmp_path, case, monkey
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))  # missing: not in the cache, and offline (no
     monkeypatch.setenv("FREE_MOE_DATA_URL", "http://127.0.0.1:9")  # server on port 9), so not fetched (data.py)
     with pytest.raises(M.UserError) as e:
-        E.check_data(args)
+        TS.check_data(args)
     assert "test.jsonl.gz" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -180,9 +184,9 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
     model, tok = tiny_model_and_tokenizer()
     # 2 shots: prompts of unequal lengths (some > 1000 tokens), so several padded forwards of mixed rows
     args = E.parse_args(["--limit", "5", "--mmlu-shots", "2", "--batch-tokens", "1500"])
-    rt = E.Runtime(model, tok, args)
-    task = E.prepare_mmlu(rt)
-    recs = E.run_mmlu(rt, E.System("dense"), task.items)
+    rt = TS.Runtime(model, tok, args)
+    task = TS.prepare("mmlu", rt)
+    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
     for it, rec in zip(task.items, recs):
         ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
         letters = [brute_loglik(model, ctx, tok.encode(f" {L}")) for L in "ABCD"]
@@ -205,19 +209,20 @@ def run_tiny(out, kill_after_batches=None):
     model, tok = tiny_model_and_tokenizer()
     if kill_after_batches is not None:
         count = [0]
-        for name, prep in list(E.PREPARE.items()):
-            def wrapped(rt, prep=prep):
-                task = prep(rt)
-                inner = task.run_batch
+        prep = E.prepare
 
-                def run_batch(*a):
-                    if count[0] == kill_after_batches:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    count[0] += 1
-                    return inner(*a)
-                task.run_batch = run_batch
-                return task
-            E.PREPARE[name] = wrapped
+        def wrapped(name, rt):
+            task = prep(name, rt)
+            inner = task.run_batch
+
+            def run_batch(*a):
+                if count[0] == kill_after_batches:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                count[0] += 1
+                return inner(*a)
+            task.run_batch = run_batch
+            return task
+        E.prepare = wrapped
     return E.run(tiny_args(out), model, tok)
 
 
@@ -267,16 +272,16 @@ def real(real_model):
 def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
     model, tok = real
     args = E.parse_args(["--limit", "2", "--mmlu-shots", "0"])  # short prompts: this CPU is slow
-    rt = E.Runtime(model, tok, args)
-    task = E.prepare_mmlu(rt)
-    recs = E.run_mmlu(rt, E.System("dense"), task.items)
+    rt = TS.Runtime(model, tok, args)
+    task = TS.prepare("mmlu", rt)
+    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
     for it, rec in zip(task.items, recs):
         letters = [brute_loglik(model, tok.encode(it["prompt"]), tok.encode(f" {L}")) for L in "ABCD"]
         assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-3)
     # greedy batched generation equals generating each prompt alone (left padding is invisible)
     prompts = ["def add(a, b):\n", "Question: What is 2 + 3?\nAnswer:"]
-    batched, _ = E.complete(rt, prompts, E.GSM8K_STOPS, 8)
-    single = [E.complete(rt, [p], E.GSM8K_STOPS, 8)[0][0] for p in prompts]
+    batched, _ = TS.complete(rt, prompts, TS.GSM8K_STOPS, 8)
+    single = [TS.complete(rt, [p], TS.GSM8K_STOPS, 8)[0][0] for p in prompts]
     assert batched == single
     # a short end-to-end run through the CLI code path
     args = E.parse_args(["--tasks", "gsm8k", "ppl", "--limit", "1", "--gsm8k-shots", "0", "--gsm8k-max-tokens", "16",
@@ -290,7 +295,6 @@ def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
 
 def _tiny_artifacts(tmp_path, model, keep=0.5, stats=None):
     """An experts file (random index sets for every domain and baseline) and an untrained router for it."""
-    import purify
     import router as R
     g = torch.Generator().manual_seed(0)
     Fn, L = model.config.n_ffn, model.config.n_layer
@@ -298,11 +302,11 @@ def _tiny_artifacts(tmp_path, model, keep=0.5, stats=None):
     def sets():
         return [torch.randperm(Fn, generator=g)[:int(keep * Fn)].sort().values for _ in range(L)]
     path = tmp_path / "experts.safetensors"
-    purify.save_experts(path, {d: sets() for d in E.PPL_DOMAINS},
+    EX.save_experts(path, {d: sets() for d in TS.PPL_DOMAINS},
                         {"fingerprint": model.fingerprint, "n_layer": L, "n_ffn": Fn},
                         baselines={b: sets() for b in ("random", "magnitude", "general", "mixed")}, stats=stats)
-    experts = purify.load_experts(path, model)
-    cfg = R.RouterConfig(domains=list(E.PPL_DOMAINS), n_layer=L, n_embd=model.config.n_embd, route_layer=1,
+    experts = EX.load_experts(path, model)
+    cfg = R.RouterConfig(domains=list(TS.PPL_DOMAINS), n_layer=L, n_embd=model.config.n_embd, route_layer=1,
                          hidden=8, threshold=0.0)
     torch.manual_seed(1)
     R.save_router(tmp_path / "router.safetensors", R.Router(cfg), model, experts)
@@ -330,12 +334,12 @@ def test_sparse_systems_run_their_experts(tmp_path):
         assert "delta_vs_dense" in result[name]["tasks"]["bpb_code"]
     assert result["freemoe"]["active_fraction"] == 0.5
     # the oracle runs the expert of the item's domain: its numbers equal a direct run with that expert
-    rt = E.Runtime(model, tok, args)
-    task = E.prepare_ppl(rt)
+    rt = TS.Runtime(model, tok, args)
+    task = TS.prepare("ppl", rt)
     oracle = {json.loads(line)["id"]: json.loads(line) for line in
               (tmp_path / "out" / "items" / "oracle" / "ppl.jsonl").read_text().splitlines()[1:]}
     for it in task.items:
-        direct = E.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], experts.mlps(it["domain"]))[0]
+        direct = SC.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], experts.mlps(it["domain"]))[0]
         assert oracle[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
     # freemoe: each item routed on its own, batched with items of the same decision; equals a direct routed run
     moe = R.load_router(router_path, model, experts)
@@ -344,7 +348,7 @@ def test_sparse_systems_run_their_experts(tmp_path):
     assert len({tuple(moe.route([it["prompt"]])[0].domains) for it in task.items}) > 1  # several decisions
     for it in task.items:
         decision = moe.route([it["prompt"]])[0]
-        direct = E.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], moe.mlps_for(decision))[0]
+        direct = SC.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], moe.mlps_for(decision))[0]
         assert routed[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
         assert routed[it["id"]]["active_fraction"] == pytest.approx(decision.active_fraction)
     with pytest.raises(M.UserError, match="needs --router FILE"):
@@ -377,45 +381,44 @@ def test_resume_with_other_experts_or_router_is_refused(tmp_path):
 def test_per_task_limits_and_mmlu_per_subject():
     args = E.parse_args(["--limit", "3", "gsm8k=7", "--mmlu-per-subject", "2", "--mmlu-shots", "0"])
     assert args.limits == {"*": 3, "gsm8k": 7}
-    assert E.limit_for(args, "gsm8k") == 7 and E.limit_for(args, "humaneval") == 3
-    assert E.limit_for(E.parse_args([]), "mmlu") is None
+    assert TS.limit_for(args, "gsm8k") == 7 and TS.limit_for(args, "humaneval") == 3
+    assert TS.limit_for(E.parse_args([]), "mmlu") is None
     for bad in (["--limit", "nope=3"], ["--limit", "gsm8k=0"], ["--limit", "x"]):
         with pytest.raises(M.UserError, match="--limit"):
             E.parse_args(bad)
     model, tok = tiny_model_and_tokenizer()
-    rt = E.Runtime(model, tok, args)
-    items = E.prepare_mmlu(rt).items
+    rt = TS.Runtime(model, tok, args)
+    items = TS.prepare("mmlu", rt).items
     per = {}
     for it in items:
         per[it["doc"]["subject"]] = per.get(it["doc"]["subject"], 0) + 1
     assert len(per) == 57 and set(per.values()) == {2}  # every subject, K items each
-    assert len(E.prepare_gsm8k(rt).items) == 7 and len(E.prepare_humaneval(rt).items) == 3
+    assert len(TS.prepare("gsm8k", rt).items) == 7 and len(TS.prepare("humaneval", rt).items) == 3
 
 
 def test_baselines_run_at_freemoe_budget_per_domain(tmp_path):
     """With a router and statistics in the experts file, a pruning baseline keeps, per domain, the fraction of FFN
     neurons Free-MoE's decision for that domain runs (here: gates open in half the layers, so 0.75), and its index
     sets are the baseline rebuilt at that keep."""
-    import purify
     import router as R
     model, tok = tiny_model_and_tokenizer()
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    stats = {d: purify.collect_stats(model, windows) for d in E.PPL_DOMAINS}
+    stats = {d: dowp.collect_stats(model, windows) for d in TS.PPL_DOMAINS}
     experts_path, router_path, experts = _tiny_artifacts(tmp_path, model, stats=stats)
     router, _ = R.read_router(router_path)
     with torch.no_grad():
-        router.gate_logits.copy_(torch.tensor([1.0, -1.0]).repeat(len(E.PPL_DOMAINS), model.config.n_layer // 2))
+        router.gate_logits.copy_(torch.tensor([1.0, -1.0]).repeat(len(TS.PPL_DOMAINS), model.config.n_layer // 2))
     R.save_router(router_path, router, model, experts)
     args = E.parse_args(["--systems", "freemoe", "mixed", "--experts", str(experts_path), "--router", str(router_path)])
-    experts = purify.load_experts(experts_path, model)
+    experts = EX.load_experts(experts_path, model)
     freemoe, mixed = E.build_systems(args, model)
     moe = R.load_router(router_path, model, experts)
     for domain in ("code", "math"):
-        mlps, frac = mixed.pick(None, domain)
+        mlps, frac, _ = mixed.pick(None, domain)
         assert frac == pytest.approx(moe.decision_for((domain,)).active_fraction) == pytest.approx(0.75, abs=0.01)
-        want = purify.baseline_indices("mixed", model, experts, frac)
+        want = EX.baseline_indices("mixed", model, experts, frac)
         x = torch.randint(0, model.config.vocab_size, (1, 8))
-        assert torch.equal(model(x, mlps=mlps), model(x, mlps=purify.materialize(model, want)))
+        assert torch.equal(model(x, mlps=mlps), model(x, mlps=EX.materialize(model, want)))
 
 
 def test_warm_up_builds_each_decision_and_domain_once_before_timing():
@@ -424,11 +427,11 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     calls = []
     system = E.System("probe", pick=lambda prompts, domain: calls.append((len(prompts[0]), domain)) or (None, 1.0),
                       route_key=lambda ids: len(ids) % 2)
-    task = E.Task("ppl", "mixed", [], {}, run_batch=None)
+    task = TS.Task("ppl", "mixed", [], {}, run_batch=None)
     batches = [[{"id": "a", "domain": "code", "prompt": [1, 2]}, {"id": "e", "domain": "general", "prompt": [8, 9]}],
                [{"id": "b", "domain": "code", "prompt": [3, 4]}], [{"id": "c", "domain": "code", "prompt": [5]}],
                [{"id": "d", "domain": "math", "prompt": [6, 7]}]]
-    rt = E.Runtime(model=None, tokenizer=None, args=None)
+    rt = TS.Runtime(model=None, tokenizer=None, args=None)
     E.warm_up(rt, system, task, batches)
     assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first
 
@@ -453,6 +456,8 @@ def test_loglikelihoods_equal_brute_force_with_shared_rows_chunks_and_truncation
     reqs += [(ctx[:-2], ctx[-2:] + [7]), (ctx[:-1], ctx[-1:] + [7])]  # row `ctx` again, 3 and 2 scored positions
     reqs += [(ids(n), ids(k)) for n, k in ((1, 1), (4, 3), (12, 5), (6, 1))]
     reqs += [(long_ctx, ids(3)), (ids(2), ids(22))]  # truncated to the last 24 inputs
+    shared = ids(11)  # MMLU cloze: one context, several longer-than-one-token continuations (run once, cache copied)
+    reqs += [(shared, ids(k)) for k in (2, 4, 3, 1)]
 
     def brute(c, x):
         full = (c + x)[-(model.config.max_seq_len + 1):]  # the same left truncation
@@ -460,14 +465,16 @@ def test_loglikelihoods_equal_brute_force_with_shared_rows_chunks_and_truncation
             logp = F.log_softmax(model(torch.tensor([full[:-1]]))[0], -1)  # (T, V)
         return sum(float(logp[len(full) - 1 - len(x) + j, t]) for j, t in enumerate(x))
     want = [brute(c, x) for c, x in reqs]
-    monkeypatch.setattr(E, "HEAD_ROWS", 3)
+    monkeypatch.setattr(SC, "HEAD_ROWS", 3)
+    assert list(SC.shared_contexts(reqs, model.config.max_seq_len)) == [tuple(shared)]
     for batch_tokens in (30, 4096):
-        got = E.loglikelihoods(model, reqs, batch_tokens=batch_tokens)
-        assert got == pytest.approx(want, abs=1e-4), batch_tokens
+        for share in (True, False):
+            got = SC.loglikelihoods(model, reqs, batch_tokens=batch_tokens, share_prefix=share)
+            assert got == pytest.approx(want, abs=1e-4), (batch_tokens, share)
     with pytest.raises(ValueError, match="empty continuation"):
-        E.loglikelihoods(model, [([1], [])])
+        SC.loglikelihoods(model, [([1], [])])
     with pytest.raises(ValueError, match="empty context"):
-        E.loglikelihoods(model, [([], [1, 2])])
+        SC.loglikelihoods(model, [([], [1, 2])])
 
 
 def test_loglikelihoods_do_not_depend_on_batching():
@@ -475,7 +482,7 @@ def test_loglikelihoods_do_not_depend_on_batching():
     model = tiny_scorer(1)
     g = torch.Generator().manual_seed(2)
     reqs = [(torch.randint(0, 50, (n,), generator=g).tolist(), [int(t)]) for n, t in zip(range(1, 20), range(19))]
-    a = E.loglikelihoods(model, reqs)
-    b = E.loglikelihoods(model, reqs, batch_tokens=8)
+    a = SC.loglikelihoods(model, reqs)
+    b = SC.loglikelihoods(model, reqs, batch_tokens=8)
     assert a == pytest.approx(b, abs=1e-4)  # float32 matmuls of other shapes: last-bit differences only
-    assert E.default_batch_tokens("cpu") == 4096 and E.default_batch_tokens("cuda:0") == 32768
+    assert SC.default_batch_tokens("cpu") == 4096 and SC.default_batch_tokens("cuda:0") == 32768

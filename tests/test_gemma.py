@@ -28,6 +28,7 @@ import checkpoints as ckpt  # noqa: E402
 import hub  # noqa: E402
 import gguf_file  # noqa: E402
 import data  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
 from cli import UserError  # noqa: E402
 from tokenizer import SentencePieceTokenizer  # noqa: E402
@@ -135,7 +136,7 @@ def test_tiny_every_gemma_feature_matters(tiny):
 def test_tiny_greedy_cache_nocache_and_transformers_agree(tiny):
     m, hf = tiny["ours"], tiny["hf"]
     prompt = ids_(1, 5)[0].tolist()
-    ours = M.generate(m, [prompt], 30, stop_ids=())[0]  # 35 positions > window 8: the cache's window is exercised
+    ours = G.generate(m, [prompt], 30, stop_ids=())[0]  # 35 positions > window 8: the cache's window is exercised
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)[0, 5:].tolist()
         seq = list(prompt)
@@ -148,9 +149,9 @@ def test_tiny_left_padded_batch_and_static_decode(tiny):
     m = tiny["ours"]
     ids = ids_(2, 20, seed=3)
     prompts = [ids[0].tolist(), ids[1, :7].tolist()]  # unequal lengths: the short one is left-padded
-    batch = M.generate(m, prompts, 20, stop_ids=())
-    assert batch == [M.generate(m, [p], 20, stop_ids=())[0] for p in prompts]
-    assert batch == M.generate(m, prompts, 20, stop_ids=(), decode="static")
+    batch = G.generate(m, prompts, 20, stop_ids=())
+    assert batch == [G.generate(m, [p], 20, stop_ids=())[0] for p in prompts]
+    assert batch == G.generate(m, prompts, 20, stop_ids=(), decode="static")
 
 
 def test_tiny_export_loads_back_in_transformers(tiny, tmp_path):
@@ -378,7 +379,7 @@ def test_real_gemma_logits_and_greedy_match_transformers(gemma, hf_gemma):
     assert worst <= TOL
     # greedy, the two short prompts in one left-padded batch; oracle: transformers' argmax at every step of the
     # finished sequence (what its greedy search picks, in one forward instead of 16 decode steps)
-    for ids, got in zip(prompts[1:], M.generate(model, prompts[1:], 16, stop_ids=())):
+    for ids, got in zip(prompts[1:], G.generate(model, prompts[1:], 16, stop_ids=())):
         with torch.no_grad():
             picks = hf_gemma(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
         assert got == picks, (tok.decode(got), tok.decode(picks))

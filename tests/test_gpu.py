@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 import cli  # noqa: E402
-import evaluate as E  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
-import purify as P  # noqa: E402
+import dowp  # noqa: E402
+import experts as EX  # noqa: E402
+import scoring as SC  # noqa: E402
 import router as R  # noqa: E402
 import train_router as TR  # noqa: E402
 from conftest import smol_hf_tokenizer  # noqa: E402
@@ -129,7 +131,7 @@ def test_generation_follows_the_model_device_and_reads_the_host_once_per_step(ar
     for decode in ("dynamic", "static"):
         for prompts in (PROMPTS[:1], PROMPTS):
             with host_reads() as calls:
-                out = M.generate(m, prompts, 5, stop_ids=set(), decode=decode)
+                out = G.generate(m, prompts, 5, stop_ids=set(), decode=decode)
             assert [len(r) for r in out] == [5] * len(prompts)
             assert calls == [("tolist", (len(prompts),))] * 5, (decode, calls)  # the sampled tokens, once a step
     with host_reads():  # a chunked prefill over the cache builds its own causal mask
@@ -141,9 +143,10 @@ def test_generation_follows_the_model_device_and_reads_the_host_once_per_step(ar
 
 def test_scoring_follows_the_model_device_and_copies_to_the_host_once():
     m = tiny().to("meta")
-    reqs = [([1, 2, 3, 4], [5]), ([1, 2, 3, 4], [6]), ([7] * 30, [8, 9, 10]), ([2], [3] * 5)]
+    reqs = [([1, 2, 3, 4], [5]), ([1, 2, 3, 4], [6]), ([7] * 30, [8, 9, 10]), ([7] * 30, [11, 12]), ([2], [3] * 5)]
+    assert list(SC.shared_contexts(reqs, 512)) == [(7,) * 30]  # both paths: rows, and a context run once
     with host_reads() as calls:
-        out = E.loglikelihoods(m, reqs, batch_tokens=40)  # several batches
+        out = SC.loglikelihoods(m, reqs, batch_tokens=40)  # several batches
     assert len(out) == len(reqs)
     assert [kind for kind, _ in calls] == ["tolist"], calls  # one device->host copy for the whole call
 
@@ -158,9 +161,9 @@ def test_pipeline_stages_follow_the_model_device():
     x = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(0))  # (N, T) on the host
     feats, labels = torch.randn(40, 64), torch.arange(4).repeat(10)  # host-side, as cached_features returns them
     with host_reads():
-        P.collect_stats(m, x, batch_size=2)
-        P.materialize(m, moe.experts.indices["math"])
-        P.perplexity(m, x, moe.mlps_for(moe.decision_for(("math",))))
+        dowp.collect_stats(m, x, batch_size=2)
+        EX.materialize(m, moe.experts.indices["math"])
+        SC.perplexity(m, x, moe.mlps_for(moe.decision_for(("math",))))
         moe.route(x.tolist())
         for decode in ("dynamic", "static"):
             moe.generate(x.tolist(), 4, stop_ids=set(), decode=decode)
@@ -200,12 +203,12 @@ def test_graph_decode_equals_eager(arch, dtype):
     m = tiny(arch).to("cuda", dtype)
     for prompts in (PROMPTS[:1], PROMPTS):
         for kw in ({}, dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, top_p=0.9, seed=5)):
-            eager = M.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
-            graph = M.generate(m, prompts, 24, stop_ids=set(), decode="graph", **kw)
-            again = M.generate(m, prompts, 24, stop_ids=set(), decode="graph", **kw)  # the captured graph, replayed
+            eager = G.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
+            graph = G.generate(m, prompts, 24, stop_ids=set(), decode="graph", **kw)
+            again = G.generate(m, prompts, 24, stop_ids=set(), decode="graph", **kw)  # the captured graph, replayed
             assert graph == eager == again, (arch, dtype, len(prompts), kw)
             if dtype == torch.float32:
-                assert graph == M.generate(m, prompts, 24, stop_ids=set(), decode="dynamic", **kw)
+                assert graph == G.generate(m, prompts, 24, stop_ids=set(), decode="dynamic", **kw)
     assert all(len(slot.graphs) == 1 for slot in m.decode_slots.values())  # one capture per shape, then replays
 
 
@@ -216,8 +219,8 @@ def test_compiled_graph_decode_equals_eager():
     """Opt-in decode="compiled" (torch.compile's fused kernels, then our CUDA graph): the tokens of eager decode."""
     m = tiny().to("cuda")
     for kw in ({}, dict(temperature=1.0, seed=3)):
-        eager = M.generate(m, PROMPTS, 16, stop_ids=set(), decode="static", **kw)
-        assert M.generate(m, PROMPTS, 16, stop_ids=set(), decode="compiled", **kw) == eager, kw
+        eager = G.generate(m, PROMPTS, 16, stop_ids=set(), decode="static", **kw)
+        assert G.generate(m, PROMPTS, 16, stop_ids=set(), decode="compiled", **kw) == eager, kw
 
 
 @cuda
@@ -245,8 +248,8 @@ def test_scoring_on_gpu_equals_cpu():
     g = torch.Generator().manual_seed(0)
     reqs = [(torch.randint(0, 512, (n,), generator=g).tolist(), torch.randint(0, 512, (k,), generator=g).tolist())
             for n, k in ((5, 1), (40, 3), (90, 2), (7, 30))]
-    want = E.loglikelihoods(m, reqs)
-    got = E.loglikelihoods(m.to("cuda"), reqs)
+    want = SC.loglikelihoods(m, reqs)
+    got = SC.loglikelihoods(m.to("cuda"), reqs)
     assert got == pytest.approx(want, abs=1e-3)
 
 
@@ -258,10 +261,10 @@ def test_real_model_graph_decode_on_gpu(real_model):
     the CPU float32 greedy answer to a plain question is the same text."""
     model, tok = real_model
     prompts = [tok.encode(tok.chat_prompt("What is the capital of France?")), tok.encode("def fibonacci(n):")]
-    cpu = M.generate(model, prompts, 24, tokenizer=tok)
+    cpu = G.generate(model, prompts, 24, tokenizer=tok)
     gm = M.load_model(None, "cuda", torch.bfloat16)[0]
-    graph = M.generate(gm, prompts, 24, tokenizer=tok, decode="graph")
-    assert graph == M.generate(gm, prompts, 24, tokenizer=tok, decode="static")
+    graph = G.generate(gm, prompts, 24, tokenizer=tok, decode="graph")
+    assert graph == G.generate(gm, prompts, 24, tokenizer=tok, decode="static")
     assert "Paris" in tok.decode(graph[0]) and "Paris" in tok.decode(cpu[0])
 
 
@@ -302,7 +305,7 @@ def test_tiny_pipeline_on_cuda_equals_cpu(tmp_path):
     torch.manual_seed(0)
     cfg = M.Config(arch="llama", vocab_size=49152, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, n_ffn=128,
                    max_seq_len=2048, name="tiny-gpu")
-    P.export_hf(M.Transformer(cfg).eval(), [None] * 4, tmp_path / "tiny", SMOL_HF_TOK)
+    EX.export_hf(M.Transformer(cfg).eval(), [None] * 4, tmp_path / "tiny", SMOL_HF_TOK)
     cpu = run_pipeline(tmp_path, tmp_path / "tiny", "cpu")
     gpu = run_pipeline(tmp_path, tmp_path / "tiny", "cuda", experts=cpu["experts"], router_file=cpu["router"])
     assert_same_pipeline(cpu, gpu)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import gguf_file  # noqa: E402
 import tokenizer as T  # noqa: E402
 import data  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
 from conftest import smol_hf_tokenizer  # noqa: E402
 
@@ -242,7 +243,7 @@ def naive_greedy(model, prompt, n):
 
 def test_tiny_greedy_cache_nocache_and_transformers_agree(tiny):
     prompt = random_ids(1, 6, seed=2)[0].tolist()
-    cached = M.generate(tiny["ours"], [prompt], 20, stop_ids=set())[0]
+    cached = G.generate(tiny["ours"], [prompt], 20, stop_ids=set())[0]
     uncached = naive_greedy(tiny["ours"], prompt, 20)
     with torch.no_grad():
         ref = tiny["hf"].generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
@@ -254,8 +255,8 @@ def test_tiny_greedy_cache_nocache_and_transformers_agree(tiny):
 def test_tiny_batched_left_padded_equals_one_by_one(tiny):
     model = tiny["ours"]
     prompts = [random_ids(1, n, seed=10 + n)[0].tolist() for n in (3, 11, 7, 1)]
-    batched = M.generate(model, prompts, 20, stop_ids=set())
-    single = [M.generate(model, [p], 20, stop_ids=set())[0] for p in prompts]
+    batched = G.generate(model, prompts, 20, stop_ids=set())
+    single = [G.generate(model, [p], 20, stop_ids=set())[0] for p in prompts]
     assert batched == single
     # the padded forward itself: each row's real positions match its unpadded forward
     T = max(map(len, prompts))
@@ -361,7 +362,7 @@ def test_not_a_gguf(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "model.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
 
 
@@ -377,7 +378,7 @@ def test_bf16_load_keeps_rope_frequencies_float32(tiny_llama_dir):
     m, _ = M.load_model(tiny_llama_dir, dtype=torch.bfloat16)
     assert m.tok_emb.weight.dtype == m.layers[0].mlp.up.weight.dtype == torch.bfloat16
     assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, M.rope_inv_freq(m.config))
-    assert len(M.generate(m, [[1, 2, 3]], 4, stop_ids=set())[0]) == 4
+    assert len(G.generate(m, [[1, 2, 3]], 4, stop_ids=set())[0]) == 4
 
 
 def test_cli_generates_with_tiny_model(tiny_llama_dir):
@@ -457,36 +458,36 @@ PROMPTS = [[5, 9, 2], [7, 1, 1, 3, 40, 12]]
 
 
 def test_top_k_1_equals_greedy(small):
-    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
-    assert M.generate(small, PROMPTS, 20, temperature=1.0, top_k=1, stop_ids=set(), seed=3) == greedy
+    greedy = G.generate(small, PROMPTS, 20, stop_ids=set())
+    assert G.generate(small, PROMPTS, 20, temperature=1.0, top_k=1, stop_ids=set(), seed=3) == greedy
 
 
 def test_tiny_top_p_equals_greedy(small):
-    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
-    assert M.generate(small, PROMPTS, 20, temperature=1.0, top_p=1e-9, stop_ids=set(), seed=3) == greedy
+    greedy = G.generate(small, PROMPTS, 20, stop_ids=set())
+    assert G.generate(small, PROMPTS, 20, temperature=1.0, top_p=1e-9, stop_ids=set(), seed=3) == greedy
 
 
 def test_seeded_sampling_is_reproducible(small):
-    a = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
-    b = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
-    c = M.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=8)
+    a = G.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
+    b = G.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=7)
+    c = G.generate(small, PROMPTS, 20, temperature=1.0, stop_ids=set(), seed=8)
     assert a == b
     assert a != c, "different seeds gave identical samples"
-    assert a != M.generate(small, PROMPTS, 20, stop_ids=set()), "sampling at temperature 1 equals greedy"
+    assert a != G.generate(small, PROMPTS, 20, stop_ids=set()), "sampling at temperature 1 equals greedy"
 
 
 def test_stop_ids_end_a_row(small):
-    greedy = M.generate(small, PROMPTS, 20, stop_ids=set())
+    greedy = G.generate(small, PROMPTS, 20, stop_ids=set())
     stop = greedy[0][4]
     first = greedy[0].index(stop)
-    out = M.generate(small, PROMPTS, 20, stop_ids={stop})
+    out = G.generate(small, PROMPTS, 20, stop_ids={stop})
     assert out[0] == greedy[0][:first]  # the stop token itself is not returned
     assert stop not in out[1]
 
 
 def sample_many(logits_row, n=40000, seed=0, **kw):
     logits = torch.tensor(logits_row).expand(n, -1)  # (n, V)
-    draws = M.sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
+    draws = G.sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
     return torch.bincount(draws, minlength=len(logits_row)).float() / n  # (V,) empirical frequencies
 
 
@@ -518,7 +519,7 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
 
 def test_temperature_zero_is_argmax():
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(M.sample_next(logits, 0.0, top_k=5, top_p=0.5), logits.argmax(-1))
+    assert torch.equal(G.sample_next(logits, 0.0, top_k=5, top_p=0.5), logits.argmax(-1))
 
 
 # ============================================================================ real weights (SmolLM2-135M GGUF)
@@ -635,7 +636,7 @@ def test_real_greedy_matches_transformers(real, hf_real):
     step, one forward instead of 16 decode steps)."""
     model, tok = real
     prompts = [tok.encode(p) for p in RAW_PROMPTS]
-    ours = M.generate(model, prompts, 16, stop_ids=set())
+    ours = G.generate(model, prompts, 16, stop_ids=set())
     with torch.no_grad():
         ref = hf_real.generate(torch.tensor([prompts[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                pad_token_id=tok.pad_id)[0, len(prompts[0]):].tolist()
@@ -655,15 +656,15 @@ def test_chat_template_paris_and_stop_string(real, hf_smol_tok):
     ref = hf_smol_tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                           add_generation_prompt=True)
     assert prompt == ref
-    ids = M.generate(model, [tok.encode(prompt)], 24, tokenizer=tok)[0]
+    ids = G.generate(model, [tok.encode(prompt)], 24, tokenizer=tok)[0]
     answer = tok.decode(ids)
     print(f"\nchat answer: {answer!r}")
     assert "Paris" in answer
     assert len(ids) < 24, "the answer did not end with <|im_end|>"
     # stop strings: generation ends at the token completing "Paris", and the text is cut before it
-    cut_ids = M.generate(model, [tok.encode(prompt)], 24, tokenizer=tok, stop_strings=["Paris"])[0]
+    cut_ids = G.generate(model, [tok.encode(prompt)], 24, tokenizer=tok, stop_strings=["Paris"])[0]
     assert len(cut_ids) < len(ids) and "Paris" in tok.decode(cut_ids)
-    cut = M.generate_text(model, tok, [prompt], 24, stop_strings=[" Paris", "nowhere"])[0]
+    cut = G.generate_text(model, tok, [prompt], 24, stop_strings=[" Paris", "nowhere"])[0]
     assert cut == answer[:answer.find(" Paris")]
 
 
@@ -854,8 +855,8 @@ def test_static_decode_equals_dynamic_greedy_sampling_batched(kind):
     m = static_model(kind)
     for prompts in (PADDED[:1], PADDED):  # one row; a left-padded batch
         for kw in ({}, dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, top_p=0.9, seed=5)):
-            dynamic = M.generate(m, prompts, 24, stop_ids=set(), **kw)
-            static = M.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
+            dynamic = G.generate(m, prompts, 24, stop_ids=set(), **kw)
+            static = G.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
             assert static == dynamic, (kind, len(prompts), kw)
             assert all(len(r) == 24 for r in static)
 
@@ -873,7 +874,7 @@ def test_decode_step_logits_equal_the_forward(kind):
         m.setup_cache(B, T0 + N)
         m(idx, 0, valid, last_only=True)
         want = [m(nxt[s][:, None], T0 + s, valid)[:, -1] for s in range(N)]  # (B, V) each
-        slot = M.decode_slot(m, B, T0 + N)  # a fresh zeroed cache of the same shape
+        slot = G.decode_slot(m, B, T0 + N)  # a fresh zeroed cache of the same shape
         m(idx, 0, valid, last_only=True)
         slot.start(valid, lens, T0)
         got = [slot.step(m, nxt[s], None, "static") for s in range(N)]
@@ -884,30 +885,30 @@ def test_decode_step_logits_equal_the_forward(kind):
 
 def test_decode_slots_are_reused_zeroed_and_dropped_when_the_model_moves():
     m = static_model("llama-gqa")
-    first = M.generate(m, PADDED, 10, stop_ids=set(), decode="static")
+    first = G.generate(m, PADDED, 10, stop_ids=set(), decode="static")
     key = (len(PADDED), 9 + 10)  # (B, prompt + new tokens)
     slot = m.decode_slots[key]
     cache = slot.caches[0][0]
-    again = M.generate(m, PADDED, 10, stop_ids=set(), decode="static")  # same shape: same buffers, zeroed first
+    again = G.generate(m, PADDED, 10, stop_ids=set(), decode="static")  # same shape: same buffers, zeroed first
     assert again == first and m.decode_slots[key] is slot and slot.caches[0][0] is cache
     assert m.layers[0].attn.cache_k is None  # the model itself holds no cache between calls
-    for n in range(1, M.KEEP_SLOTS + 2):  # more shapes than are kept: the least recently used go
-        M.generate(m, [[1] * n], 3, stop_ids=set(), decode="static")
-    assert len(m.decode_slots) == M.KEEP_SLOTS and key not in m.decode_slots
+    for n in range(1, G.KEEP_SLOTS + 2):  # more shapes than are kept: the least recently used go
+        G.generate(m, [[1] * n], 3, stop_ids=set(), decode="static")
+    assert len(m.decode_slots) == G.KEEP_SLOTS and key not in m.decode_slots
     m.to(torch.float64)  # new weight tensors: slots (and graphs, on CUDA) built on the old ones are dropped
     assert m.decode_slots == {}
-    assert M.generate(m, PADDED, 10, stop_ids=set(), decode="static") == \
-        M.generate(m, PADDED, 10, stop_ids=set())
+    assert G.generate(m, PADDED, 10, stop_ids=set(), decode="static") == \
+        G.generate(m, PADDED, 10, stop_ids=set())
 
 
 def test_decode_mode_errors():
     m = static_model("llama-gqa")
     with pytest.raises(ValueError, match="needs a CUDA model"):
-        M.generate(m, [[1, 2]], 3, decode="graph")
+        G.generate(m, [[1, 2]], 3, decode="graph")
     with pytest.raises(ValueError, match="decode must be one of"):
-        M.generate(m, [[1, 2]], 3, decode="fast")
+        G.generate(m, [[1, 2]], 3, decode="fast")
     with pytest.raises(M.UserError, match="exceeds the model's max_seq_len"):
-        M.generate(m, [[1, 2]], 200, decode="static")
+        G.generate(m, [[1, 2]], 200, decode="static")
 
 
 def test_routed_static_decode_equals_dynamic():
@@ -938,7 +939,7 @@ def test_tiny_static_decode_equals_transformers(tiny):
     prompt = random_ids(1, 6, seed=2)[0].tolist()
     with torch.no_grad():
         ref = tiny["hf"].generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
-    assert M.generate(tiny["ours"], [prompt], 20, stop_ids=set(), decode="static")[0] == ref
+    assert G.generate(tiny["ours"], [prompt], 20, stop_ids=set(), decode="static")[0] == ref
     other = random_ids(1, 11, seed=3)[0].tolist()
-    batched = M.generate(tiny["ours"], [other, prompt], 20, stop_ids=set(), decode="static")
-    assert batched[1] == ref and batched[0] == M.generate(tiny["ours"], [other], 20, stop_ids=set())[0]
+    batched = G.generate(tiny["ours"], [other, prompt], 20, stop_ids=set(), decode="static")
+    assert batched[1] == ref and batched[0] == G.generate(tiny["ours"], [other], 20, stop_ids=set())[0]

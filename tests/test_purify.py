@@ -25,7 +25,11 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
-import purify as P  # noqa: E402
+import cli  # noqa: E402
+import dowp  # noqa: E402
+import experts as EX  # noqa: E402
+import scoring as SC  # noqa: E402
+import search  # noqa: E402
 from conftest import smol_hf_tokenizer  # noqa: E402
 
 SMOL_HF_TOK = smol_hf_tokenizer()
@@ -64,7 +68,7 @@ class StoreAll(torch.nn.Module):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_stats_equal_brute_force(arch):
     m, w = tiny(arch), windows()
-    stats = P.collect_stats(m, w, batch_size=4)  # two batches of unequal size: the streaming must add up
+    stats = dowp.collect_stats(m, w, batch_size=4)  # two batches of unequal size: the streaming must add up
     store = [StoreAll(b.mlp) for b in m.layers]
     with torch.no_grad():
         logits = m(w, mlps=store)
@@ -76,7 +80,7 @@ def test_stats_equal_brute_force(arch):
         torch.testing.assert_close(stats["mean_abs"][l].double(), a.abs().mean(0), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(stats["mean_sq"][l].double(), a.pow(2).mean(0), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(stats["max_abs"][l].double(), a.abs().amax(0), rtol=1e-6, atol=0)
-        torch.testing.assert_close(stats["fire_rate"][l].double(), (a.abs() > P.FIRE_REL * rms).double().mean(0),
+        torch.testing.assert_close(stats["fire_rate"][l].double(), (a.abs() > dowp.FIRE_REL * rms).double().mean(0),
                                    rtol=0, atol=1.5 / a.shape[0])  # at most a borderline token differs
         torch.testing.assert_close(stats["down_norm"][l], m.layers[l].mlp.down.weight.norm(dim=0))
 
@@ -84,11 +88,11 @@ def test_stats_equal_brute_force(arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_masked_equals_compact(arch):
     m, w = tiny(arch), windows()
-    scores = P.score_random(m, seed=3)
-    idx = P.select_neurons(scores, 0.4)
+    scores = dowp.score_random(m, seed=3)
+    idx = dowp.select_neurons(scores, 0.4)
     assert all(len(i) == round(0.4 * 48) for i in idx)
-    compact = P.materialize(m, idx)
-    masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]
+    compact = EX.materialize(m, idx)
+    masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]
     for c, k in zip(compact, idx):
         assert c.n_neurons == len(k) and c.up.weight.shape == (len(k), 32)  # really smaller matmuls
     x = torch.randn(2, 5, 32)
@@ -100,30 +104,30 @@ def test_masked_equals_compact(arch):
 
 def test_keep_one_is_exactly_dense():
     m, w = tiny(), windows()
-    stats = {"a": P.collect_stats(m, w), "b": P.collect_stats(m, windows(seed=2))}
-    stats["a"]["taylor"] = P.loss_aware_stats(m, w)["taylor"]
-    for method in P.SCORES:
-        s = P.score_neurons({**stats, "general": stats["a"]}, m, method, domain="a")
-        for idx in (P.select_neurons(s, 1.0), P.select_above(s, float("-inf"))):  # --auto's "remove nothing"
+    stats = {"a": dowp.collect_stats(m, w), "b": dowp.collect_stats(m, windows(seed=2))}
+    stats["a"]["taylor"] = dowp.loss_aware_stats(m, w)["taylor"]
+    for method in dowp.SCORES:
+        s = dowp.score_neurons({**stats, "general": stats["a"]}, m, method, domain="a")
+        for idx in (dowp.select_neurons(s, 1.0), dowp.select_above(s, float("-inf"))):  # --auto's "remove nothing"
             assert all(torch.equal(i, torch.arange(48)) for i in idx)
             with torch.no_grad():
-                assert torch.equal(m(w, mlps=P.materialize(m, idx)), m(w))
-    assert P.kept_fraction(idx, m) == 1.0
-    assert P.kept_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
+                assert torch.equal(m(w, mlps=EX.materialize(m, idx)), m(w))
+    assert EX.kept_fraction(idx, m) == 1.0
+    assert EX.kept_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
 
 
 def test_select_neurons_budget_and_protection():
     scores = torch.arange(30.0).view(3, 10)  # (L, F): neuron j scores j
     protect = torch.zeros(3, 10, dtype=torch.bool)
     protect[1, 0] = True  # the worst-scoring neuron of layer 1 is a super neuron
-    idx = P.select_neurons(scores, [0.3, 0.3, 0.5], protect)
+    idx = dowp.select_neurons(scores, [0.3, 0.3, 0.5], protect)
     assert idx[0].tolist() == [7, 8, 9]
     assert idx[1].tolist() == [0, 8, 9]  # protected kept, inside the same budget
     assert idx[2].tolist() == [5, 6, 7, 8, 9]
     with pytest.raises(M.UserError, match="keep must be in"):
-        P.select_neurons(scores, 1.5)
+        dowp.select_neurons(scores, 1.5)
     with pytest.raises(M.UserError, match="exceed the budget"):
-        P.select_neurons(scores, 0.1, torch.ones(3, 10, dtype=torch.bool))
+        dowp.select_neurons(scores, 0.1, torch.ones(3, 10, dtype=torch.bool))
 
 
 def test_super_neurons_rule():
@@ -131,9 +135,9 @@ def test_super_neurons_rule():
     peak[0, 3] = 200.0  # a massive activation
     peak[1, 5] = 20.0  # large, but under the factor
     stats = {"a": {"max_abs": peak}, "b": {"max_abs": torch.ones(2, 8)}}
-    sup = P.super_neurons(stats, 50.0)
+    sup = dowp.super_neurons(stats, 50.0)
     assert sup.sum() == 1 and sup[0, 3]
-    assert P.super_neurons(stats, 0).sum() == 0
+    assert dowp.super_neurons(stats, 0).sum() == 0
 
 
 def fake_stats(importance: torch.Tensor, count=100) -> dict:
@@ -147,20 +151,20 @@ def test_dowp_contrast_rule():
     code = torch.tensor([[4.0, 3.0, 0.1, 0.5]])
     math_ = torch.tensor([[4.0, 0.1, 3.0, 0.5]])
     stats = {"code": fake_stats(code), "math": fake_stats(math_)}
-    s0 = P.score_dowp(stats, "code", contrast=0.0)
+    s0 = dowp.score_dowp(stats, "code", contrast=0.0)
     assert torch.argsort(s0, descending=True).tolist() == torch.argsort(code, descending=True).tolist()
     for lam in (0.5, 1.0, 2.0):
-        kept = P.select_neurons(P.score_dowp(stats, "code", lam), 0.5)[0].tolist()
+        kept = dowp.select_neurons(dowp.score_dowp(stats, "code", lam), 0.5)[0].tolist()
         assert kept == [0, 1]  # shared-important kept, code-specific kept, math-only purified
-        kept = P.select_neurons(P.score_dowp(stats, "math", lam), 0.5)[0].tolist()
+        kept = dowp.select_neurons(dowp.score_dowp(stats, "math", lam), 0.5)[0].tolist()
         assert kept == [0, 2]
     # with a large contrast the specific neuron outranks the shared one, but the shared one still beats
     # the weak and the other-domain ones
-    s = P.score_dowp(stats, "code", 2.0)[0]
+    s = dowp.score_dowp(stats, "code", 2.0)[0]
     assert s[1] > s[0] > s[3] > s[2]
     with pytest.raises(M.UserError, match="contrast"):
-        P.score_dowp(stats, "code", -1.0)
-    mixed = P.score_neurons(stats, tiny(n_ffn=4), "mixed")
+        dowp.score_dowp(stats, "code", -1.0)
+    mixed = dowp.score_neurons(stats, tiny(n_ffn=4), "mixed")
     torch.testing.assert_close(mixed, (0.5 * code ** 2 + 0.5 * math_ ** 2).sqrt())
 
 
@@ -190,7 +194,7 @@ def test_taylor_equals_finite_difference(arch):
     """dL_j = -sum_t a_j dL/da_j is -d/ds L(a_j -> s a_j) at s = 1: check it against a central difference, and the
     per-weight form against it (removing neuron j = removing column j of W_down, so the column sums agree)."""
     m, w = tiny(arch).double(), windows()
-    est = P.loss_aware_stats(m, w, batch_size=4, weights=True)  # two batches: the sums must add up
+    est = dowp.loss_aware_stats(m, w, batch_size=4, weights=True)  # two batches: the sums must add up
     h = 0.03
     for l, j in [(0, 3), (1, 17), (2, 40)]:
         mlps = lambda f: [ScaledNeuron(b.mlp, j, f) if i == l else b.mlp for i, b in enumerate(m.layers)]
@@ -231,43 +235,43 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     without = [b.mlp for b in m.layers]
     without[2] = ScaledNeuron(without[2], 5, 0.0)
     assert mean_nll(m, calib, without) < mean_nll(m, calib) - 1  # the truth: removal lowers the loss a lot
-    taylor = P.loss_aware_stats(m, calib)["taylor"]  # (L, F)
+    taylor = dowp.loss_aware_stats(m, calib)["taylor"]  # (L, F)
     assert taylor.flatten().argmin().item() == 2 * 48 + 5 and taylor[2, 5] < 0  # ranked first to remove
-    assert 5 not in P.select_neurons(taylor, 47 / 48)[2].tolist()
-    tau, trials = P.auto_threshold(m, taylor, val)  # chosen on other text of the same kind
-    idx = P.select_above(taylor, tau)
+    assert 5 not in dowp.select_neurons(taylor, 47 / 48)[2].tolist()
+    tau, trials = search.auto_threshold(m, taylor, val)  # chosen on other text of the same kind
+    idx = dowp.select_above(taylor, tau)
     assert 5 not in idx[2].tolist() and trials[0]["removed"] == 0  # the "remove nothing" candidate was tried
     best = min(t["val_loss"] for t in trials)
-    assert best < trials[0]["val_loss"] and P.kept_fraction(idx, m) > 0.8
-    greedy, trials = P.greedy_layers(m, taylor, val)  # layer by layer: each layer's block here is 1 neuron
+    assert best < trials[0]["val_loss"] and EX.kept_fraction(idx, m) > 0.8
+    greedy, trials = search.greedy_layers(m, taylor, val)  # layer by layer: each layer's block here is 1 neuron
     assert 5 not in greedy[2].tolist() and all(len(g) >= 47 for g in greedy)
     accepted = [t for t in trials if t["accepted"]]
     assert {"layer": 2, "removed": 1} in [{k: t[k] for k in ("layer", "removed")} for t in accepted]
     assert all(b["val_loss"] < a["val_loss"] for a, b in zip(accepted, accepted[1:]))  # each step lowers it
-    exact = math.log(P.perplexity(m, val, P.materialize(m, greedy)))  # the cached-prefix loss is the real one
+    exact = math.log(SC.perplexity(m, val, EX.materialize(m, greedy)))  # the cached-prefix loss is the real one
     assert accepted[-1]["val_loss"] == pytest.approx(exact, abs=1e-5)
     import purify_sweep as S  # the weight-level counterpart finds the harmful weights (neuron 5's down column)
-    sc = {"stats": P.collect_stats(m, calib), **P.loss_aware_stats(m, calib, weights=True)}
+    sc = {"stats": dowp.collect_stats(m, calib), **dowp.loss_aware_stats(m, calib, weights=True)}
     mlps, trials = S.greedy_weights(m, sc, val, 8)
     assert mlps[2] is not None and 2 in [t["layer"] for t in trials if t["accepted"]]
     assert mean_nll(m, val, [x or b.mlp for x, b in zip(mlps, m.layers)]) < mean_nll(m, val) - 1
-    masked = [P.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
+    masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
-        assert (m(val, mlps=P.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
+        assert (m(val, mlps=EX.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
 
 
 def test_select_above_keeps_protected_and_never_empties_a_layer():
     scores = torch.tensor([[-1.0, 2.0, -3.0], [-5.0, -4.0, -6.0]])  # (L, F)
     protect = torch.tensor([[False, False, True], [False, False, False]])
-    idx = P.select_above(scores, 0.0, protect)
+    idx = dowp.select_above(scores, 0.0, protect)
     assert idx[0].tolist() == [1, 2] and idx[1].tolist() == [1]  # layer 1: its best neuron stays
 
 
 def test_weight_level_masks():
     import purify_sweep as S
     m, w = tiny(), windows()
-    stats = P.collect_stats(m, w)
-    sc = {"stats": stats, **P.loss_aware_stats(m, w, weights=True)}
+    stats = dowp.collect_stats(m, w)
+    sc = {"stats": stats, **dowp.loss_aware_stats(m, w, weights=True)}
     for method in S.WEIGHT_SCORES:
         scores = S.weight_scores(m, method, sc, 1)
         assert set(scores) == {"up", "gate", "down"}
@@ -285,30 +289,30 @@ def test_weight_level_masks():
     wanda = S.weight_scores(m, "wanda", sc, 0)
     torch.testing.assert_close(wanda["down"], m.layers[0].mlp.down.weight.abs() * stats["mean_sq"][0].sqrt())
     nll = torch.tensor([1.0, 2.0, 3.0, 2.5])
-    iv = S.intervals(nll, nll)
+    iv = SC.ppl_intervals(nll, nll)
     assert iv["delta"] == 0 and iv["delta_ci"] == [0, 0] and iv["ppl_ci"][0] <= iv["ppl"] <= iv["ppl_ci"][1]
 
 
 def test_experts_file_roundtrip_and_refusals(tmp_path):
     m, w = tiny(), windows()
-    stats = {"general": P.collect_stats(m, w), "code": P.collect_stats(m, windows(seed=5))}
-    experts = {d: P.select_neurons(P.score_neurons(stats, m, "dowp", d), 0.5) for d in stats}
-    baselines = {b: P.baseline_indices(b, m, stats, 0.5) for b in P.BASELINES}
+    stats = {"general": dowp.collect_stats(m, w), "code": dowp.collect_stats(m, windows(seed=5))}
+    experts = {d: dowp.select_neurons(dowp.score_neurons(stats, m, "dowp", d), 0.5) for d in stats}
+    baselines = {b: EX.baseline_indices(b, m, stats, 0.5) for b in dowp.BASELINES}
     meta = {"fingerprint": m.fingerprint, "n_layer": 3, "n_ffn": 48, "score": "dowp", "keep": 0.5, "protect": 50.0}
     path = tmp_path / "experts.safetensors"
-    P.save_experts(path, experts, meta, baselines, stats)
-    ex = P.load_experts(path, m)
+    EX.save_experts(path, experts, meta, baselines, stats)
+    ex = EX.load_experts(path, m)
     assert ex.domains == ["general", "code"] and ex.meta["keep"] == 0.5
     for d in stats:
         assert all(torch.equal(a, b) for a, b in zip(ex.indices[d], experts[d]))
-        for k in P.STATS:
+        for k in dowp.STATS:
             assert torch.equal(ex.stats[d][k], stats[d][k])
-    for b in P.BASELINES:
+    for b in dowp.BASELINES:
         assert all(torch.equal(x, y) for x, y in zip(ex.baselines[b], baselines[b]))
         # a baseline rebuilt from the saved statistics (at the file's keep) is the stored one
-        assert all(torch.equal(x, y) for x, y in zip(P.baseline_indices(b, m, path, 0.5), baselines[b]))
-    assert len(P.baseline_indices("mixed", m, ex, 0.25)[0]) == 12  # any keep
-    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
+        assert all(torch.equal(x, y) for x, y in zip(EX.baseline_indices(b, m, path, 0.5), baselines[b]))
+    assert len(EX.baseline_indices("mixed", m, ex, 0.25)[0]) == 12  # any keep
+    assert all(EX.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
     assert ex.mlps("code")[0].n_neurons == 24
     assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("general"), experts["general"]))  # domain first
     assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("baseline.general"), baselines["general"]))
@@ -317,11 +321,11 @@ def test_experts_file_roundtrip_and_refusals(tmp_path):
 
     other = tiny(seed=1)  # same shapes, other weights -> other fingerprint
     with pytest.raises(M.UserError, match="fingerprint"):
-        P.load_experts(path, other)
+        EX.load_experts(path, other)
     wide = tiny(n_ffn=64)
-    P.save_experts(tmp_path / "wide.safetensors", experts, {**meta, "fingerprint": wide.fingerprint})
+    EX.save_experts(tmp_path / "wide.safetensors", experts, {**meta, "fingerprint": wide.fingerprint})
     with pytest.raises(M.UserError, match="neurons"):
-        P.load_experts(tmp_path / "wide.safetensors", wide)
+        EX.load_experts(tmp_path / "wide.safetensors", wide)
 
     raw = bytearray(path.read_bytes())
     bad = tmp_path / "flipped.safetensors"
@@ -329,34 +333,34 @@ def test_experts_file_roundtrip_and_refusals(tmp_path):
     raw_flip[-5] ^= 0x40  # one bit inside the tensor data
     bad.write_bytes(bytes(raw_flip))
     with pytest.raises(M.UserError, match="checksum|corrupt"):
-        P.load_experts(bad, m)
+        EX.load_experts(bad, m)
     bad.write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(M.UserError, match="truncated"):
-        P.load_experts(bad, m)
+        EX.load_experts(bad, m)
     ckpt.write_safetensors(bad, {"x": torch.zeros(3)}, {"hello": "world"})
     with pytest.raises(M.UserError, match="not an experts file"):
-        P.load_experts(bad, m)
+        EX.load_experts(bad, m)
     with pytest.raises(M.UserError, match="does not exist"):
-        P.load_experts(tmp_path / "missing.safetensors", m)
+        EX.load_experts(tmp_path / "missing.safetensors", m)
     # an index set out of range, saved with a valid checksum, is refused by the range check
     broken = {d: [i.clone() for i in v] for d, v in experts.items()}
     broken["code"][1][-1] = 48
-    P.save_experts(bad, broken, meta)
+    EX.save_experts(bad, broken, meta)
     with pytest.raises(M.UserError, match="code.1"):
-        P.load_experts(bad, m)
+        EX.load_experts(bad, m)
 
 
 @pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("gpt2", True)])
 def test_export_loads_in_transformers(tmp_path, arch, tie):
     transformers = pytest.importorskip("transformers")
     m, w = tiny(arch, tie=tie), windows()
-    idx = P.select_neurons(P.score_random(m, 7), 0.5)
+    idx = dowp.select_neurons(dowp.score_random(m, 7), 0.5)
     out = tmp_path / "exp"
-    copied = P.export_hf(m, idx, out, SMOL_HF_TOK if SMOL_HF_TOK.exists() else None, {"domain": "x"})
+    copied = EX.export_hf(m, idx, out, SMOL_HF_TOK if SMOL_HF_TOK.exists() else None, {"domain": "x"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.intermediate_size if arch == "llama" else hf.config.n_inner == 24
     with torch.no_grad():
-        ours = m(w, mlps=P.materialize(m, idx))  # (N, T, V)
+        ours = m(w, mlps=EX.materialize(m, idx))  # (N, T, V)
         theirs = hf(w).logits
     assert (ours - theirs).abs().max() <= 1e-4
     if copied:  # our own loader reads the exported dir too
@@ -364,7 +368,7 @@ def test_export_loads_in_transformers(tmp_path, arch, tie):
         with torch.no_grad():
             assert (m2(w) - ours).abs().max() <= 1e-5
     with pytest.raises(M.UserError, match="same number of kept neurons"):
-        P.export_hf(m, [idx[0], idx[1], idx[2][:5]], tmp_path / "bad")
+        EX.export_hf(m, [idx[0], idx[1], idx[2][:5]], tmp_path / "bad")
 
 
 def test_cli_user_errors_are_one_line():
@@ -383,7 +387,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
                    max_seq_len=512, name="tiny-cli")
     m = M.Transformer(cfg).eval().requires_grad_(False)
-    P.export_hf(m, [None, None], tmp_path / "tiny", SMOL_HF_TOK)  # keep everything: a plain HF checkpoint
+    EX.export_hf(m, [None, None], tmp_path / "tiny", SMOL_HF_TOK)  # keep everything: a plain HF checkpoint
     out = tmp_path / "out"
     argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains", "general", "code",
             "--tokens", "256", "--heldout-tokens", "128", "--seq-len", "128", "--keep", "0.5", "--out", str(out),
@@ -392,13 +396,13 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stats general" in r.stderr
     model, _ = M.load_model(tmp_path / "tiny")
-    ex = P.load_experts(out / "experts.safetensors", model)
-    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)
-    assert all(P.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
+    ex = EX.load_experts(out / "experts.safetensors", model)
+    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(dowp.BASELINES)
+    assert all(EX.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
     assert ex.meta["tokens"] == {"general": 256, "code": 256}
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
-    if P.pyplot() is not None:
+    if cli.pyplot() is not None:
         assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and "![matrix](report.png)" in (
             out / "report.md").read_text()
     assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
@@ -420,7 +424,7 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     torch.manual_seed(0)
     cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
                    max_seq_len=512, name="tiny-cli")
-    P.export_hf(M.Transformer(cfg).eval().requires_grad_(False), [None, None], tmp_path / "tiny", SMOL_HF_TOK)
+    EX.export_hf(M.Transformer(cfg).eval().requires_grad_(False), [None, None], tmp_path / "tiny", SMOL_HF_TOK)
     common = ["--model", str(tmp_path / "tiny"), "--domains", "general", "code", "--tokens", "512", "--seq-len", "128",
               "--threads", "1"]
     r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "threshold",
@@ -428,7 +432,7 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "taylor general" in r.stderr and "auto code: removes" in r.stderr
     model, _ = M.load_model(tmp_path / "tiny")
-    ex = P.load_experts(tmp_path / "auto" / "experts.safetensors", model)
+    ex = EX.load_experts(tmp_path / "auto" / "experts.safetensors", model)
     assert ex.meta["alloc"] == "auto threshold" and set(ex.meta["auto"]) == {"general", "code"}
     assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
     argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
@@ -437,16 +441,16 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
-    if P.pyplot() is not None:  # matplotlib is a dev extra: with it, the plot is drawn
+    if cli.pyplot() is not None:  # matplotlib is a dev extra: with it, the plot is drawn
         assert (tmp_path / "sweep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1", "weight:taylor:greedy",
                *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
-    assert rep["table"]["code"]["neuron:taylor:0.9"]["active"] == 0.9
+    assert rep["table"]["code"]["neuron:taylor:0.9"]["active_fraction"] == 0.9
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Summary" in md and "## neuron:taylor:greedy on every domain's held-out text" in md
-    ex = P.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
-    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(P.BASELINES)  # for evaluate's baselines
+    ex = EX.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
+    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(dowp.BASELINES)  # for evaluate's baselines
     assert set(ex.stats) == {"general", "code"}
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
@@ -460,12 +464,12 @@ REAL_CALIB, REAL_HELDOUT, REAL_T = 4096, 512, 256  # tokens per domain: small, s
 @pytest.fixture(scope="module")
 def real(real_model):
     model, tok = real_model  # tests/conftest.py
-    stats = {d: P.collect_stats(model, data.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
+    stats = {d: dowp.collect_stats(model, data.load_domain_tokens(d, tok, n_tokens=REAL_CALIB, seq_len=REAL_T))
              for d in data.BUILTIN_DOMAINS}
     heldout = {d: data.load_domain_tokens(d, tok, split="heldout", n_tokens=REAL_HELDOUT, seq_len=REAL_T)
                for d in data.BUILTIN_DOMAINS}
-    protect = P.super_neurons(stats)
-    experts = {d: P.select_neurons(P.score_neurons(stats, model, "dowp", d), 0.5, protect)
+    protect = dowp.super_neurons(stats)
+    experts = {d: dowp.select_neurons(dowp.score_neurons(stats, model, "dowp", d), 0.5, protect)
                for d in data.BUILTIN_DOMAINS}
     return {"model": model, "tok": tok, "stats": stats, "heldout": heldout, "protect": protect, "experts": experts,
             "ppl": {}}
@@ -475,7 +479,7 @@ def real_ppl(real, name, indices, domain):
     """Perplexity of a system on a domain's held-out windows, memoised across the module's tests."""
     key = (name, domain)
     if key not in real["ppl"]:
-        real["ppl"][key] = P.perplexity(real["model"], real["heldout"][domain], P.materialize(real["model"], indices))
+        real["ppl"][key] = SC.perplexity(real["model"], real["heldout"][domain], EX.materialize(real["model"], indices))
     return real["ppl"][key]
 
 
@@ -495,7 +499,7 @@ def test_real_domain_expert_is_best_on_its_own_domain(real):
 def test_real_dowp_beats_random_and_magnitude(real):
     model = real["model"]
     for b in ("random", "magnitude"):
-        idx = P.select_neurons(P.score_neurons(real["stats"], model, b), 0.5, real["protect"])
+        idx = dowp.select_neurons(dowp.score_neurons(real["stats"], model, b), 0.5, real["protect"])
         for d in data.BUILTIN_DOMAINS:
             ours, theirs = real_ppl(real, f"expert:{d}", real["experts"][d], d), real_ppl(real, b, idx, d)
             assert ours < theirs, (b, d, ours, theirs)
@@ -518,8 +522,8 @@ def test_real_export_matches_transformers(real, tmp_path):
     model, tok = real["model"], real["tok"]
     idx = real["experts"]["code"]
     # the tokenizer files are written from the GGUF's own vocabulary, as `purify.py --export` does
-    copied = P.export_hf(model, idx, tmp_path / "code", None, {"domain": "code"},
-                         P.gguf_tokenizer_files(M.default_model_path()))
+    copied = EX.export_hf(model, idx, tmp_path / "code", None, {"domain": "code"},
+                         EX.gguf_tokenizer_files(M.default_model_path()))
     assert copied == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "code")
     text = "def fibonacci(n):\n    if n < 2:\n        return n  # ü 日本 <|im_end|>"
@@ -529,7 +533,7 @@ def test_real_export_matches_transformers(real, tmp_path):
     assert hf.config.intermediate_size == len(idx[0]) == 768  # keep 0.5 of 1536
     ids = torch.tensor([tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")])  # (1, T)
     with torch.no_grad():
-        ours = model(ids, mlps=P.materialize(model, idx))
+        ours = model(ids, mlps=EX.materialize(model, idx))
         theirs = hf(ids).logits
     assert (ours - theirs).abs().max() <= 1e-4
     ours_loaded, _ = M.load_model(tmp_path / "code")

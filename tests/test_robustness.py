@@ -32,7 +32,11 @@ import hub as hub_mod  # noqa: E402
 import gguf_file  # noqa: E402
 import cli  # noqa: E402
 import evaluate as E  # noqa: E402
+import tasks as TS  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
+import dowp  # noqa: E402
+import experts as EX  # noqa: E402
 import purify as P  # noqa: E402
 import router as R  # noqa: E402
 import train_router as TR  # noqa: E402
@@ -272,7 +276,7 @@ def test_one_checksum_helper_and_it_covers_metadata():
 def router_file(tmp_path):
     m = tiny_model()
     g = torch.Generator().manual_seed(0)
-    experts = P.Experts(domains=["code", "knowledge"], meta={},
+    experts = EX.Experts(domains=["code", "knowledge"], meta={},
                         indices={d: [torch.randperm(32, generator=g)[:16].sort().values for _ in range(2)]
                                  for d in ("code", "knowledge")})
     cfg = R.RouterConfig(domains=["code", "knowledge"], n_layer=2, n_embd=16, route_layer=1, hidden=8)
@@ -321,7 +325,7 @@ def test_stats_cache_is_checked_and_recomputed(tmp_path, monkeypatch, capsys):
     windows = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
     key = {"fingerprint": m.fingerprint, "domain": "code"}
     calls = []
-    collect = P.collect_stats
+    collect = dowp.collect_stats
     monkeypatch.setattr(P, "collect_stats", lambda *a, **k: (calls.append(1), collect(*a, **k))[1])
     first = P.load_or_collect_stats(m, windows, "code", tmp_path, 2, key)
     again = P.load_or_collect_stats(m, windows, "code", tmp_path, 2, key)
@@ -356,7 +360,7 @@ def experts_file(tmp_path, m):
     experts = {d: [torch.randperm(32, generator=g)[:16].sort().values for _ in range(2)] for d in ("code", "math")}
     meta = {"fingerprint": m.fingerprint, "n_layer": 2, "n_ffn": 32}
     path = tmp_path / "experts.safetensors"
-    P.save_experts(path, experts, meta)
+    EX.save_experts(path, experts, meta)
     return path
 
 
@@ -367,16 +371,16 @@ def test_experts_file_checksum_and_metadata(tmp_path):
     tensors = {k: v.clone() for k, v in tensors.items()}  # not views of the file flipped below
     meta = json.loads(md["free_moe"])
     assert meta["content_sha256"] == ckpt.content_sha256(tensors)  # the shared helper
-    assert P.load_experts(path, m).domains == ["code", "math"]
+    assert EX.load_experts(path, m).domains == ["code", "math"]
     flip_byte(path, data_byte(path))
-    assert "checksum mismatch" in one_line(P.load_experts, path, m)
+    assert "checksum mismatch" in one_line(EX.load_experts, path, m)
     for bad_meta, needle in (("[1, 2]", "expected an object"), ("not json", "no free-moe metadata")):
         ckpt.write_safetensors(path, tensors, {"free_moe": bad_meta})
-        assert needle in one_line(P.load_experts, path, m)
+        assert needle in one_line(EX.load_experts, path, m)
     for change in ({"domains": None}, {"domains": "code"}, {"domains": []}, {"baselines": [1]}):
         m2 = {k: v for k, v in meta.items() if k != "domains"} if change == {"domains": None} else {**meta, **change}
         ckpt.write_safetensors(path, tensors, {"free_moe": json.dumps(m2)})
-        msg = one_line(P.load_experts, path, m)
+        msg = one_line(EX.load_experts, path, m)
         assert "expected a list of names" in msg, msg
 
 
@@ -536,7 +540,7 @@ def test_bad_gsm8k_rows_are_one_line_before_the_model_loads(tmp_path, case):
            "answer_not_a_string": json.dumps({"question": "2+2?", "answer": 4}) + "\n"}[case]
     root = data_dir(tmp_path, {"gsm8k/train.jsonl": GSM8K_OK, "gsm8k/test.jsonl": bad})
     args = E.parse_args(["--data-dir", str(root), "--tasks", "gsm8k"])
-    msg = one_line(E.check_data, args)
+    msg = one_line(TS.check_data, args)
     assert "gsm8k/test.jsonl" in msg
     assert {"number_line": "line 2 is a JSON int", "answer_without_hashes": "'#### <number>'",
             "answer_not_a_string": "'#### <number>'"}[case] in msg, msg
@@ -549,7 +553,7 @@ def test_bad_mmlu_choices_are_one_line(tmp_path, choices):
     row = json.dumps({"subject": "anatomy", "question": "q?", "choices": choices, "answer": 1}) + "\n"
     (root / "data" / "mmlu" / "dev.jsonl.gz").write_bytes(gzip.compress(MMLU_OK.encode()))
     (root / "data" / "mmlu" / "test.jsonl.gz").write_bytes(gzip.compress((MMLU_OK + row).encode()))
-    msg = one_line(E.check_data, E.parse_args(["--data-dir", str(root), "--tasks", "mmlu"]))
+    msg = one_line(TS.check_data, E.parse_args(["--data-dir", str(root), "--tasks", "mmlu"]))
     assert "test.jsonl.gz" in msg and "bad item" in msg, msg
 
 
@@ -564,9 +568,9 @@ def test_corrupt_item_records_are_one_line(tmp_path):
 
 # ============================================================================ inputs: numeric flags
 
-def model_main(argv):
-    sys.argv = ["model.py", *argv]
-    M.main()
+def generate_main(argv):
+    sys.argv = ["generate.py", *argv]
+    G.main()
 
 
 def router_main(argv):
@@ -588,7 +592,7 @@ BAD_FLAGS = [
     (P.parse_args, ["--tokens", "-3"]),
     (TR.parse_args, ["--experts", "x", "--seq-len", "0"]), (TR.parse_args, ["--experts", "x", "--l2-batch", "0"]),
     (TR.parse_args, ["--experts", "x", "--threshold", "1.5"]), (TR.parse_args, ["--experts", "x", "--tau", "0"]),
-    (model_main, ["--max-new-tokens", "-5"]), (model_main, ["--top-k", "0"]), (model_main, ["--top-p", "0"]),
+    (generate_main, ["--max-new-tokens", "-5"]), (generate_main, ["--top-k", "0"]), (generate_main, ["--top-p", "0"]),
     (router_main, ["--threshold", "2"]), (router_main, ["--budget", "0"]), (bench_args, ["--reps", "0"]),
 ]
 
@@ -596,7 +600,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("parse,argv", BAD_FLAGS, ids=[f"{p.__module__}.{p.__name__}{' '.join(a)}"
                                                        for p, a in BAD_FLAGS])
 def test_bad_numeric_flags_fail_at_parse_time(parse, argv, monkeypatch):
-    monkeypatch.setattr(sys, "argv", sys.argv)  # model_main / router_main set it
+    monkeypatch.setattr(sys, "argv", sys.argv)  # generate_main / router_main set it
     flag = argv[-2]
     msg = one_line(parse, argv)
     assert msg.startswith(f"argument {flag}:") and argv[-1] in msg, msg
@@ -611,7 +615,8 @@ def test_out_that_is_a_file(tmp_path):
             assert msg.startswith("argument --out:") and "is a file" in msg, msg
 
 
-@pytest.mark.parametrize("script,argv", [("evaluate.py", ["--workers", "0"]), ("model.py", ["--max-new-tokens", "-5"])])
+@pytest.mark.parametrize("script,argv", [("evaluate.py", ["--workers", "0"]),
+                                         ("generate.py", ["--max-new-tokens", "-5"])])
 def test_bad_flag_cli_is_one_line_exit_2(script, argv):
     r = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
                        timeout=120)

@@ -15,7 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import checkpoints as ckpt  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
+import scoring as SC  # noqa: E402
 import router as R  # noqa: E402
 
 DOMAINS = ["general", "code", "math", "knowledge"]
@@ -178,7 +180,7 @@ def test_route_is_padding_invariant_and_generate_matches():
         out, decs = moe.generate(prompts, 5)
         assert len({d.key for d in decs}) == (1 if threshold else 3)
         for p, o, d in zip(prompts, out, decs):
-            assert o == M.generate(m, [p], 5, mlps=moe.mlps_for(d))[0]
+            assert o == G.generate(m, [p], 5, mlps=moe.mlps_for(d))[0]
     nll, decs = moe.score(ids(4, 10))
     assert nll.shape == (4,) and torch.isfinite(nll).all() and len(decs) == 4
 
@@ -196,7 +198,7 @@ def test_routing_inside_the_prefill_is_exact(gate):
     ref = moe.route(prompts)
     assert [d.key for d in decs] == [d.key for d in ref] and decs[0].domains == ("code",)
     assert decs[0].use_expert[0] == (gate > 0)
-    assert out == M.generate(m, prompts, 6, mlps=moe.mlps_for(ref[0]))
+    assert out == G.generate(m, prompts, 6, mlps=moe.mlps_for(ref[0]))
     for a, b in zip(decs, ref):
         assert torch.allclose(torch.tensor(a.probs), torch.tensor(b.probs), atol=1e-5)
 
@@ -254,7 +256,6 @@ def test_level2_training_changes_only_gate_logits():
 def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
     """Issue 16: with --l2-target kl the gates can only approach dense (KL is least there); with nll they open
     where the expert predicts the domain's own text better than dense."""
-    import purify
     import train_router as TR
     m = tiny_model()
     m.requires_grad_(False)
@@ -266,8 +267,8 @@ def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
     with torch.no_grad():
         for _ in range(28):
             x = torch.cat([x, m(x, mlps=expert_everywhere)[:, -1:].argmax(-1)], 1)  # (4, 32)
-    dense_ppl = purify.perplexity(m, x)
-    assert purify.perplexity(m, x, expert_everywhere) < dense_ppl
+    dense_ppl = SC.perplexity(m, x)
+    assert SC.perplexity(m, x, expert_everywhere) < dense_ppl
     chosen = {}
     for target in ("kl", "nll"):
         with torch.no_grad():
@@ -277,7 +278,7 @@ def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
         chosen[target] = moe.decision_for(("math",))
     assert not any(chosen["kl"].use_expert)  # without a sparsity reward, matching dense means being dense
     assert any(chosen["nll"].use_expert)
-    assert purify.perplexity(m, x, moe.mlps_for(chosen["nll"])) < dense_ppl
+    assert SC.perplexity(m, x, moe.mlps_for(chosen["nll"])) < dense_ppl
 
 
 def test_level1_training_learns_separable_features():
@@ -347,13 +348,12 @@ def magnitude_experts(m, keep=0.5):
 def test_lambda_sweep_lowers_active_fraction(real):
     """Level 2 on the real model: a larger budget penalty gives a smaller (never larger) active fraction;
     the perplexity cost of each point is reported."""
-    import purify
     import train_router as TR
     m, tok = real
     experts = magnitude_experts(m)
     calib = {"math": data.load_domain_tokens("math", tok, None, "calib", 4 * 48, 1, 48)}  # (4, 48)
     heldout = data.load_domain_tokens("math", tok, None, "heldout", 2 * 128, 0, 128)  # (2, 128)
-    dense_ppl = purify.perplexity(m, heldout)
+    dense_ppl = SC.perplexity(m, heldout)
     rows = []
     for lam in (0.0, 0.3, 3.0):
         cfg = R.RouterConfig(domains=DOMAINS, n_layer=m.config.n_layer, n_embd=m.config.n_embd, route_layer=7)
@@ -361,7 +361,7 @@ def test_lambda_sweep_lowers_active_fraction(real):
         TR.train_level2(moe, calib, lam, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0,
                         log=lambda s: None)
         dec = moe.decision_for(("math",))
-        ppl = purify.perplexity(m, heldout, moe.mlps_for(dec))
+        ppl = SC.perplexity(m, heldout, moe.mlps_for(dec))
         rows.append((lam, dec.active_fraction, ppl))
     print("\n| lam | active FFN fraction | held-out math ppl | dense ppl |\n|---|---|---|---|")
     for lam, frac, ppl in rows:
