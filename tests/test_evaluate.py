@@ -1,13 +1,10 @@
-"""Tests for evaluate.py.
-
-The sandbox that runs HumanEval / MBPP programs has its own tests: tests/test_sandbox.py.
-Scoring: answer extraction, pass@k, prompt format (golden string), batched log-likelihood = a brute-force forward
-per choice on a tiny random model, resume after a SIGKILL gives byte-identical results.json, data errors are one line.
-Slow: the same machinery on the real SmolLM2-135M model.
+"""Tests for evaluate.py, the resumable evaluation runner: its command line (help, corrupt data exits 2 in one line),
+the systems (dense, oracle, the pruning baselines, Free-MoE) run the experts they name and equal a direct run with
+them, the baselines run at Free-MoE's per-domain budget, warm_up builds every lazily made FFN before the clock starts,
+and a run SIGKILLed mid-way then resumed gives byte-identical results.json, while a resume with other settings, experts
+or router is refused. The sandbox that runs HumanEval / MBPP programs has its own tests: tests/test_sandbox.py.
 """
-import gzip
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,100 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import tasks as TS  # noqa: E402
 import model as M  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
-from conftest import smol_hf_tokenizer  # noqa: E402
+from conftest import smol_tokenizer, tiny_model  # noqa: E402
+from test_tasks import _broken_data  # noqa: E402
 
-HF_TOKENIZER = smol_hf_tokenizer() / "tokenizer.json"
-
-
-# ----------------------------------------------------------------------------- prompts and parsing
-
-def test_mmlu_prompt_golden():
-    shot = {"subject": "high_school_physics", "question": " What is 1+1? ", "choices": ["1", "2", "3", "4"],
-            "answer": 1}
-    doc = {"subject": "high_school_physics", "question": "Which is a vector?",
-           "choices": ["mass", "speed", "velocity", "time"], "answer": 2}
-    assert data.mmlu_prompt(doc, [shot]) == (
-        "The following are multiple choice questions (with answers) about high school physics.\n\n"
-        "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
-        "Which is a vector?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:")
-    assert data.mmlu_cloze_prompt(doc, [shot]) == (  # lm-evaluation-harness mmlu_continuation
-        "The following are questions (with answers) about high school physics.\n\n"
-        "Question: What is 1+1?\nAnswer: 2\n\nQuestion: Which is a vector?\nAnswer:")
+# the tiny model fed real prompts: tiny_model(vocab=tok.n_vocab, **TINY) with tok = smol_tokenizer()
+TINY = dict(n_ffn=64, max_seq_len=4096, name="tiny")  # MMLU 5-shot prompts reach ~2.3k tokens
 
 
-def test_mmlu_categories_cover_the_data():
-    subjects = {d["subject"] for d in data.load_mmlu("test")}
-    assert subjects == set(TS.MMLU_SUBJECT_CATEGORY) and len(subjects) == 57
-    assert [len(v) for v in TS.MMLU_CATEGORIES.values()] == [19, 13, 12, 13]
-
-
-def test_gsm8k_prompt_and_reference():
-    train = data.load_gsm8k("train")
-    p = data.gsm8k_prompt({"question": "Q?"}, train[:1])
-    assert p.startswith("Question: Natalia sold clips") and "<<" not in p and p.endswith("\n\nQuestion: Q?\nAnswer:")
-    assert TS.gsm8k_reference(train[0]) == "72"
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("#### 1,234", "1234"),
-    ("She pays $1,234.00 in total.", "1234"),
-    ("The temperature is -5 degrees", "-5"),
-    ("so 12-3 = 9", "9"),
-    ("12-3", "3"),
-    ("It weighs 3.50 kg", "3.5"),
-    ("He has 5 apples and 7 pears, 12 fruits.", "12"),
-    ("He earns 10% of 50, which is 5.", "5"),
-    ("#### 42\nQuestion: what about 7?", "42"),
-    ("first 18 then #### 20 dollars and 30", "20"),
-    ("#### -3", "-3"),
-    ("x = -0.25", "-0.25"),
-    ("1,000,000 people came", "1000000"),
-    ("The answer is 7.", "7"),
-    ("Answer: 0.0", "0"),
-    ("costs $.5 each", "0.5"),
-    ("The answer is (-4)", "-4"),
-    ("#### no number, but 8 earlier", "8"),
-    ("no numbers at all", None),
-    ("", None),
-])
-def test_gsm8k_answer_extraction(text, expected):
-    assert TS.extract_gsm8k_answer(text) == expected
-
-
-def test_pass_at_k():
-    assert TS.pass_at_k(10, 0, 1) == 0.0 and TS.pass_at_k(10, 10, 5) == 1.0
-    for n, c, k in [(5, 2, 1), (10, 3, 5), (20, 1, 10), (7, 6, 2)]:
-        assert TS.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
-
-
-def test_select_is_seeded_and_prefix_stable():
-    items = list(range(100))
-    a, b = TS.select(items, 10, 0), TS.select(items, 20, 0)
-    assert a == TS.select(items, 10, 0) and set(a) <= set(b) and a == sorted(a) and a != TS.select(items, 10, 1)
-    assert TS.select(items, None, 0) == items
-
-
-def test_bootstrap_is_deterministic_and_brackets_the_mean():
-    x = (torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.3).double().numpy()
-    ones = x * 0 + 1
-    lo, hi = SC.bootstrap(x, ones, seed=0)
-    assert lo < x.mean() < hi and [lo, hi] == SC.bootstrap(x, ones, seed=0)
-    dlo, dhi = SC.bootstrap(x, ones, seed=0, ref=(x, ones))
-    assert dlo == dhi == 0.0
-
-
-# ----------------------------------------------------------------------------- data errors
+# ----------------------------------------------------------------------------- command line and systems
 
 def _run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
@@ -119,31 +39,6 @@ def _run_cli(*args):
 def test_help():
     r = _run_cli("--help")
     assert r.returncode == 0 and "--systems" in r.stdout and "purify" in r.stdout
-
-
-def _broken_data(tmp_path, case):
-    d = tmp_path / "data"
-    (d / "mmlu").mkdir(parents=True)
-    good = data.data_file("mmlu/dev.jsonl.gz").read_bytes()
-    (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
-    test = d / "mmlu" / "test.jsonl.gz"
-    if case == "truncated_gzip":
-        test.write_bytes(good[: len(good) // 2])
-    elif case == "bad_json":
-        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q"\n'))
-    elif case == "missing_field":
-        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q", "choices": ["a","b","c","d"]}\n'))
-    return tmp_path
-
-
-@pytest.mark.parametrize("case", ["missing", "truncated_gzip", "bad_json", "missing_field"])
-def test_corrupt_or_missing_data_is_a_one_line_user_error(tmp_path, case, monkeypatch):
-    args = E.parse_args(["--data-dir", str(_broken_data(tmp_path, case)), "--tasks", "mmlu"])
-    monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))  # missing: not in the cache, and offline (no
-    monkeypatch.setenv("FREE_MOE_DATA_URL", "http://127.0.0.1:9")  # server on port 9), so not fetched (data.py)
-    with pytest.raises(M.UserError) as e:
-        TS.check_data(args)
-    assert "test.jsonl.gz" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_corrupt_data_cli_exits_2_without_traceback(tmp_path):
@@ -161,42 +56,7 @@ def test_unknown_or_unbuilt_system_is_a_user_error():
         E.build_systems(E.parse_args(["--systems", "sparse"]), None)
 
 
-# ----------------------------------------------------------------------------- tiny model: scoring and resume
-
-def tiny_model_and_tokenizer(seed=0):
-    torch.manual_seed(seed)
-    tok = M.Tokenizer.from_tokenizer_json(HF_TOKENIZER)
-    cfg = M.Config(arch="llama", vocab_size=tok.n_vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64,
-                   max_seq_len=4096, name="tiny")  # MMLU 5-shot prompts reach ~2.3k tokens
-    model = M.Transformer(cfg).eval().requires_grad_(False)
-    model.fingerprint = M.fingerprint(model)
-    return model, tok
-
-
-@torch.no_grad()
-def brute_loglik(model, ctx, cont):
-    logits = model(torch.tensor([ctx + cont]))[0]  # (T, V), one unpadded forward per choice
-    logp = F.log_softmax(logits[len(ctx) - 1:-1].float(), -1)
-    return logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
-
-
-def test_mmlu_scoring_equals_brute_force_per_choice_forward():
-    model, tok = tiny_model_and_tokenizer()
-    # 2 shots: prompts of unequal lengths (some > 1000 tokens), so several padded forwards of mixed rows
-    args = E.parse_args(["--limit", "5", "--mmlu-shots", "2", "--batch-tokens", "1500"])
-    rt = TS.Runtime(model, tok, args)
-    task = TS.prepare("mmlu", rt)
-    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
-    for it, rec in zip(task.items, recs):
-        ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
-        letters = [brute_loglik(model, ctx, tok.encode(f" {L}")) for L in "ABCD"]
-        clozes = [brute_loglik(model, cloze, tok.encode(f" {c}")) for c in it["doc"]["choices"]]
-        assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-4)
-        assert rec["loglik_cloze"] == pytest.approx(clozes, rel=1e-6, abs=1e-4)  # sums of ~1e3 in float32
-        per_char = [x / len(c) for x, c in zip(rec["loglik_cloze"], it["doc"]["choices"])]  # harness acc_norm
-        assert rec["correct_cloze"] == float(max(range(4), key=per_char.__getitem__) == it["doc"]["answer"])
-        assert rec["prediction"] == "ABCD"[max(range(4), key=letters.__getitem__)]
-
+# ----------------------------------------------------------------------------- tiny model: resume
 
 def tiny_args(out):
     return E.parse_args(["--tasks", "mmlu", "gsm8k", "humaneval", "ppl", "--limit", "4", "--batch-size", "2",
@@ -206,7 +66,8 @@ def tiny_args(out):
 
 def run_tiny(out, kill_after_batches=None):
     """A full evaluation on the tiny model; optionally SIGKILLs its own process after some batches."""
-    model, tok = tiny_model_and_tokenizer()
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
     if kill_after_batches is not None:
         count = [0]
         prep = E.prepare
@@ -250,7 +111,8 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    model, tok = tiny_model_and_tokenizer()
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
     args = E.parse_args(["--tasks", "gsm8k", "--limit", "1", "--gsm8k-max-tokens", "2", "--gsm8k-shots", "0",
                          "--out", str(tmp_path)])
     (tmp_path / "items" / "dense").mkdir(parents=True)
@@ -259,36 +121,6 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     args.gsm8k_max_tokens = 3
     with pytest.raises(M.UserError, match="other settings"):
         E.run(args, model, tok)
-
-
-# ----------------------------------------------------------------------------- real model
-
-@pytest.fixture(scope="module")
-def real(real_model):
-    return real_model  # tests/conftest.py
-
-
-@pytest.mark.slow
-def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
-    model, tok = real
-    args = E.parse_args(["--limit", "2", "--mmlu-shots", "0"])  # short prompts: this CPU is slow
-    rt = TS.Runtime(model, tok, args)
-    task = TS.prepare("mmlu", rt)
-    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
-    for it, rec in zip(task.items, recs):
-        letters = [brute_loglik(model, tok.encode(it["prompt"]), tok.encode(f" {L}")) for L in "ABCD"]
-        assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-3)
-    # greedy batched generation equals generating each prompt alone (left padding is invisible)
-    prompts = ["def add(a, b):\n", "Question: What is 2 + 3?\nAnswer:"]
-    batched, _ = TS.complete(rt, prompts, TS.GSM8K_STOPS, 8)
-    single = [TS.complete(rt, [p], TS.GSM8K_STOPS, 8)[0][0] for p in prompts]
-    assert batched == single
-    # a short end-to-end run through the CLI code path
-    args = E.parse_args(["--tasks", "gsm8k", "ppl", "--limit", "1", "--gsm8k-shots", "0", "--gsm8k-max-tokens", "16",
-                         "--seq-len", "256", "--ppl-domains", "general", "--out", str(tmp_path)])
-    result = E.run(args, model, tok)
-    bpb = result["systems"]["dense"]["tasks"]["bpb_general"]["value"]
-    assert 0.3 < bpb < 3.0, bpb  # a trained model compresses English text to roughly 1 bit per byte
 
 
 # ----------------------------------------------------------------------------- sparse systems (tiny model)
@@ -314,7 +146,8 @@ def _tiny_artifacts(tmp_path, model, keep=0.5, stats=None):
 
 
 def test_sparse_systems_run_their_experts(tmp_path):
-    model, tok = tiny_model_and_tokenizer()
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
     experts_path, router_path, experts = _tiny_artifacts(tmp_path, model)
     import router as R
     router, _ = R.read_router(router_path)
@@ -358,7 +191,8 @@ def test_sparse_systems_run_their_experts(tmp_path):
 def test_resume_with_other_experts_or_router_is_refused(tmp_path):
     """Items of a sparse system belong to the experts (and router) that made them: a resume into the same --out
     with others is refused, while dense items, which need neither, are reused."""
-    model, tok = tiny_model_and_tokenizer()
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
@@ -378,30 +212,13 @@ def test_resume_with_other_experts_or_router_is_refused(tmp_path):
     E.run(args(["dense"], other_experts, other_router), model, tok)  # dense items stay valid
 
 
-def test_per_task_limits_and_mmlu_per_subject():
-    args = E.parse_args(["--limit", "3", "gsm8k=7", "--mmlu-per-subject", "2", "--mmlu-shots", "0"])
-    assert args.limits == {"*": 3, "gsm8k": 7}
-    assert TS.limit_for(args, "gsm8k") == 7 and TS.limit_for(args, "humaneval") == 3
-    assert TS.limit_for(E.parse_args([]), "mmlu") is None
-    for bad in (["--limit", "nope=3"], ["--limit", "gsm8k=0"], ["--limit", "x"]):
-        with pytest.raises(M.UserError, match="--limit"):
-            E.parse_args(bad)
-    model, tok = tiny_model_and_tokenizer()
-    rt = TS.Runtime(model, tok, args)
-    items = TS.prepare("mmlu", rt).items
-    per = {}
-    for it in items:
-        per[it["doc"]["subject"]] = per.get(it["doc"]["subject"], 0) + 1
-    assert len(per) == 57 and set(per.values()) == {2}  # every subject, K items each
-    assert len(TS.prepare("gsm8k", rt).items) == 7 and len(TS.prepare("humaneval", rt).items) == 3
-
-
 def test_baselines_run_at_freemoe_budget_per_domain(tmp_path):
     """With a router and statistics in the experts file, a pruning baseline keeps, per domain, the fraction of FFN
     neurons Free-MoE's decision for that domain runs (here: gates open in half the layers, so 0.75), and its index
     sets are the baseline rebuilt at that keep."""
     import router as R
-    model, tok = tiny_model_and_tokenizer()
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     stats = {d: dowp.collect_stats(model, windows) for d in TS.PPL_DOMAINS}
     experts_path, router_path, experts = _tiny_artifacts(tmp_path, model, stats=stats)
@@ -434,55 +251,3 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     rt = TS.Runtime(model=None, tokenizer=None, args=None)
     E.warm_up(rt, system, task, batches)
     assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first
-
-
-# ----------------------------------------------------------------------------- loglikelihoods: batched on the device
-
-def tiny_scorer(seed=0):
-    torch.manual_seed(seed)
-    cfg = M.Config(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=48, max_seq_len=24)
-    return M.Transformer(cfg).eval().requires_grad_(False)
-
-
-def test_loglikelihoods_equal_brute_force_with_shared_rows_chunks_and_truncation(monkeypatch):
-    """Requests that share a row (MMLU letters), a row shared by continuations of different lengths (its scored
-    positions interleave), inputs longer than max_seq_len (left-truncated), several batches (batch_tokens) and
-    several LM-head chunks (HEAD_ROWS): every sum equals a plain unpadded forward per request."""
-    model = tiny_scorer()
-    g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
-    ctx, long_ctx = ids(9), ids(30)
-    reqs = [(ctx, [t]) for t in (3, 4, 5, 6)]  # one row, one position, four targets
-    reqs += [(ctx[:-2], ctx[-2:] + [7]), (ctx[:-1], ctx[-1:] + [7])]  # row `ctx` again, 3 and 2 scored positions
-    reqs += [(ids(n), ids(k)) for n, k in ((1, 1), (4, 3), (12, 5), (6, 1))]
-    reqs += [(long_ctx, ids(3)), (ids(2), ids(22))]  # truncated to the last 24 inputs
-    shared = ids(11)  # MMLU cloze: one context, several longer-than-one-token continuations (run once, cache copied)
-    reqs += [(shared, ids(k)) for k in (2, 4, 3, 1)]
-
-    def brute(c, x):
-        full = (c + x)[-(model.config.max_seq_len + 1):]  # the same left truncation
-        with torch.no_grad():
-            logp = F.log_softmax(model(torch.tensor([full[:-1]]))[0], -1)  # (T, V)
-        return sum(float(logp[len(full) - 1 - len(x) + j, t]) for j, t in enumerate(x))
-    want = [brute(c, x) for c, x in reqs]
-    monkeypatch.setattr(SC, "HEAD_ROWS", 3)
-    assert list(SC.shared_contexts(reqs, model.config.max_seq_len)) == [tuple(shared)]
-    for batch_tokens in (30, 4096):
-        for share in (True, False):
-            got = SC.loglikelihoods(model, reqs, batch_tokens=batch_tokens, share_prefix=share)
-            assert got == pytest.approx(want, abs=1e-4), (batch_tokens, share)
-    with pytest.raises(ValueError, match="empty continuation"):
-        SC.loglikelihoods(model, [([1], [])])
-    with pytest.raises(ValueError, match="empty context"):
-        SC.loglikelihoods(model, [([], [1, 2])])
-
-
-def test_loglikelihoods_do_not_depend_on_batching():
-    """The default token budget (CPU 4096, CUDA 32768) only changes how rows are grouped, not the numbers."""
-    model = tiny_scorer(1)
-    g = torch.Generator().manual_seed(2)
-    reqs = [(torch.randint(0, 50, (n,), generator=g).tolist(), [int(t)]) for n, t in zip(range(1, 20), range(19))]
-    a = SC.loglikelihoods(model, reqs)
-    b = SC.loglikelihoods(model, reqs, batch_tokens=8)
-    assert a == pytest.approx(b, abs=1e-4)  # float32 matmuls of other shapes: last-bit differences only
-    assert SC.default_batch_tokens("cpu") == 4096 and SC.default_batch_tokens("cuda:0") == 32768

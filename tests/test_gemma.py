@@ -1,5 +1,6 @@
-"""Tests for the second model family, Gemma 3: K-quant dequantisation, the Gemma branches of the Transformer, the
-SentencePiece tokenizer and `--model gemma3-270m` -- each against an independent oracle.
+"""Tests for the second model family, Gemma 3, across model.py, checkpoints.py, gguf_file.py, tokenizer.py and hub.py:
+K-quant dequantisation, the Gemma branches of the Transformer, its HF and GGUF configs, the SentencePiece tokenizer
+and `--model gemma3-270m` -- each against an independent oracle.
 
 Oracles (test-only imports): `gguf` (dequantisation), `transformers` (Gemma3ForCausalLM built from a random config;
 the real GGUF loaded by transformers; transformers' own GGUF-to-tokenizer conversion).
@@ -31,6 +32,7 @@ import data  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
 from cli import UserError  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 from tokenizer import SentencePieceTokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +41,7 @@ TOL = 1e-4  # max |delta logit| against transformers in float32
 
 # ============================================================================ dequantisation, bit for bit
 
-# (random blocks of the K-quants and Q5_0/Q5_1, bit for bit against gguf: tests/test_model.py, with every type)
+# (random blocks of the K-quants and Q5_0/Q5_1, bit for bit against gguf: tests/test_gguf.py, with every type)
 
 
 # ============================================================================ tiny random Gemma 3 vs transformers
@@ -170,8 +172,7 @@ def test_tiny_export_loads_back_in_transformers(tiny, tmp_path):
 def test_fingerprints_of_other_families_unchanged():
     """The Gemma fields enter a fingerprint only for Gemma models, so artifacts built for SmolLM2 stay valid: the
     hash is over the same config keys as before the fields existed."""
-    torch.manual_seed(0)
-    m = M.Transformer(M.Config(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, n_ffn=24))
+    m = tiny_model(vocab=64, n_layer=1, n_head=2, n_embd=16, n_ffn=24, max_seq_len=8192)
     cfg = {k: v for k, v in vars(m.config).items() if k != "name" and k not in M.GEMMA3_FIELDS}
     sample = m.tok_emb.weight[:16].detach().to("cpu", torch.bfloat16).float().numpy().tobytes()
     import hashlib

@@ -1,4 +1,5 @@
-"""Device tests (issue 14): every tensor follows the model's device, and the GPU paths equal the CPU ones.
+"""Device tests, across generate.py, scoring.py, dowp.py, experts.py, router.py, train_router.py and cli.py: every
+tensor follows the model's device, and the GPU paths equal the CPU ones.
 
 Two kinds:
 
@@ -37,7 +38,7 @@ import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
 import router as R  # noqa: E402
 import train_router as TR  # noqa: E402
-from conftest import smol_hf_tokenizer  # noqa: E402
+from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
@@ -46,16 +47,9 @@ SMOL_HF_TOK = smol_hf_tokenizer()
 DOMAINS = ["general", "code", "math", "knowledge"]
 
 
-def tiny(arch="llama", seed=0, vocab=512, n_layer=4, **kw) -> M.Transformer:
-    torch.manual_seed(seed)
-    extra = {"gemma3": dict(sliding_window=5, local_layers=[0])}.get(arch, {})
-    cfg = M.Config(arch=arch, vocab_size=vocab, n_layer=n_layer, n_head=4, n_kv_head=4 if arch == "gpt2" else 2,
-                   n_embd=64, n_ffn=256, max_seq_len=128, name="tiny", **extra, **kw)
-    m = M.Transformer(cfg).eval()
-    with torch.no_grad():
-        m.tok_emb.weight.mul_(0.3)  # logits spread enough that sampling is not argmax
-    m.fingerprint = M.fingerprint(m)
-    return m
+# the device tests' model: tiny_model(arch, **TINY) (gemma3: a window of 5 on layer 0); logits spread enough that
+# sampling is not argmax
+TINY = dict(vocab=512, n_layer=4, n_embd=64, n_ffn=256, name="tiny", emb_scale=0.3)
 
 
 def tiny_moe(model, seed=0):
@@ -127,7 +121,7 @@ def host_reads():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_generation_follows_the_model_device_and_reads_the_host_once_per_step(arch):
-    m = tiny(arch).to("meta")
+    m = tiny_model(arch, **TINY).to("meta")
     for decode in ("dynamic", "static"):
         for prompts in (PROMPTS[:1], PROMPTS):
             with host_reads() as calls:
@@ -142,7 +136,7 @@ def test_generation_follows_the_model_device_and_reads_the_host_once_per_step(ar
 
 
 def test_scoring_follows_the_model_device_and_copies_to_the_host_once():
-    m = tiny().to("meta")
+    m = tiny_model(**TINY).to("meta")
     reqs = [([1, 2, 3, 4], [5]), ([1, 2, 3, 4], [6]), ([7] * 30, [8, 9, 10]), ([7] * 30, [11, 12]), ([2], [3] * 5)]
     assert list(SC.shared_contexts(reqs, 512)) == [(7,) * 30]  # both paths: rows, and a context run once
     with host_reads() as calls:
@@ -154,7 +148,7 @@ def test_scoring_follows_the_model_device_and_copies_to_the_host_once():
 def test_pipeline_stages_follow_the_model_device():
     """purify's statistics and experts, routing, routed generation and scoring, perplexity, and both levels of
     router training (features come from a host-side cache; Gumbel noise is drawn on the host) on a meta model."""
-    m = tiny()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m)  # experts and router built on the CPU, then everything moves with the model
     m.to("meta")
     moe.router.to("meta")
@@ -175,7 +169,7 @@ def test_pipeline_stages_follow_the_model_device():
 
 def test_artifacts_save_device_free(tmp_path):
     """A router saved from a model on one device loads onto the device of the model it is loaded for."""
-    m = tiny()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m)
     R.save_router(tmp_path / "r.safetensors", moe.router, m, moe.experts)
     router, _ = R.read_router(tmp_path / "r.safetensors")
@@ -200,7 +194,7 @@ def test_device_auto_picks_the_gpu():
 def test_graph_decode_equals_eager(arch, dtype):
     """The CUDA graph replays the static step's kernels: the same tokens as the step launched eagerly, for greedy
     and seeded sampling, one row and a left-padded batch. In float32 also the same as the dynamic decode."""
-    m = tiny(arch).to("cuda", dtype)
+    m = tiny_model(arch, **TINY).to("cuda", dtype)
     for prompts in (PROMPTS[:1], PROMPTS):
         for kw in ({}, dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, top_p=0.9, seed=5)):
             eager = G.generate(m, prompts, 24, stop_ids=set(), decode="static", **kw)
@@ -217,7 +211,7 @@ def test_graph_decode_equals_eager(arch, dtype):
 @pytest.mark.slow
 def test_compiled_graph_decode_equals_eager():
     """Opt-in decode="compiled" (torch.compile's fused kernels, then our CUDA graph): the tokens of eager decode."""
-    m = tiny().to("cuda")
+    m = tiny_model(**TINY).to("cuda")
     for kw in ({}, dict(temperature=1.0, seed=3)):
         eager = G.generate(m, PROMPTS, 16, stop_ids=set(), decode="static", **kw)
         assert G.generate(m, PROMPTS, 16, stop_ids=set(), decode="compiled", **kw) == eager, kw
@@ -228,10 +222,10 @@ def test_compiled_graph_decode_equals_eager():
 def test_routed_graph_decode_equals_eager_and_cpu():
     """FreeMoE on cuda: routing inside the prefill, compact expert FFNs captured in the graph; the same tokens and
     decisions as eager decode on cuda and as the CPU run (float32)."""
-    m = tiny()
+    m = tiny_model(**TINY)
     moe_cpu = tiny_moe(m)
     cpu_out, cpu_dec = moe_cpu.generate([PROMPTS[1], PROMPTS[3]], 16, stop_ids=set())
-    mg = tiny().to("cuda")
+    mg = tiny_model(**TINY).to("cuda")
     moe = tiny_moe(mg)
     for decode in ("static", "graph", "graph"):
         out, dec = moe.generate([PROMPTS[1], PROMPTS[3]], 16, stop_ids=set(), decode=decode)
@@ -244,7 +238,7 @@ def test_routed_graph_decode_equals_eager_and_cpu():
 @cuda
 @needs_gpu
 def test_scoring_on_gpu_equals_cpu():
-    m = tiny()
+    m = tiny_model(**TINY)
     g = torch.Generator().manual_seed(0)
     reqs = [(torch.randint(0, 512, (n,), generator=g).tolist(), torch.randint(0, 512, (k,), generator=g).tolist())
             for n, k in ((5, 1), (40, 3), (90, 2), (7, 30))]
@@ -302,10 +296,8 @@ def run_pipeline(tmp: Path, model_dir: Path, device: str, experts=None, router_f
 def test_tiny_pipeline_on_cuda_equals_cpu(tmp_path):
     if not SMOL_HF_TOK.exists():
         pytest.skip("needs the shared SmolLM2 tokenizer")
-    torch.manual_seed(0)
-    cfg = M.Config(arch="llama", vocab_size=49152, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, n_ffn=128,
-                   max_seq_len=2048, name="tiny-gpu")
-    EX.export_hf(M.Transformer(cfg).eval(), [None] * 4, tmp_path / "tiny", SMOL_HF_TOK)
+    model = tiny_model(vocab=49152, n_layer=4, n_embd=64, n_ffn=128, max_seq_len=2048, name="tiny-gpu")
+    EX.export_hf(model, [None] * 4, tmp_path / "tiny", SMOL_HF_TOK)
     cpu = run_pipeline(tmp_path, tmp_path / "tiny", "cpu")
     gpu = run_pipeline(tmp_path, tmp_path / "tiny", "cuda", experts=cpu["experts"], router_file=cpu["router"])
     assert_same_pipeline(cpu, gpu)

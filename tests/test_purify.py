@@ -1,18 +1,13 @@
-"""Tests for purify.py: DOWP statistics, scores, neuron selection, the experts file, compact experts, HF export.
-
-Tiny random models (seeded) give exact checks: statistics equal a brute-force recomputation from stored
-activations, a masked FFN equals its materialized compact FFN, keep=1.0 is exactly the dense model, the experts
-file round-trips and a mismatched or corrupted file is refused, an exported expert loads in transformers with
-the same logits. Slow tests use the real SmolLM2-135M model with small token budgets (one model load, one
-statistics pass per domain for the whole module).
-
-    python -m pytest -q tests/test_purify.py
-    python -m pytest -q -m "not slow" tests/test_purify.py
-
-Shape legend: B batch, T time, C width, L layers, F FFN neurons, V vocab, k kept neurons.
+"""Tests for purify.py and purify_sweep.py, the DOWP command lines: on a tiny random Llama with the real tokenizer and
+data, purify.py writes experts that load, reuses its cached statistics, exports a loadable expert, chooses thresholds
+with --score taylor --auto; purify_sweep.py runs every score and budget, its check and --write-experts, reuses every
+cached row, and summarises several draws; its weight-level masks remove the lowest-scoring weights of every row; a
+bad flag is a one-line error. Slow tests use the real SmolLM2-135M model with small token budgets (one model load, one
+statistics pass per domain for the whole module): each domain's expert is best on its own domain, DOWP beats the
+random and magnitude baselines, and an exported expert matches transformers. Shape legend: N windows, T time,
+L layers, F FFN neurons.
 """
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,247 +24,15 @@ import cli  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
-import search  # noqa: E402
-from conftest import smol_hf_tokenizer  # noqa: E402
+from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
+from test_dowp import TINY, windows  # noqa: E402
 
 SMOL_HF_TOK = smol_hf_tokenizer()
 
 
-def tiny(arch="llama", seed=0, tie=True, n_ffn=48) -> M.Transformer:
-    torch.manual_seed(seed)
-    cfg = M.Config(arch=arch, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=32,
-                   n_ffn=n_ffn, max_seq_len=64, tie_embeddings=tie, name=f"tiny-{arch}")
-    m = M.Transformer(cfg).eval().requires_grad_(False)
-    with torch.no_grad():  # non-trivial norm weights / biases so the export map is really exercised
-        for name, p in m.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    m.fingerprint = M.fingerprint(m)
-    return m
-
-
-def windows(n=6, T=16, V=96, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))  # (N, T)
-
-
-class StoreAll(torch.nn.Module):
-    """Keeps every activation (brute force, O(tokens)): the oracle for the streamed statistics."""
-
-    def __init__(self, mlp):
-        super().__init__()
-        self.mlp, self.acts = mlp, []
-
-    def forward(self, x):
-        a = self.mlp.neurons(x)
-        self.acts.append(a.reshape(-1, a.shape[-1]).clone())
-        return self.mlp.project(a)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_stats_equal_brute_force(arch):
-    m, w = tiny(arch), windows()
-    stats = dowp.collect_stats(m, w, batch_size=4)  # two batches of unequal size: the streaming must add up
-    store = [StoreAll(b.mlp) for b in m.layers]
-    with torch.no_grad():
-        logits = m(w, mlps=store)
-        assert torch.equal(logits, m(w))  # recording FFNs compute exactly the dense FFN
-    for l, s in enumerate(store):
-        a = torch.cat(s.acts).double()  # (N*T, F)
-        rms = a.pow(2).mean(1, keepdim=True).sqrt()
-        assert int(stats["count"]) == a.shape[0] == w.numel()
-        torch.testing.assert_close(stats["mean_abs"][l].double(), a.abs().mean(0), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(stats["mean_sq"][l].double(), a.pow(2).mean(0), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(stats["max_abs"][l].double(), a.abs().amax(0), rtol=1e-6, atol=0)
-        torch.testing.assert_close(stats["fire_rate"][l].double(), (a.abs() > dowp.FIRE_REL * rms).double().mean(0),
-                                   rtol=0, atol=1.5 / a.shape[0])  # at most a borderline token differs
-        torch.testing.assert_close(stats["down_norm"][l], m.layers[l].mlp.down.weight.norm(dim=0))
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_masked_equals_compact(arch):
-    m, w = tiny(arch), windows()
-    scores = dowp.score_random(m, seed=3)
-    idx = dowp.select_neurons(scores, 0.4)
-    assert all(len(i) == round(0.4 * 48) for i in idx)
-    compact = EX.materialize(m, idx)
-    masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]
-    for c, k in zip(compact, idx):
-        assert c.n_neurons == len(k) and c.up.weight.shape == (len(k), 32)  # really smaller matmuls
-    x = torch.randn(2, 5, 32)
-    with torch.no_grad():
-        assert (compact[0](x) - masked[0](x)).abs().max() <= 1e-5
-        assert (m(w, mlps=compact) - m(w, mlps=masked)).abs().max() <= 1e-5
-        assert (m(w, mlps=compact) - m(w)).abs().max() > 1e-3  # and purifying really changed the model
-
-
-def test_keep_one_is_exactly_dense():
-    m, w = tiny(), windows()
-    stats = {"a": dowp.collect_stats(m, w), "b": dowp.collect_stats(m, windows(seed=2))}
-    stats["a"]["taylor"] = dowp.loss_aware_stats(m, w)["taylor"]
-    for method in dowp.SCORES:
-        s = dowp.score_neurons({**stats, "general": stats["a"]}, m, method, domain="a")
-        for idx in (dowp.select_neurons(s, 1.0), dowp.select_above(s, float("-inf"))):  # --auto's "remove nothing"
-            assert all(torch.equal(i, torch.arange(48)) for i in idx)
-            with torch.no_grad():
-                assert torch.equal(m(w, mlps=EX.materialize(m, idx)), m(w))
-    assert EX.kept_fraction(idx, m) == 1.0
-    assert EX.kept_fraction([None, torch.arange(12), torch.arange(24)], m) == pytest.approx((48 + 12 + 24) / 144)
-
-
-def test_select_neurons_budget_and_protection():
-    scores = torch.arange(30.0).view(3, 10)  # (L, F): neuron j scores j
-    protect = torch.zeros(3, 10, dtype=torch.bool)
-    protect[1, 0] = True  # the worst-scoring neuron of layer 1 is a super neuron
-    idx = dowp.select_neurons(scores, [0.3, 0.3, 0.5], protect)
-    assert idx[0].tolist() == [7, 8, 9]
-    assert idx[1].tolist() == [0, 8, 9]  # protected kept, inside the same budget
-    assert idx[2].tolist() == [5, 6, 7, 8, 9]
-    with pytest.raises(M.UserError, match="keep must be in"):
-        dowp.select_neurons(scores, 1.5)
-    with pytest.raises(M.UserError, match="exceed the budget"):
-        dowp.select_neurons(scores, 0.1, torch.ones(3, 10, dtype=torch.bool))
-
-
-def test_super_neurons_rule():
-    peak = torch.ones(2, 8)
-    peak[0, 3] = 200.0  # a massive activation
-    peak[1, 5] = 20.0  # large, but under the factor
-    stats = {"a": {"max_abs": peak}, "b": {"max_abs": torch.ones(2, 8)}}
-    sup = dowp.super_neurons(stats, 50.0)
-    assert sup.sum() == 1 and sup[0, 3]
-    assert dowp.super_neurons(stats, 0).sum() == 0
-
-
-def fake_stats(importance: torch.Tensor, count=100) -> dict:
-    """Stats whose Wanda importance is `importance` (L, F) (down norms = 1)."""
-    return {"mean_sq": importance ** 2, "mean_abs": importance, "fire_rate": torch.ones_like(importance),
-            "max_abs": importance, "down_norm": torch.ones_like(importance), "count": torch.tensor(count)}
-
-
-def test_dowp_contrast_rule():
-    # neuron 0: important everywhere; 1: only for code; 2: only for math; 3: weak everywhere
-    code = torch.tensor([[4.0, 3.0, 0.1, 0.5]])
-    math_ = torch.tensor([[4.0, 0.1, 3.0, 0.5]])
-    stats = {"code": fake_stats(code), "math": fake_stats(math_)}
-    s0 = dowp.score_dowp(stats, "code", contrast=0.0)
-    assert torch.argsort(s0, descending=True).tolist() == torch.argsort(code, descending=True).tolist()
-    for lam in (0.5, 1.0, 2.0):
-        kept = dowp.select_neurons(dowp.score_dowp(stats, "code", lam), 0.5)[0].tolist()
-        assert kept == [0, 1]  # shared-important kept, code-specific kept, math-only purified
-        kept = dowp.select_neurons(dowp.score_dowp(stats, "math", lam), 0.5)[0].tolist()
-        assert kept == [0, 2]
-    # with a large contrast the specific neuron outranks the shared one, but the shared one still beats
-    # the weak and the other-domain ones
-    s = dowp.score_dowp(stats, "code", 2.0)[0]
-    assert s[1] > s[0] > s[3] > s[2]
-    with pytest.raises(M.UserError, match="contrast"):
-        dowp.score_dowp(stats, "code", -1.0)
-    mixed = dowp.score_neurons(stats, tiny(n_ffn=4), "mixed")
-    torch.testing.assert_close(mixed, (0.5 * code ** 2 + 0.5 * math_ ** 2).sqrt())
-
-
-# --- loss-aware (Taylor) scores
-
-class ScaledNeuron(torch.nn.Module):
-    """The FFN with neuron j's activation multiplied by `factor` (factor 0 = the neuron removed)."""
-
-    def __init__(self, mlp, j, factor):
-        super().__init__()
-        self.mlp, self.j, self.factor = mlp, j, factor
-
-    def forward(self, x):
-        a = self.mlp.neurons(x).clone()  # (B, T, F)
-        a[..., self.j] *= self.factor
-        return self.mlp.project(a)
-
-
-def mean_nll(m, w, mlps=None) -> float:
-    with torch.no_grad():
-        logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_taylor_equals_finite_difference(arch):
-    """dL_j = -sum_t a_j dL/da_j is -d/ds L(a_j -> s a_j) at s = 1: check it against a central difference, and the
-    per-weight form against it (removing neuron j = removing column j of W_down, so the column sums agree)."""
-    m, w = tiny(arch).double(), windows()
-    est = dowp.loss_aware_stats(m, w, batch_size=4, weights=True)  # two batches: the sums must add up
-    h = 0.03
-    for l, j in [(0, 3), (1, 17), (2, 40)]:
-        mlps = lambda f: [ScaledNeuron(b.mlp, j, f) if i == l else b.mlp for i, b in enumerate(m.layers)]
-        fd = -(mean_nll(m, w, mlps(1 + h)) - mean_nll(m, w, mlps(1 - h))) / (2 * h)
-        assert abs(est["taylor"][l, j].item() - fd) <= 1e-3 * abs(fd) + 2e-5, (l, j, est["taylor"][l, j], fd)
-    torch.testing.assert_close(torch.stack([est["taylor_w"][f"{l}.down"].sum(0) for l in range(3)]), est["taylor"],
-                               rtol=1e-4, atol=1e-7)
-    # one up-projection weight: -W dL/dW against a central difference on that weight alone
-    up = m.layers[1].mlp.up.weight
-    fd_w = []
-    for f in (1 + h, 1 - h):
-        with torch.no_grad():
-            old, up[5, 7] = up[5, 7].clone(), up[5, 7] * f
-            fd_w.append(mean_nll(m, w))
-            up[5, 7] = old
-    fd = -(fd_w[0] - fd_w[1]) / (2 * h)
-    assert abs(est["taylor_w"]["1.up"][5, 7].item() - fd) <= 1e-3 * abs(fd) + 2e-6
-    assert not any(p.requires_grad or p.grad is not None for p in m.parameters())  # the model stays frozen
-
-
-def harmful_model():
-    """A tiny GPT-2 whose neuron 5 of the last layer fires at ~3 on every token and writes the LM-head direction of
-    token 95, which never occurs in the text (tokens < 48): removing it provably lowers the loss."""
-    m = tiny("gpt2")
-    mlp = m.layers[2].mlp
-    with torch.no_grad():
-        mlp.up.weight[5] = 0
-        mlp.up.bias[5] = 3.0  # a = gelu(3) on every token
-        v = m.tok_emb.weight[95] - m.tok_emb.weight[95].mean()  # tied head: raises token 95's logit
-        mlp.down.weight[:, 5] = 10 * v / v.norm()
-    w = lambda seed: torch.randint(0, 48, (8, 16), generator=torch.Generator().manual_seed(seed))  # (N, T)
-    return m, w
-
-
-def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
-    m, w = harmful_model()
-    calib, val = w(1), w(2)
-    without = [b.mlp for b in m.layers]
-    without[2] = ScaledNeuron(without[2], 5, 0.0)
-    assert mean_nll(m, calib, without) < mean_nll(m, calib) - 1  # the truth: removal lowers the loss a lot
-    taylor = dowp.loss_aware_stats(m, calib)["taylor"]  # (L, F)
-    assert taylor.flatten().argmin().item() == 2 * 48 + 5 and taylor[2, 5] < 0  # ranked first to remove
-    assert 5 not in dowp.select_neurons(taylor, 47 / 48)[2].tolist()
-    tau, trials = search.auto_threshold(m, taylor, val)  # chosen on other text of the same kind
-    idx = dowp.select_above(taylor, tau)
-    assert 5 not in idx[2].tolist() and trials[0]["removed"] == 0  # the "remove nothing" candidate was tried
-    best = min(t["val_loss"] for t in trials)
-    assert best < trials[0]["val_loss"] and EX.kept_fraction(idx, m) > 0.8
-    greedy, trials = search.greedy_layers(m, taylor, val)  # layer by layer: each layer's block here is 1 neuron
-    assert 5 not in greedy[2].tolist() and all(len(g) >= 47 for g in greedy)
-    accepted = [t for t in trials if t["accepted"]]
-    assert {"layer": 2, "removed": 1} in [{k: t[k] for k in ("layer", "removed")} for t in accepted]
-    assert all(b["val_loss"] < a["val_loss"] for a, b in zip(accepted, accepted[1:]))  # each step lowers it
-    exact = math.log(SC.perplexity(m, val, EX.materialize(m, greedy)))  # the cached-prefix loss is the real one
-    assert accepted[-1]["val_loss"] == pytest.approx(exact, abs=1e-5)
-    import purify_sweep as S  # the weight-level counterpart finds the harmful weights (neuron 5's down column)
-    sc = {"stats": dowp.collect_stats(m, calib), **dowp.loss_aware_stats(m, calib, weights=True)}
-    mlps, trials = S.greedy_weights(m, sc, val, 8)
-    assert mlps[2] is not None and 2 in [t["layer"] for t in trials if t["accepted"]]
-    assert mean_nll(m, val, [x or b.mlp for x, b in zip(mlps, m.layers)]) < mean_nll(m, val) - 1
-    masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
-    with torch.no_grad():
-        assert (m(val, mlps=EX.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
-
-
-def test_select_above_keeps_protected_and_never_empties_a_layer():
-    scores = torch.tensor([[-1.0, 2.0, -3.0], [-5.0, -4.0, -6.0]])  # (L, F)
-    protect = torch.tensor([[False, False, True], [False, False, False]])
-    idx = dowp.select_above(scores, 0.0, protect)
-    assert idx[0].tolist() == [1, 2] and idx[1].tolist() == [1]  # layer 1: its best neuron stays
-
-
 def test_weight_level_masks():
     import purify_sweep as S
-    m, w = tiny(), windows()
+    m, w = tiny_model(**TINY), windows()
     stats = dowp.collect_stats(m, w)
     sc = {"stats": stats, **dowp.loss_aware_stats(m, w, weights=True)}
     for method in S.WEIGHT_SCORES:
@@ -293,83 +56,7 @@ def test_weight_level_masks():
     assert iv["delta"] == 0 and iv["delta_ci"] == [0, 0] and iv["ppl_ci"][0] <= iv["ppl"] <= iv["ppl_ci"][1]
 
 
-def test_experts_file_roundtrip_and_refusals(tmp_path):
-    m, w = tiny(), windows()
-    stats = {"general": dowp.collect_stats(m, w), "code": dowp.collect_stats(m, windows(seed=5))}
-    experts = {d: dowp.select_neurons(dowp.score_neurons(stats, m, "dowp", d), 0.5) for d in stats}
-    baselines = {b: EX.baseline_indices(b, m, stats, 0.5) for b in dowp.BASELINES}
-    meta = {"fingerprint": m.fingerprint, "n_layer": 3, "n_ffn": 48, "score": "dowp", "keep": 0.5, "protect": 50.0}
-    path = tmp_path / "experts.safetensors"
-    EX.save_experts(path, experts, meta, baselines, stats)
-    ex = EX.load_experts(path, m)
-    assert ex.domains == ["general", "code"] and ex.meta["keep"] == 0.5
-    for d in stats:
-        assert all(torch.equal(a, b) for a, b in zip(ex.indices[d], experts[d]))
-        for k in dowp.STATS:
-            assert torch.equal(ex.stats[d][k], stats[d][k])
-    for b in dowp.BASELINES:
-        assert all(torch.equal(x, y) for x, y in zip(ex.baselines[b], baselines[b]))
-        # a baseline rebuilt from the saved statistics (at the file's keep) is the stored one
-        assert all(torch.equal(x, y) for x, y in zip(EX.baseline_indices(b, m, path, 0.5), baselines[b]))
-    assert len(EX.baseline_indices("mixed", m, ex, 0.25)[0]) == 12  # any keep
-    assert all(EX.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
-    assert ex.mlps("code")[0].n_neurons == 24
-    assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("general"), experts["general"]))  # domain first
-    assert all(torch.equal(a, b) for a, b in zip(ex.index_sets("baseline.general"), baselines["general"]))
-    with pytest.raises(M.UserError, match="no expert or baseline"):
-        ex.mlps("legal")
-
-    other = tiny(seed=1)  # same shapes, other weights -> other fingerprint
-    with pytest.raises(M.UserError, match="fingerprint"):
-        EX.load_experts(path, other)
-    wide = tiny(n_ffn=64)
-    EX.save_experts(tmp_path / "wide.safetensors", experts, {**meta, "fingerprint": wide.fingerprint})
-    with pytest.raises(M.UserError, match="neurons"):
-        EX.load_experts(tmp_path / "wide.safetensors", wide)
-
-    raw = bytearray(path.read_bytes())
-    bad = tmp_path / "flipped.safetensors"
-    raw_flip = bytearray(raw)
-    raw_flip[-5] ^= 0x40  # one bit inside the tensor data
-    bad.write_bytes(bytes(raw_flip))
-    with pytest.raises(M.UserError, match="checksum|corrupt"):
-        EX.load_experts(bad, m)
-    bad.write_bytes(bytes(raw[: len(raw) // 2]))
-    with pytest.raises(M.UserError, match="truncated"):
-        EX.load_experts(bad, m)
-    ckpt.write_safetensors(bad, {"x": torch.zeros(3)}, {"hello": "world"})
-    with pytest.raises(M.UserError, match="not an experts file"):
-        EX.load_experts(bad, m)
-    with pytest.raises(M.UserError, match="does not exist"):
-        EX.load_experts(tmp_path / "missing.safetensors", m)
-    # an index set out of range, saved with a valid checksum, is refused by the range check
-    broken = {d: [i.clone() for i in v] for d, v in experts.items()}
-    broken["code"][1][-1] = 48
-    EX.save_experts(bad, broken, meta)
-    with pytest.raises(M.UserError, match="code.1"):
-        EX.load_experts(bad, m)
-
-
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("gpt2", True)])
-def test_export_loads_in_transformers(tmp_path, arch, tie):
-    transformers = pytest.importorskip("transformers")
-    m, w = tiny(arch, tie=tie), windows()
-    idx = dowp.select_neurons(dowp.score_random(m, 7), 0.5)
-    out = tmp_path / "exp"
-    copied = EX.export_hf(m, idx, out, SMOL_HF_TOK if SMOL_HF_TOK.exists() else None, {"domain": "x"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert hf.config.intermediate_size if arch == "llama" else hf.config.n_inner == 24
-    with torch.no_grad():
-        ours = m(w, mlps=EX.materialize(m, idx))  # (N, T, V)
-        theirs = hf(w).logits
-    assert (ours - theirs).abs().max() <= 1e-4
-    if copied:  # our own loader reads the exported dir too
-        m2, _ = M.load_model(out)
-        with torch.no_grad():
-            assert (m2(w) - ours).abs().max() <= 1e-5
-    with pytest.raises(M.UserError, match="same number of kept neurons"):
-        EX.export_hf(m, [idx[0], idx[1], idx[2][:5]], tmp_path / "bad")
-
+# ============================================================================ the command lines
 
 def test_cli_user_errors_are_one_line():
     for argv in (["--domains", "poetry"], ["--keep", "0"], ["--domain", "x=/no/such/file.txt"]):
@@ -383,10 +70,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
     a re-run reuses the cached statistics, the export loads."""
     if not SMOL_HF_TOK.exists():
         pytest.skip("needs the shared SmolLM2 tokenizer")
-    torch.manual_seed(0)
-    cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
-                   max_seq_len=512, name="tiny-cli")
-    m = M.Transformer(cfg).eval().requires_grad_(False)
+    m = tiny_model(vocab=49152, n_ffn=40, max_seq_len=512, name="tiny-cli")
     EX.export_hf(m, [None, None], tmp_path / "tiny", SMOL_HF_TOK)  # keep everything: a plain HF checkpoint
     out = tmp_path / "out"
     argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains", "general", "code",
@@ -421,10 +105,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     score and budget, the check and --write-experts, and a re-run reuses every cached row."""
     if not SMOL_HF_TOK.exists():
         pytest.skip("needs the shared SmolLM2 tokenizer")
-    torch.manual_seed(0)
-    cfg = M.Config(arch="llama", vocab_size=49152, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=40,
-                   max_seq_len=512, name="tiny-cli")
-    EX.export_hf(M.Transformer(cfg).eval().requires_grad_(False), [None, None], tmp_path / "tiny", SMOL_HF_TOK)
+    EX.export_hf(tiny_model(vocab=49152, n_ffn=40, max_seq_len=512, name="tiny-cli"), [None, None], tmp_path / "tiny",
+                 SMOL_HF_TOK)
     common = ["--model", str(tmp_path / "tiny"), "--domains", "general", "code", "--tokens", "512", "--seq-len", "128",
               "--threads", "1"]
     r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "threshold",
@@ -454,6 +136,22 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     assert set(ex.stats) == {"general", "code"}
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
+    # draws: one sweep per (size, draw) in its own folder, then how the result varies across draws
+    r = subprocess.run([*argv[:2], *common[:-6], "--tokens", "256", "512", "--seq-len", "128", "--threads", "1",
+                        "--heldout-tokens", "256", "--draws", "2", "--systems", "neuron:taylor:greedy",
+                        "--check-neurons", "0", "--out", str(tmp_path / "draws")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "draws").iterdir() if p.is_dir())
+    assert runs == ["tokens256.seed0", "tokens256.seed1", "tokens512.seed0", "tokens512.seed1"]
+    assert not any(k.startswith("taylor_w.") for k in  # no weight-level system asked: no per-weight scores kept
+                   ckpt.read_safetensors(tmp_path / "draws" / runs[0] / "scores.code.safetensors"))
+    stab = json.loads((tmp_path / "draws" / "stability.json").read_text())["table"]
+    assert set(stab) == {f"{t}|{d}|neuron:taylor:greedy" for t in (256, 512) for d in ("general", "code")}
+    one = stab["512|code|neuron:taylor:greedy"]
+    deltas = [json.loads((tmp_path / "draws" / f"tokens512.seed{s}" / "report.json").read_text())["table"]["code"]
+              ["neuron:taylor:greedy"]["delta"] for s in (0, 1)]
+    assert one["draws"] == 2 and one["delta_mean"] == pytest.approx(sum(deltas) / 2)
+    assert "| 512 | code | neuron:taylor:greedy |" in (tmp_path / "draws" / "stability.md").read_text()
 
 
 # ============================================================================ real model (slow)
@@ -522,9 +220,12 @@ def test_real_export_matches_transformers(real, tmp_path):
     model, tok = real["model"], real["tok"]
     idx = real["experts"]["code"]
     # the tokenizer files are written from the GGUF's own vocabulary, as `purify.py --export` does
-    copied = EX.export_hf(model, idx, tmp_path / "code", None, {"domain": "code"},
-                         EX.gguf_tokenizer_files(M.default_model_path()))
-    assert copied == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    files = EX.gguf_tokenizer_files(M.default_model_path())
+    info = EX.export_hf(model, idx, tmp_path / "code", None, {"domain": "code"}, files, dtype="float32")
+    assert info["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    default = EX.export_hf(model, idx, tmp_path / "code_bf16", None, {"domain": "code"}, files)
+    assert model.source_dtype == default["dtype"] == "bfloat16"  # a quantized GGUF exports in bfloat16
+    assert default["bytes"] < 0.55 * info["bytes"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "code")
     text = "def fibonacci(n):\n    if n < 2:\n        return n  # ü 日本 <|im_end|>"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
@@ -539,3 +240,7 @@ def test_real_export_matches_transformers(real, tmp_path):
     ours_loaded, _ = M.load_model(tmp_path / "code")
     with torch.no_grad():
         assert (ours_loaded(ids) - ours).abs().max() <= 1e-4
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "code_bf16").eval()  # its own dtype
+    assert hf16.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(hf16(ids).logits[0, -1].argmax(), ours[0, -1].argmax())

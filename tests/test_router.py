@@ -1,7 +1,6 @@
-"""Tests for router.py and train_router.py.
-
-Fast, exact checks on tiny random models with hand-made DSS-Expert index sets; slow checks on the real
-SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the lambda sweep of level 2).
+"""Tests for router.py and train_router.py: fast, exact checks on tiny random models with hand-made DSS-Expert index
+sets (decisions, gates and budgets, fallbacks, routing inside the prefill, the router file, both training levels);
+slow checks on the real SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the lambda sweep of level 2).
 """
 import json
 import math
@@ -19,17 +18,10 @@ import generate as G  # noqa: E402
 import model as M  # noqa: E402
 import scoring as SC  # noqa: E402
 import router as R  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 DOMAINS = ["general", "code", "math", "knowledge"]
-
-
-def tiny_model(seed=0, arch="llama"):
-    torch.manual_seed(seed)
-    cfg = M.Config(arch=arch, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2 if arch == "llama" else 4, n_embd=64,
-                   n_ffn=256, max_seq_len=128, name="tiny")
-    m = M.Transformer(cfg).eval()
-    m.fingerprint = M.fingerprint(m)
-    return m
+TINY = dict(vocab=512, n_layer=4, n_embd=64, n_ffn=256, name="tiny")  # the router tests' model: tiny_model(**TINY)
 
 
 def tiny_experts(model, keep=0.5, seed=0):
@@ -56,7 +48,7 @@ def ids(B=3, T=12, seed=0):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_prefix_hidden_equals_full_forward(arch):
-    m = tiny_model(arch=arch)
+    m = tiny_model(arch, **TINY)
     x = ids()
     valid = torch.ones_like(x, dtype=torch.bool)
     valid[0, :5] = False  # a left-padded row
@@ -68,7 +60,7 @@ def test_prefix_hidden_equals_full_forward(arch):
 
 
 def test_dense_decision_equals_dense_model():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     x = ids()
     dense = m(x)
@@ -78,7 +70,7 @@ def test_dense_decision_equals_dense_model():
 
 
 def test_forced_domain_equals_materialized_expert():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     ex = tiny_experts(m)
     moe = tiny_moe(m, ex)
     x = ids()
@@ -96,7 +88,7 @@ def test_forced_domain_equals_materialized_expert():
 
 
 def test_compact_modules_are_cached_and_smaller():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     a = moe.mlps_for(moe.decision_for(("math",), use_expert=(True,) * 4))
     b = moe.mlps_for(moe.decision_for(("math",), use_expert=(True, False, True, True)))
@@ -105,7 +97,7 @@ def test_compact_modules_are_cached_and_smaller():
 
 
 def test_mixed_mlp_endpoints_exact():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     x = torch.randn(2, 5, 64)
     dense = m.layers[0].mlp
     expert = dense.select(torch.arange(0, 256, 2))
@@ -117,7 +109,7 @@ def test_mixed_mlp_endpoints_exact():
 
 
 def test_router_is_under_one_percent_of_model():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     n_router, n_model = moe.router.num_params(), m.num_params()
     print(f"router params {n_router} = {100 * n_router / n_model:.3f}% of the tiny model's {n_model}")
@@ -129,7 +121,7 @@ def test_router_is_under_one_percent_of_model():
 
 
 def test_gate_sign_and_budget_rule():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     with torch.no_grad():
         moe.router.gate_logits.copy_(torch.tensor([[1.0, -1.0, 2.0, -3.0]] * 4))
@@ -146,7 +138,7 @@ def test_gate_sign_and_budget_rule():
 
 
 def test_threshold_fallbacks():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     ex = tiny_experts(m)
     moe = tiny_moe(m, ex, threshold=0.9)
     with torch.no_grad():
@@ -166,7 +158,7 @@ def test_threshold_fallbacks():
 
 
 def test_route_is_padding_invariant_and_generate_matches():
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     with torch.no_grad():
         moe.router.gate_logits.fill_(1.0)
@@ -188,7 +180,7 @@ def test_route_is_padding_invariant_and_generate_matches():
 @pytest.mark.parametrize("gate", [-1.0, 1.0])  # -1: the prefix layers are reused; +1: layer 0 is purified, redone
 def test_routing_inside_the_prefill_is_exact(gate):
     """generate() routes on the prefill's own first layers; tokens and decisions equal route() + plain generate."""
-    m = tiny_model()
+    m = tiny_model(**TINY)
     moe = tiny_moe(m, tiny_experts(m))
     with torch.no_grad():
         moe.router.gate_logits.fill_(gate)
@@ -204,7 +196,7 @@ def test_routing_inside_the_prefill_is_exact(gate):
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
-    m = tiny_model()
+    m = tiny_model(**TINY)
     ex = tiny_experts(m)
     moe = tiny_moe(m, ex)
     with torch.no_grad():
@@ -218,7 +210,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     assert back.router.cfg == moe.router.cfg
     # another model (different weights -> different fingerprint)
     with pytest.raises(M.UserError, match="trained for model fingerprint"):
-        R.load_router(path, tiny_model(seed=1), ex)
+        R.load_router(path, tiny_model(seed=1, **TINY), ex)
     # another experts file (one index changed)
     ex2 = tiny_experts(m)
     ex2.indices["math"][2] = ex2.indices["math"][2].clone()
@@ -235,7 +227,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
 
 def test_level2_training_changes_only_gate_logits():
     import train_router as TR
-    m = tiny_model()
+    m = tiny_model(**TINY)
     m.requires_grad_(False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     moe = tiny_moe(m, tiny_experts(m))
@@ -254,10 +246,10 @@ def test_level2_training_changes_only_gate_logits():
 
 
 def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
-    """Issue 16: with --l2-target kl the gates can only approach dense (KL is least there); with nll they open
+    """With --l2-target kl the gates can only approach dense (KL is least there); with nll they open
     where the expert predicts the domain's own text better than dense."""
     import train_router as TR
-    m = tiny_model()
+    m = tiny_model(**TINY)
     m.requires_grad_(False)
     with torch.no_grad():
         m.lm_head.weight.mul_(4)  # sharper (tied) logits: the expert's and dense predictions differ clearly
