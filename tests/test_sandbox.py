@@ -1,28 +1,40 @@
 """Tests for sandbox.py, one section per promise of its docstring.
 
-Verdict: no forgery short of manipulating the interpreter (printing, exiting early, atexit hooks, os._exit(0),
-patched os/sys/builtins, junk on every fd, signals, threads, forked children) turns a failing test into a pass,
-with and without isolation; the documented limits (a lying __eq__, reading the bootstrap's frame) are pinned.
+Verdict of a plain program: no forgery short of manipulating the interpreter (printing, exiting early, atexit
+hooks, os._exit(0), patched os/sys/builtins, junk on every fd, signals, threads, forked children) turns a failing
+test into a pass, with and without isolation; that a plain program can still fake its own end is pinned.
+Solution and tests apart (CodeTask): the forgeries that fooled a shared interpreter (the bootstrap's frame, a
+memory scan, sys.settrace over the asserts, a lying __eq__) and candidates that raise, hang, exit, print junk or
+return what cannot cross all fail; only literal data crosses; names reach the candidate as the tests need them.
 Evaluator: floods, closed or held output pipes and hostile files in the working directory neither hang, crash
-nor fill the evaluator, and leave no process behind.
-Isolation: writes to /tmp, /var/tmp, /run/lock, /dev/shm (also from a shell and ctypes' system()) do not persist
-and are capped; /proc shows only the sandbox; the repository, /work, /home, /sys and a world-readable file of
-ours are invisible; hostile programs (infinite loop, fork bomb, huge allocation or file, deleting or writing
-our files, network, killing us) fail within the timeout. Without isolation the sandbox refuses unless allowed.
-Slow: every HumanEval canonical solution and MBPP reference passes, the bare prompts fail.
+nor fill the evaluator, and leave no process behind; killing the evaluator kills its sandboxes and the next run
+removes their folders; a sandbox that cannot start is an "error", tried twice, counted apart by tasks.py.
+Isolation: writes to /tmp, /var/tmp, /run/lock, /dev/shm (also from a shell and ctypes' system()) and SysV
+shared memory do not persist and are capped; /proc shows only the sandbox; the repository, /work, /home, /sys
+and a world-readable file of ours are invisible; hostile programs (infinite loop, fork bomb, huge allocation or
+file, deleting or writing our files, network, killing us) fail within the timeout; forked children share one
+memory cap. Without isolation the sandbox refuses unless allowed.
+Slow: every HumanEval canonical solution and MBPP reference passes, empty completions fail.
 """
+import math
 import os
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data as D  # noqa: E402
 import sandbox as S  # noqa: E402
 from cli import UserError  # noqa: E402
+from sandbox import CodeTask  # noqa: E402
 
 PASS = "\n\nassert 1 + 1 == 2  # the 'tests'\n"
 FAIL = "\n\nassert 1 + 1 == 3  # the 'tests', failing\n"
@@ -32,7 +44,7 @@ FAIL = "\n\nassert 1 + 1 == 3  # the 'tests', failing\n"
 def isolated():
     """The isolated sandbox; the tests that need it skip (saying why) where the machine cannot provide it."""
     try:
-        return S.sandbox_config()
+        return S.sandbox_config(False)  # the call run_sandboxed makes: one probe, cached
     except UserError as e:
         pytest.skip(str(e))
 
@@ -53,6 +65,7 @@ def mode(request):
         request.getfixturevalue("isolated")
         return False
     request.getfixturevalue("unsandboxed")
+    S.sandbox_config(True)
     return True
 
 
@@ -153,13 +166,185 @@ def test_passing_programs_pass(mode):
     assert S.run_sandboxed("def f(:", allow_unsandboxed=mode).status == "failed"  # syntax error
 
 
-def test_documented_limits_still_fool_the_verdict(isolated):
-    """Pinned so that the docstring stays true: code that manipulates its own interpreter can fake a pass."""
-    lying_eq = "class Yes:\n    def __eq__(self, other):\n        return True\nassert Yes() == 3"
-    read_frame = ("import os, sys\nf = sys._getframe(1).f_locals\nos.write(f['verdict'], f['nonce'])\n"
-                  "os._exit(0)")
-    assert S.run_sandboxed(lying_eq).passed
+def test_a_plain_program_can_still_fake_its_own_end(isolated):
+    """Pinned so that the docstring stays true: a plain program has no tests apart from it, so code that manipulates
+    its own interpreter can fake a pass; the same trick in a CodeTask's candidate fails (below)."""
+    read_frame = ("import os, sys\nf = sys._getframe()\nwhile 'nonce' not in f.f_locals:\n    f = f.f_back\n"
+                  "os.write(f.f_locals['status'], f.f_locals['nonce'])\nos._exit(0)")
     assert S.run_sandboxed(read_frame + FAIL).passed
+
+
+# ----------------------------------------------------------------------------- solution and tests apart
+
+WRONG = "    return False\n\n\n"  # HumanEval/0: fails 4 of its 7 asserts, the last one passes
+CODE_FORGERIES = {  # each scored a wrong HumanEval/0 solution as passed when solution and tests shared a process
+    "frame_locals": WRONG + """\
+import os, re, sys
+fds, secrets = set(), set()
+f = sys._getframe()
+while f is not None:
+    for v in list(f.f_locals.values()):
+        if type(v) is int and 3 <= v < 256:
+            fds.add(v)
+        elif isinstance(v, (str, bytes)) and re.fullmatch(b"[0-9a-f]{32}", v.encode() if isinstance(v, str) else v):
+            secrets.add(v.encode() if isinstance(v, str) else v)
+    f = f.f_back
+for fd in fds:
+    for s in secrets:
+        try:
+            os.write(fd, s)
+        except OSError:
+            pass
+os._exit(0)
+""",
+    "memory_scan": WRONG + """\
+import ctypes, os, re
+found = set()
+for line in open("/proc/self/maps"):
+    parts = line.split()
+    if not parts[1].startswith("r") or parts[-1].startswith("[v") or len(parts) > 5 and parts[5].startswith("/"):
+        continue  # not readable, kernel pages, or file mappings (reading past a file's end faults)
+    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+    found.update(re.findall(rb"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])", ctypes.string_at(lo, hi - lo)))
+if len(found) == 1:  # the nonce, in a shared process
+    for fd in range(3, 64):
+        try:
+            os.write(fd, next(iter(found)))
+        except OSError:
+            pass
+    os._exit(0)
+""",
+    "settrace_skips_asserts": WRONG + """\
+import sys
+def _jump(frame, event, arg):
+    if event == "line":
+        last = max(line for _, _, line in frame.f_code.co_lines() if line)
+        if frame.f_lineno < last:
+            frame.f_lineno = last  # over every assert but the last, which `return False` passes
+    return _jump
+sys.settrace(lambda frame, event, arg: _jump if frame.f_code.co_name == "check" else None)
+""",
+    "eq_always_true": "    class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
+}
+
+
+@pytest.fixture(scope="module")
+def he0():
+    return D.load_humaneval()[0]
+
+
+@pytest.mark.parametrize("name", CODE_FORGERIES)
+def test_forged_humaneval_completions_fail(name, he0, mode):
+    assert S.run_sandboxed(D.humaneval_program(he0, he0["canonical_solution"]), allow_unsandboxed=mode).passed
+    assert S.run_sandboxed(D.humaneval_program(he0, WRONG), allow_unsandboxed=mode).status == "failed"
+    res = S.run_sandboxed(D.humaneval_program(he0, CODE_FORGERIES[name]), timeout=5, allow_unsandboxed=mode)
+    assert not res.passed and res.status == "failed", (name, res)
+    _assert_nothing_left(res)
+
+
+SQUARE_TESTS = "assert f(2) == 4\nassert f(-3) == 9\n"
+BAD_CANDIDATES = {
+    "raises": "def f(x):\n    raise ValueError(x)",
+    "raises_at_import": "raise RuntimeError('no')\ndef f(x):\n    return x * x",
+    "loops_forever": "def f(x):\n    while True:\n        pass",
+    "exits_at_import": "import sys\nsys.exit(0)\ndef f(x):\n    return x * x",
+    "os_exit_in_call": "import os\ndef f(x):\n    os._exit(0)",
+    "system_exit_in_call": "def f(x):\n    raise SystemExit(0)",
+    "prints_junk": """\
+import os
+print("passed\\n" * 1000)
+fake = repr(("ok", 4)).encode()
+for fd in range(3, 64):  # an answer to every call, ahead of time, on every pipe
+    try:
+        os.write(fd, len(fake).to_bytes(8, "big") + fake)
+    except OSError:
+        pass
+def f(x):
+    print("ok", x * x)
+    return x * x + 1""",
+    "answers_junk": """\
+import os
+def f(x):
+    for fd in range(3, 64):
+        try:
+            os.write(fd, os.urandom(64))
+        except OSError:
+            pass
+    return x * x""",
+    "returns_function": "def f(x):\n    return lambda other: True",
+    "returns_generator": "def f(x):\n    yield x * x",
+    "returns_own_class": "class Four:\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return Four()",
+    "returns_int_subclass_lying": ("class Int(int):\n    def __eq__(self, o):\n        return True\n"
+                                   "def f(x):\n    return Int(0)"),
+    "returns_huge": "def f(x):\n    return 'x' * (40 << 20)",
+    "not_defined": "def g(x):\n    return x * x",
+    "fork_answers_right": "import os\ndef f(x):\n    if os.fork() == 0:\n        return x * x\n    return x * x + 1",
+    "shadows_the_tests_builtins": "def f(x):\n    return 0\ndef len(x):\n    return 4",
+}
+
+
+@pytest.mark.parametrize("name", BAD_CANDIDATES)
+def test_bad_candidates_fail(name, isolated):
+    tests = SQUARE_TESTS + ("assert len(str(f(2))) == 4\n" if name == "shadows_the_tests_builtins" else "")
+    task = CodeTask(BAD_CANDIDATES[name], tests, S.solution_names(tests))
+    t0 = time.time()
+    res = S.run_sandboxed(task, timeout=3)
+    assert not res.passed and res.status in ("failed", "timeout"), (name, res)
+    assert time.time() - t0 < 3 + 3
+    _assert_nothing_left(res)
+    good = CodeTask("def f(x):\n    print('noise')\n    return x * x", SQUARE_TESTS, ("f",))
+    assert S.run_sandboxed(good).passed
+
+
+def test_literal_data_crosses_exactly():
+    values = [None, True, False, 0, -7, 2**200, 1.5, -0.0, math.inf, -math.inf, 1e-300, complex(1, -2),
+              complex(math.inf, -math.inf), "", "é\u2028\x00'\"", b"\x00\xff", [], (), {}, set(), frozenset(),
+              [1, (2, [3, {4: {5, 6}}])], {"a": [1.5, None], (1, 2): frozenset({b"x"})}, (1,)]
+    for v in values:
+        back = S.parse(repr(S.plain(v)))
+        assert back == v and type(back) is type(v), v
+    nan = S.parse(repr(S.plain([math.nan])))[0]
+    assert math.isnan(nan)
+    assert type(S.plain(True)) is bool and S.plain([True]) == [True]
+
+
+@pytest.mark.parametrize("text", ["__import__('os').system('true')", "f()", "a.b", "x", "1 + 1", "[x for x in ()]",
+                                  "{**a}", "lambda: 0", "set([1]).pop()", "frozenset(x)", "...", "(1).__class__",
+                                  "f'{1}'", "-(-1)", "[" * 300 + "]" * 300])
+def test_parse_evaluates_nothing(text):
+    with pytest.raises((ValueError, SyntaxError, RecursionError, MemoryError)):
+        S.parse(text)
+
+
+@pytest.mark.parametrize("value", [lambda: 0, iter([1]), object(), type, print, range(3), [object()]])
+def test_what_cannot_cross(value):
+    with pytest.raises(TypeError):
+        S.plain(value)
+
+
+def test_names_the_tests_take_from_the_solution():
+    tests = "assert f(1) == sorted(g([2]))\nassert sum(3, 4) == len(root)\nx = [y for y in range(2)]\nassert h(x)"
+    assert S.solution_names(tests) == ("f", "g", "h", "root")
+    assert S.solution_names(tests, "def sum(a, b):\n    return a - b") == ("f", "g", "h", "root", "sum")
+
+
+def test_setup_objects_reach_the_candidate_by_name(isolated):
+    """MBPP 367's shape: the setup code builds objects of the solution's class; the tests pass them by name."""
+    solution = ("class Node:\n    def __init__(self, v):\n        self.v, self.kids = v, []\n"
+                "def size(n):\n    return 1 + sum(size(k) for k in n.kids)\n")
+    setup = "root = Node(1)\nroot.kids = [Node(2), Node(3)]\nleaf = Node(4)"
+    tests = "assert size(root) == 3\nassert size(n=leaf) == 1\n"
+    assert S.run_sandboxed(CodeTask(solution, tests, S.solution_names(tests), setup=setup)).passed
+    for bad in ["assert size(root) == 4", "assert root == 1", "assert size([root]) == 3", "assert root.v == 1"]:
+        assert not S.run_sandboxed(CodeTask(solution, bad, S.solution_names(bad), setup=setup)).passed, bad
+
+
+def test_prompt_helpers_come_from_the_prompt(isolated):
+    """HumanEval/32's tests check find_zero with the prompt's poly: a candidate's own poly does not count."""
+    p = next(p for p in D.load_humaneval() if p["task_id"] == "HumanEval/32")
+    assert S.run_sandboxed(D.humaneval_program(p, p["canonical_solution"])).passed
+    lying = "    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n"
+    assert not S.run_sandboxed(D.humaneval_program(p, lying)).passed
 
 
 # ----------------------------------------------------------------------------- the evaluator survives the child
@@ -187,16 +372,135 @@ def test_evaluator_survives_the_child(name, isolated):
     assert S.run_sandboxed("print('still fine')").passed
 
 
+# ----------------------------------------------------------------------------- lifetime and sandbox errors
+
+def _descendants(pid):
+    """{pid: start time} of every live process below `pid` (zombies count as gone)."""
+    parent, start = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parent[int(d.name)], start[int(d.name)] = int(fields[1]), fields[19]
+    found, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in found:
+                found[child] = start[child]
+                todo.append(child)
+    return found
+
+
+def _still_alive(procs):
+    alive = {}
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and fields[19] == start:
+            alive[pid] = start
+    return alive
+
+
+@pytest.mark.parametrize("kind", ["plain", "code_task"])
+def test_sandbox_dies_with_its_evaluator(kind, isolated):
+    sleeper = "import time\ntime.sleep(60)\ndef f():\n    return 1"
+    program = sleeper if kind == "plain" else CodeTask(sleeper, "assert f() == 1", ("f",))
+    expected = 3 if kind == "plain" else 6  # unshare, the supervisor, its child: per sandbox
+    evaluator = subprocess.Popen([sys.executable, "-c", f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                                  "from sandbox import CodeTask, run_sandboxed, sandbox_config\nsandbox_config(False)\n"
+                                  f"print('probed', flush=True)\nrun_sandboxed({program!r}, 60)"],
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert evaluator.stdout.readline() == "probed\n"  # its probes are over: what starts now is the sleeper
+        deadline = time.time() + 20
+        while len(_descendants(evaluator.pid)) < expected and time.time() < deadline:
+            time.sleep(0.05)
+        procs = _descendants(evaluator.pid)
+        assert len(procs) == expected, procs
+        folders = [Path(tempfile.gettempdir(), n) for n in os.listdir(tempfile.gettempdir())
+                   if n.startswith(f"{S.PREFIX}{evaluator.pid}_")]
+        assert len(folders) == expected // 3
+    finally:
+        evaluator.send_signal(signal.SIGKILL)
+        evaluator.wait()
+    deadline = time.time() + 2
+    while _still_alive(procs) and time.time() < deadline:
+        time.sleep(0.02)
+    assert _still_alive(procs) == {}
+    assert all(f.exists() for f in folders)  # nobody removed them: the next run does
+    mine = Path(tempfile.mkdtemp(prefix=f"{S.PREFIX}{os.getpid()}_"))  # a live creator's folder stays
+    try:
+        assert S.run_many(["assert True"])[0].passed
+        assert not any(f.exists() for f in folders) and mine.exists()
+    finally:
+        mine.rmdir()
+
+
+def test_sandbox_that_cannot_start_is_an_error_tried_twice(mode, monkeypatch):
+    """A mount point that vanished (as under a tmp cleaner): with isolation the bootstrap's setup fails before any
+    code runs, without it we cannot start the process at all."""
+    made, real = [], S._make_root
+
+    def make_root(fail=lambda n: True):
+        made.append(1)
+        return "/nonexistent/free_moe_sandbox_gone" if fail(len(made)) else real()
+    monkeypatch.setattr(S, "_make_root", make_root)
+    res = S.run_sandboxed("assert True", timeout=5, allow_unsandboxed=mode)
+    assert (res.passed, res.status, len(made)) == (False, "error", 2), res
+    assert "No such file or directory" in res.detail
+    made.clear()
+    task = CodeTask("def f():\n    return 1", "assert f() == 1", ("f",))
+    res = S.run_sandboxed(task, timeout=5, allow_unsandboxed=mode)
+    assert (res.passed, res.status, len(made)) == (False, "error", 2 if mode else 4), res  # candidate first
+    # a sandbox that fails once and starts the second time: the program's own verdict
+    monkeypatch.setattr(S, "_make_root", lambda: make_root(lambda n: n == 1))
+    made.clear()
+    assert S.run_sandboxed(task, timeout=5, allow_unsandboxed=mode).passed and len(made) == (3 if mode else 4)
+    made.clear()
+    assert S.run_sandboxed(CodeTask("def f():\n    return 2", task.tests, task.names), timeout=5,
+                           allow_unsandboxed=mode).status == "failed"
+    if not mode:  # only the candidate's sandbox fails (the first of each pair): the tests fail for want of it
+        monkeypatch.setattr(S, "_make_root", lambda: make_root(lambda n: n % 2 == 1))
+        made.clear()
+        res = S.run_sandboxed(task, timeout=5)
+        assert (res.passed, res.status, len(made)) == (False, "error", 4), res
+
+
+def test_code_records_count_sandbox_errors_apart(isolated, monkeypatch):
+    import tasks
+    monkeypatch.setattr(tasks, "complete", lambda rt, prompts, *a, **k: (["    return 1\n"] * len(prompts), 0))
+    args = SimpleNamespace(samples=1, temperature=0.0, seed=0, code_max_tokens=8, timeout=5, workers=1,
+                           allow_unsandboxed=False)
+    rt = SimpleNamespace(args=args, tokenizer=SimpleNamespace(encode=lambda s: [0]))
+    system = SimpleNamespace(pick=lambda ids, domain: (None, 1.0, None))
+    doc = {"prompt": "def f():\n    \"\"\"One.\"\"\"\n",
+           "test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f"}
+    items = [{"id": "0", "doc": doc, "prompt": doc["prompt"]}]
+    rec = tasks.run_humaneval(rt, system, items, "code")[0]
+    assert (rec["statuses"], rec["errors"], rec["c"]) == (["passed"], 0, 1)
+    monkeypatch.setattr(S, "_make_root", lambda: "/nonexistent/free_moe_sandbox_gone")
+    rec = tasks.run_humaneval(rt, system, items, "code")[0]
+    assert (rec["statuses"], rec["errors"], rec["c"]) == (["error"], 1, 0)
+
+
 # ----------------------------------------------------------------------------- isolation
 
 def test_writes_outside_do_not_persist_and_are_capped(isolated):
-    tag = f"free_moe_test_{os.getpid()}_{time.time_ns()}"
+    tag, shmkey = f"free_moe_test_{os.getpid()}_{time.time_ns()}", 1 + time.time_ns() % 2**30
     places = ["/tmp", "/var/tmp", "/run/lock", "/dev/shm"]
     plant = """\
 import ctypes, os, subprocess
 for d in PLACES:
     open(f"{d}/TAG", "w").write("planted")
 assert ctypes.CDLL(None).system(b"echo x > /tmp/TAG_system") == 0
+assert ctypes.CDLL(None).shmget(SHMKEY, 4096, 0o1000 | 0o600) >= 0  # a SysV segment, IPC_CREAT
 subprocess.run(["/bin/sh", "-c", "echo x > /var/tmp/TAG_shell"], check=True)
 assert os.path.exists("/tmp/TAG_system") and os.path.exists("/var/tmp/TAG_shell")
 total = 0
@@ -208,9 +512,10 @@ try:
 except OSError:
     pass
 assert 8 <= total < 75, total  # the private tmpfs is capped at 64 MiB
-""".replace("TAG", tag).replace("PLACES", repr(places))
+""".replace("TAG", tag).replace("PLACES", repr(places)).replace("SHMKEY", str(shmkey))
     res = S.run_sandboxed(plant + PASS)
     assert res.passed, res
+    assert not [line for line in open("/proc/sysvipc/shm") if line.split()[0] == str(shmkey)]
     leftovers = [f"{d}/{n}" for d in places if os.path.isdir(d) for n in os.listdir(d) if n.startswith(tag)]
     assert leftovers == []
     look = f"import os\nfor d in {places!r}:\n    assert not any(n.startswith({tag!r}) for n in os.listdir(d))"
@@ -280,6 +585,37 @@ def test_hostile_program_fails_safely(name, isolated, tmp_path):
     server.close()
     _assert_nothing_left(res)
     assert S.run_sandboxed("print('still fine')").passed  # and the evaluator carries on
+
+
+def _forking_allocators(n, share, cap_mb):
+    """n children that each write share * the cap into memory and hold it while the others do the same."""
+    return f"""
+import os, time
+kids = []
+for i in range({n}):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            block = b"x" * int({cap_mb} * 2**20 * {share})  # written: resident, not just reserved
+            time.sleep(1.5)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    kids.append(pid)
+assert all(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) == 0 for k in kids)
+"""
+
+
+def test_one_memory_cap_for_all_processes(isolated):
+    """Per-process limits alone let 4 children hold 160% of the cap; one cap (a cgroup, or the process limit with
+    the cap split between processes) does not."""
+    for n in (4, 3):  # 4: more processes than FALLBACK_PROCS allows; 3: each would need 40% of the cap
+        res = S.run_sandboxed(_forking_allocators(n, 0.4, 512), timeout=10, memory_mb=512)
+        assert not res.passed, (n, res)
+        _assert_nothing_left(res)
+    res = S.run_sandboxed(_forking_allocators(2, 0.1, 512), timeout=10, memory_mb=512)
+    assert res.passed, res
+    assert ("cgroup v2" in isolated.describe()) == (isolated.cgroup is not None)
 
 
 def test_without_isolation_refuses_unless_allowed(unsandboxed):
