@@ -23,13 +23,15 @@ DOMAIN DATA (built-in domains; their splits are fixed so experts are never measu
                calib = dev (285 items) + calib-bucket test items; held-out = held-out-bucket test items.
     NAME=path  a .txt (documents = blank-line-separated paragraphs) or .jsonl (the "text" field, else all string
                fields joined); the last 10% of documents are the held-out split.
+    second corpora (shift_text, SHIFT_SOURCES): per built-in domain a text from another source, never used to build
+               anything: general Shakespeare, code HumanEval + MBPP solutions, math MATH, knowledge MedMCQA.
 Within a split, documents are shuffled with a seed (calib) or seed 0 (held-out, canonical), joined with a blank
 line, tokenized and cut into windows.
 
 DATA FILES (FILES at the bottom: each file's pinned upstream URLs, their sha256, a build step for derived files
 and the sha256 of what it builds). data_file(name) looks in
     1. <shared>/data/<name>: --data-dir, else $FREE_MOE_SHARED, else ../shared beside the repo (used as it is)
-    2. the user cache: $FREE_MOE_CACHE, else ~/.cache/free-moe/data
+    2. the user cache: data/ under $FREE_MOE_CACHE, else under ~/.cache/free-moe
     3. else downloads into the cache: once, with a progress bar, every sha256 checked before anything is written,
        then written atomically (a killed download leaves no half file). A hash mismatch is refused by name.
 Offline, step 3 is one line naming the file, its URL and where to put it by hand. $FREE_MOE_DATA_URL=<base>
@@ -51,6 +53,7 @@ import os
 import random
 import re
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,9 +62,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
-
-from cli import UserError, run_cli, shared_dir, write_atomic
+from cli import UserError, cache_dir, progress, run_cli, shared_dir, write_atomic
+from sandbox import CodeTask, solution_names
 
 BUILTIN_DOMAINS = ("general", "code", "math", "knowledge")
 HELDOUT_FRACTION = 0.1  # user domains: last 10% of documents are held out
@@ -73,16 +75,39 @@ LETTERS = "ABCD"
 
 def data_file(name: str, data_dir=None) -> Path:
     """The local path of data file `name` (e.g. "mmlu/test.jsonl.gz"): <shared>/data/name if there, else the
-    user cache's copy, else downloaded into the cache first (DATA FILES in the module docstring)."""
+    user cache's copy, else downloaded into the cache first (DATA FILES in the module docstring). Every file is
+    checked against its pinned sha256 the first time a process uses it: a cached copy that differs (edited, cut
+    short) is fetched again, with a line on stderr; a shared one that differs is refused."""
     if name not in FILES:
         raise UserError(f"unknown data file {name!r} (known: {', '.join(FILES)})")
     shared = shared_dir(data_dir) / "data" / name
     if shared.is_file():
+        if not verified(name, shared):
+            raise UserError(f"refusing {shared}: its content differs from the pinned sha256 of data/{name} (edited or "
+                            f"damaged); restore it, or remove it to let data.py fetch a verified copy")
         return shared
-    cached = cache_dir() / name
-    if not cached.is_file():  # a file there is whole and verified: it was renamed into place after the checks
+    cached = cache_dir() / "data" / name
+    if cached.is_file() and not verified(name, cached):
+        print(f"{cached} differs from the pinned sha256 of data/{name} (edited or cut short): fetching it again",
+              file=sys.stderr)
+        cached.unlink()
+    if not cached.is_file():  # a fetched file is whole and verified: it is renamed into place after the checks
         fetch(FILES[name], cached, data_dir)
     return cached
+
+
+_VERIFIED: dict[Path, tuple] = {}  # path -> (size, mtime) when its content was last found to match its pin
+
+
+def verified(name: str, path: Path) -> bool:
+    """verify(name, path), once per process for an unchanged file (size and modification time)."""
+    st = path.stat()
+    if _VERIFIED.get(path) == (st.st_size, st.st_mtime_ns):
+        return True
+    ok = verify(name, path)
+    if ok:
+        _VERIFIED[path] = (st.st_size, st.st_mtime_ns)
+    return ok
 
 
 @lru_cache(maxsize=None)  # evaluate.py checks every data file before the (slow) model load, then reads them again
@@ -145,12 +170,37 @@ def load_gsm8k(split: str, data_dir=None) -> list[dict]:
 
 
 def load_humaneval(data_dir=None) -> list[dict]:
-    return read_jsonl(data_file("humaneval/HumanEval.jsonl.gz", data_dir),
-                      ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
+    path = data_file("humaneval/HumanEval.jsonl.gz", data_dir)
+    fields = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    rows = read_jsonl(path, fields)
+    for i, r in enumerate(rows):  # checked here: a `test` that is a list would otherwise be formatted and run
+        bad = [k for k in fields if not isinstance(r[k], str)]
+        if bad or not r["entry_point"].isidentifier():
+            why = f"{', '.join(bad)} must be text" if bad else "entry_point must be a Python name"
+            raise UserError(f"corrupt data file {path}: row {i + 1} ({str(r['task_id'])[:40]!r}): {why}")
+    return rows
 
 
 def load_mbpp(data_dir=None) -> list[dict]:
-    return read_jsonl(data_file("mbpp/mbpp.jsonl", data_dir), ("task_id", "text", "code", "test_list"))
+    path = data_file("mbpp/mbpp.jsonl", data_dir)
+    rows = read_jsonl(path, ("task_id", "text", "code", "test_list"))
+    for i, r in enumerate(rows):
+        tests = r["test_list"]
+        if (type(r["task_id"]) is not int or not isinstance(r["text"], str) or not isinstance(r["code"], str)
+                or not isinstance(tests, list) or not all(isinstance(t, str) for t in tests)
+                or not isinstance(r.get("test_setup_code", ""), str)):
+            raise UserError(f"corrupt data file {path}: row {i + 1} (task_id {str(r['task_id'])[:40]!r}) needs an "
+                            "integer task_id, string text, code and test_setup_code, and a list of strings test_list")
+    return rows
+
+
+def load_math(data_dir=None) -> list[dict]:
+    """The MATH test problems: question (the problem), answer (the worked solution, final answer in \\boxed{})."""
+    path = data_file("math/test.jsonl.gz", data_dir)
+    rows = read_jsonl(path, ("question", "answer"))
+    if not all(isinstance(r["question"], str) and isinstance(r["answer"], str) for r in rows):
+        raise UserError(f"corrupt data file {path}: question and answer must be strings")
+    return rows
 
 
 def mbpp_texts(lo: int, hi: int, data_dir=None) -> list[str]:
@@ -204,13 +254,21 @@ def mbpp_prompt(doc: dict, shots: list[dict]) -> str:
     return examples + block(doc)
 
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def humaneval_program(problem: dict, completion: str) -> CodeTask:
+    """The candidate runs prompt + completion; the checker runs the prompt alone (its helpers, like HumanEval/32's
+    `poly`, are the benchmark's), then the tests with the entry point calling the candidate's."""
+    entry = problem["entry_point"]
+    return CodeTask(solution=problem["prompt"] + completion, tests=f"{problem['test']}\n\ncheck({entry})\n",
+                    names=(entry,), prelude=problem["prompt"])
 
 
-def mbpp_program(doc: dict, code: str) -> str:
-    tests = "\n".join(doc["test_list"])
-    return f"{code}\n\n{doc.get('test_setup_code', '')}\n{tests}\n"  # setup may use the solution's names
+def mbpp_program(doc: dict, code: str) -> CodeTask:
+    """The candidate runs the code, then test_setup_code (it may build objects of the solution's classes: MBPP 367);
+    the checker runs the test asserts, whose free names (the reference solution says which builtins among them it
+    redefines) call the candidate."""
+    tests = "\n".join(doc["test_list"]) + "\n"
+    return CodeTask(solution=code, tests=tests, names=solution_names(tests, doc["code"]),
+                    setup=doc.get("test_setup_code", ""))
 
 
 # ----------------------------------------------------------------------------- domains (DOWP step 1: calibration text)
@@ -343,6 +401,60 @@ def heldout_text(domain: str, data_dir=None) -> str:
     """The canonical held-out text of a domain (documents shuffled with seed 0, blank-line separated): what
     purify.py and train_router.py measure experts on and evaluate.py's perplexity task scores."""
     return "\n\n".join(shuffled(domain_documents(domain, "heldout", data_dir), 0))
+
+
+# Tasks to validate by (search.task_windows): (prompt, answer) pairs of a domain's calibration split, in the
+# benchmark's own prompt format, so that a purification can be chosen by how well the model answers, not only by
+# how well it predicts text.
+TASK_DOMAINS = ("knowledge", "math")
+
+
+def task_pairs(domain: str, seed: int = 0, data_dir=None) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a domain's calibration documents, last first, in the order `load_domain_tokens`
+    shuffles them with `seed` (its windows come from the first documents, so taking pairs from this end keeps the
+    two apart unless a budget reaches across): knowledge = MMLU dev + calib-bucket items as cloze questions with the
+    correct answer's text; math = GSM8K train problems of the calibration corpus with their worked answers."""
+    if domain == "knowledge":
+        rows = load_mmlu("dev", data_dir) + [r for r in load_mmlu("test", data_dir) if mmlu_bucket(r) == "calib"]
+        pairs = [(mmlu_cloze_prompt(r, []), " " + r["choices"][r["answer"]]) for r in rows]
+    elif domain == "math":
+        rows = load_gsm8k("train", data_dir)[:len(builtin_documents("math", "calib", data_dir))]
+        pairs = [(gsm8k_prompt(r, []), " " + r["answer"]) for r in rows]
+    else:
+        raise UserError(f"no task to validate domain {domain!r} by (have {', '.join(TASK_DOMAINS)})")
+    return shuffled(pairs, seed)[::-1]
+
+
+# A second corpus per built-in domain, from another source than its calibration and held-out text, never used to
+# build or choose anything: how well an expert's gain transfers under a shift of distribution.
+SHIFT_SOURCES = {
+    "general": "Shakespeare's plays (tiny-shakespeare), against WikiText articles",
+    "code": "HumanEval prompts with their canonical solutions and MBPP solutions, against the CPython standard library",
+    "math": "MATH competition problems with worked solutions (the 5,000 test problems), against GSM8K",
+    "knowledge": "MedMCQA medical exam questions with answers and explanations, against MMLU",
+}
+
+
+def shift_documents(domain: str, data_dir=None) -> list[str]:
+    """The documents of a built-in domain's second corpus (SHIFT_SOURCES)."""
+    if domain == "general":  # speeches, grouped into documents of ~20 for some context
+        speeches = read_text(data_file("corpora/english_shakespeare.txt.gz", data_dir)).split("\n\n")
+        return ["\n\n".join(speeches[i:i + 20]) for i in range(0, len(speeches), 20)]
+    if domain == "code":
+        human = [r["prompt"] + r["canonical_solution"] for r in load_humaneval(data_dir)]
+        return human + [r["code"].replace("\r\n", "\n") for r in load_mbpp(data_dir)]
+    if domain == "math":
+        return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in load_math(data_dir)]
+    if domain == "knowledge":
+        return [q.strip() for q in read_text(data_file("corpora/medical_medmcqa.txt.gz", data_dir)).split("\n\n")
+                if q.strip()]
+    raise UserError(f"no second corpus for domain {domain!r} (have {', '.join(SHIFT_SOURCES)})")
+
+
+@lru_cache(maxsize=None)
+def shift_text(domain: str, data_dir=None) -> str:
+    """A domain's second corpus as one text (documents shuffled with seed 0, blank-line separated), as heldout_text."""
+    return "\n\n".join(shuffled(shift_documents(domain, data_dir), 0))
 
 
 def load_domain_tokens(domain: str, tokenizer, data_dir=None, split: str = "calib", n_tokens: int = 32768,
@@ -483,6 +595,7 @@ class DataFile:
     size: int                  # bytes downloaded from the URLs
     build: Callable | None = None      # sources -> the file's text; None: the file is the download itself
     built_sha256: str | None = None    # of build's output, before gzip (another zlib may compress differently)
+    also_accepted: tuple = ()          # sha256 of other known-good builds of the same file
 
 
 def _table() -> list[DataFile]:
@@ -521,13 +634,19 @@ def _table() -> list[DataFile]:
         DataFile("corpora/math_gsm8k_train.txt.gz", ("gsm8k/train.jsonl",),  # built from the entry above
                  "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", 0,
                  build_gsm8k_corpus, "f834f5fab09c8983851c0ef36c26357c2f01c85f89a1a7eacc446cc6ad61a683"),
+        DataFile("math/test.jsonl.gz",
+                 (github("LightChen233/ECM", "aac9ae2f22e312fac2de44f20e4227922649b5f4", "data/math/test.jsonl"),),
+                 "9f498cfae760f977c582e5e325eca3d39e6f1fe9472cef8b5b62d9358f5d8915", 4078333,
+                 build_text, "9f498cfae760f977c582e5e325eca3d39e6f1fe9472cef8b5b62d9358f5d8915"),
         DataFile("corpora/medical_medmcqa.txt.gz",
                  (github("LightChen233/ECM", "aac9ae2f22e312fac2de44f20e4227922649b5f4", "data/med_prob/test.jsonl"),),
                  "4a65e4f652e9c91a1d3ca22993aee53edab834e36803e2ff751804aa4f3f5e9d", 661287,
                  build_medmcqa, "ac8275c192db16eed012ec33fa122de1585ef124eafafb17713237de2eae301a"),
         DataFile("corpora/code_python.txt.gz", tuple(github(*CPYTHON, f"Lib/{p}.py") for p in CPYTHON_FILES),
                  "20e694363266289907add809c2a84c26e89a4766ca0c76f8297e94be41e075e3", 1958399,
-                 build_code, "c55386254153c36837855b79f9b0d089a916369eb16490544920f0f753e44741"),
+                 build_code, "c55386254153c36837855b79f9b0d089a916369eb16490544920f0f753e44741",
+                 # the copy made from an installed CPython, which also holds the file `make install` generates
+                 also_accepted=("24efd71d0a17a4cf38f124690cad6f2284f4978425c45f337adc6bada13893c2",)),
     ]
 
 
@@ -538,10 +657,6 @@ FILES = {f.name: f for f in _table()}
 
 class DataUnavailable(UserError):
     """A data file that is neither here nor downloadable now (offline): the tests skip on it, scripts stop."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FREE_MOE_CACHE") or Path.home() / ".cache" / "free-moe" / "data")
 
 
 def source_url(url: str) -> str:
@@ -562,14 +677,23 @@ def gzip_bytes(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def download(url: str, bar: tqdm, name: str, dest: Path) -> bytes:
-    url = source_url(url)
+DOWNLOAD_MIN_RATE = 20_000  # bytes/s on average: a download slower than this (plus a minute) is given up
+
+
+def download(url: str, bar, name: str, dest: Path, size: int = 0) -> bytes:
+    """The bytes at url. Each read waits at most 30 s, and the whole download at most a minute plus what the file
+    takes at DOWNLOAD_MIN_RATE: a server that trickles a byte now and then cannot hang the run."""
+    url, deadline = source_url(url), time.monotonic() + 60 + size / DOWNLOAD_MIN_RATE
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(url, timeout=30) as r:
             parts = []
             while chunk := r.read(1 << 16):
                 parts.append(chunk)
                 bar.update(len(chunk))
+                if time.monotonic() > deadline:
+                    raise DataUnavailable(f"downloading data/{name} from {url} is too slow ({sum(map(len, parts))} "
+                                          f"bytes in {60 + size / DOWNLOAD_MIN_RATE:.0f} s): giving up; put "
+                                          f"data/{name} at {dest} by hand, or set --data-dir / $FREE_MOE_SHARED")
             return b"".join(parts)
     except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
         why = getattr(e, "reason", e)
@@ -584,10 +708,11 @@ def fetch(f: DataFile, dest: Path, data_dir=None):
     urls = [s for s in f.sources if "://" in s]
     if urls:
         print(f"downloading data/{f.name} ({f.size / 1e6:.2f} MB) into {dest.parent}", file=sys.stderr)
-    with tqdm(total=f.size, unit="B", unit_scale=True, desc=f.name, disable=None) as bar:
+    with progress(total=f.size, unit="B", unit_scale=True, desc=f.name) as bar:
         ex = ThreadPoolExecutor(8)  # 8 at a time: MMLU is 57 small files
         try:
-            got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest), urls)))
+            per_url = f.size // max(1, len(urls))
+            got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest, per_url), urls)))
         finally:
             ex.shutdown(cancel_futures=True)  # after a failure (offline), do not wait for the rest to time out
     blobs = {s: got[s] if s in got else data_file(s, data_dir).read_bytes() for s in f.sources}
@@ -610,7 +735,11 @@ def verify(name: str, path: Path) -> bool:
     f, data = FILES[name], path.read_bytes()
     if f.build is None:
         return sha256(data) == f.sha256
-    return sha256(gzip.decompress(data) if name.endswith(".gz") else data) == f.built_sha256
+    try:
+        digest = sha256(gzip.decompress(data) if name.endswith(".gz") else data)
+    except (OSError, EOFError):  # a cut-short or not-gzip file
+        return False
+    return digest in (f.built_sha256, *f.also_accepted)
 
 
 def main():
@@ -618,7 +747,7 @@ def main():
     p.add_argument("--data-dir", default=None, help="shared assets dir (default: $FREE_MOE_SHARED or ../shared)")
     p.add_argument("--verify", action="store_true", help="re-check the sha256 of every file found, shared ones too")
     args = p.parse_args()
-    print(f"{sum(f.size for f in FILES.values()) / 1e6:.1f} MB when nothing is local; cache: {cache_dir()}")
+    print(f"{sum(f.size for f in FILES.values()) / 1e6:.1f} MB when nothing is local; cache: {cache_dir() / 'data'}")
     for name in FILES:
         path = data_file(name, args.data_dir)
         status = ("ok      " if verify(name, path) else "DIFFERS ") if args.verify else ""

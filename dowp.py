@@ -44,7 +44,7 @@ from cli import UserError, progress
 from scoring import next_token_nll
 
 BASELINES = ("random", "magnitude", "general", "mixed")
-SCORES = ("dowp", "taylor") + BASELINES
+SCORES = ("dowp", "taylor", "taylor_abs") + BASELINES
 STATS = ("mean_abs", "mean_sq", "fire_rate", "max_abs", "down_norm")  # each (L, F); plus "count" (tokens)
 DEFAULT_CONTRAST = 0.0  # λ of score_dowp: 0 = plain Wanda on the domain text (docs/method.md: why 0)
 PROTECT_FACTOR = 50.0  # super neuron: max |a| above this many times the layer's median max |a|
@@ -240,21 +240,24 @@ def loss_aware_stats(model: M.Transformer, windows: torch.Tensor, batch_size: in
 
 def score_neurons(stats_by_domain: dict[str, dict] | None, model: M.Transformer, method: str, domain: str | None = None,
                   contrast: float = DEFAULT_CONTRAST, seed: int = 0) -> torch.Tensor:
-    """Scores (L, F) by `method` (dowp and taylor need `domain`); higher = keep first."""
+    """Scores (L, F) by `method` (dowp, taylor and taylor_abs need `domain`); higher = keep first. taylor_abs is
+    |taylor|: how much removing the neuron is estimated to change the loss, either way (the usual first-order
+    importance); taylor keeps its sign, so the neurons estimated to help most when removed go first."""
     if method == "random":
         return score_random(model, seed)
     if method == "magnitude":
         return score_magnitude(model)
     if not stats_by_domain:
         raise UserError(f"score {method!r} needs calibration statistics")
-    if method in ("dowp", "taylor") and domain is None:
+    if method in ("dowp", "taylor", "taylor_abs") and domain is None:
         raise ValueError(f"score {method!r} needs a domain")
     if method == "dowp":
         return score_dowp(stats_by_domain, domain, contrast)
-    if method == "taylor":
+    if method in ("taylor", "taylor_abs"):
         if "taylor" not in stats_by_domain.get(domain, {}):
-            raise UserError(f"score 'taylor' needs the loss-aware statistics of domain {domain!r} (loss_aware_stats)")
-        return stats_by_domain[domain]["taylor"]
+            raise UserError(f"score {method!r} needs the loss-aware statistics of domain {domain!r} (loss_aware_stats)")
+        taylor = stats_by_domain[domain]["taylor"]
+        return taylor if method == "taylor" else taylor.abs()
     if method == "general":
         if "general" not in stats_by_domain:
             raise UserError("baseline 'general' needs statistics of the general domain")

@@ -25,11 +25,12 @@ The tasks, their prompts and scoring are in tasks.py. Two more numbers come from
                Every system picks its FFNs per prompt, so the pooled score over the union is the score of the
                shuffled mixture (order cannot change a per-prompt decision).
 
-Systems (all at the same active FFN fraction as freemoe, except dense):
+Systems (the pruning baselines run at Free-MoE's active FFN fraction of each domain, the others at their own):
     dense      the original model (mlps=None)
     freemoe    router + DSS-Experts              oracle     the expert of the item's true domain
     mixed      one expert purified on all domains general    the general-domain expert for every item
     random     random neurons                    magnitude  neurons with the largest weight norms
+    expert:D   domain D's expert on every item, whatever the item's domain (how an expert does off its domain)
     The non-dense systems load the experts file (and the router) in `build_systems`; each row reports the active
     FFN fraction it actually ran at, averaged over items.
 
@@ -93,8 +94,8 @@ def build_systems(args, model) -> list[System]:
     systems, experts, moe = [], None, None
     uses_experts = uses_router = ""  # identities for the items' header: other experts or router, other items
     for name in args.systems:
-        if name not in ALL_SYSTEMS:
-            raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)})")
+        if name not in ALL_SYSTEMS and not name.startswith("expert:"):
+            raise UserError(f"unknown system {name!r} (expected one of {', '.join(ALL_SYSTEMS)}, or expert:DOMAIN)")
         if name == "dense":
             systems.append(System("dense"))
             continue
@@ -114,6 +115,10 @@ def build_systems(args, model) -> list[System]:
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), kept_fraction(e.index_sets(domain), model), ""
             systems.append(System(name, pick, uses=uses_experts))
+        elif name.startswith("expert:"):  # one domain's expert on every item, whatever its domain
+            d = name.removeprefix("expert:")
+            mlps, frac = experts.mlps(d), kept_fraction(experts.index_sets(d), model)
+            systems.append(System(name, lambda prompts, domain, m=mlps, f=frac: (m, f, ""), uses=uses_experts))
         elif moe is not None and experts.stats:  # its budget comes from the router's decisions
             systems.append(System(name, budget_matched(name, model, experts, moe), uses=uses_router))
         else:
@@ -273,11 +278,14 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
             entry["details"][t.name] = task_details(t, recs)
             if BENCHMARKS[t.name].groups and not groups.keys() & task_cols.keys():
                 names = [BENCHMARKS[t.name].groups(r) for r in recs]
-                masks = {g: np.array([g in n for n in names]) for g in dict.fromkeys(g for n in names for g in n)}
+                order = BENCHMARKS[t.name].group_order
+                present = sorted({g for n in names for g in n}, key=lambda g: (order.index(g) if g in order else
+                                                                                len(order), g))
+                masks = {g: np.array([g in n for n in names]) for g in present}
                 groups.update({c: masks for c in task_cols})
             if any("route" in r for r in recs):  # where a router sent the items
                 entry.setdefault("routes", {})[t.name] = dict(sorted(Counter(r["route"] for r in recs).items()))
-            if t.name != "ppl":  # the integrated set pools accuracy items (MMLU by letters)
+            if all("correct" in r for r in recs):  # the integrated set pools accuracy items (MMLU by letters)
                 pooled += [(f"{t.name}/{r['id']}", r["correct"]) for r in recs]
         if pooled:
             random.Random(args.seed).shuffle(pooled)  # the mixed-domain order (a mean does not depend on it)
@@ -388,7 +396,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out_default="results")
-    p.add_argument("--systems", nargs="+", default=["dense"], help=f"systems to score ({', '.join(ALL_SYSTEMS)})")
+    p.add_argument("--systems", nargs="+", default=["dense"],
+                   help=f"systems to score ({', '.join(ALL_SYSTEMS)}, or expert:DOMAIN: that expert on every item)")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"],
                    help=f"tasks ({', '.join(ALL_TASKS)})")
     p.add_argument("--limit", nargs="+", default=None, metavar="N|TASK=N",

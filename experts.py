@@ -211,37 +211,44 @@ def baseline_indices(method: str, model: M.Transformer, stats, keep, seed: int =
 
 # ----------------------------------------------------------------------------- DOWP step 6: export
 
-def hf_state_dict(model: M.Transformer, mlps: list[M.MLP]) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: M.Transformer, mlps: list[M.MLP], dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Our weights, with the given per-layer FFNs in place of the dense ones, under HF names (checkpoints.to_hf)."""
     sd = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
     for i, mlp in enumerate(mlps):
         sd.update({f"layers.{i}.mlp.{k}": v for k, v in mlp.state_dict().items()})
-    return ckpt.to_hf({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}, model.config)
+    return ckpt.to_hf({k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}, model.config)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokenizer_dir=None, meta: dict | None = None,
-              tokenizer_files: dict[str, str] | None = None):
+              tokenizer_files: dict[str, str] | None = None, dtype: str | None = None) -> dict:
     """DOWP step 6: write one expert as a plain HF checkpoint: config.json (intermediate_size = k) +
-    model.safetensors, plus tokenizer files copied from `tokenizer_dir`, or written from `tokenizer_files`
-    ({name: text}, e.g. tokenizer.hf_tokenizer_files of a GGUF), when given (else none: the checkpoint then loads
-    in transformers with a tokenizer from elsewhere, and in model.load_model not at all)."""
+    model.safetensors in `dtype` (default: the precision the source checkpoint stores, model.source_dtype;
+    bfloat16 for a quantized GGUF), plus tokenizer files copied from `tokenizer_dir`, or written from
+    `tokenizer_files` ({name: text}, e.g. tokenizer.hf_tokenizer_files of a GGUF), when given (else none: the
+    checkpoint then loads in transformers with a tokenizer from elsewhere, and in model.load_model not at all).
+    Returns {"tokenizer_files": [...], "dtype": ..., "bytes": size of model.safetensors}."""
+    dtype = dtype or getattr(model, "source_dtype", "float32")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     ks = sorted({model.config.n_ffn if i is None else len(i) for i in indices})
     if len(ks) != 1:
         raise UserError(f"export needs the same number of kept neurons in every layer (HF has one "
-                          f"intermediate_size), got {ks[0]}..{ks[-1]}; use uniform allocation")
+                        f"intermediate_size), got {ks[0]}..{ks[-1]}; use uniform allocation")
     cfg = M.Config(**{**asdict(model.config), "n_ffn": ks[0]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = ckpt.config_to_hf(cfg)
-    hf["torch_dtype"] = "float32"
+    hf["torch_dtype"] = dtype
     hf["free_moe"] = meta or {}
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
-    ckpt.write_safetensors(out_dir / "model.safetensors", hf_state_dict(model, materialize(model, indices)),
-                        {"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    ckpt.write_safetensors(weights, hf_state_dict(model, materialize(model, indices), EXPORT_DTYPES[dtype]),
+                           {"format": "pt"})
     copied = []
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
@@ -252,7 +259,7 @@ def export_hf(model: M.Transformer, indices: list[torch.Tensor], out_dir, tokeni
         if name not in copied:
             (out_dir / name).write_text(text, encoding="utf-8")
             copied.append(name)
-    return copied
+    return {"tokenizer_files": copied, "dtype": dtype, "bytes": weights.stat().st_size}
 
 
 def gguf_tokenizer_files(path) -> dict[str, str]:

@@ -59,8 +59,8 @@ class DecodeSlot:
     (tokens, cache slot, positions, valid mask), and in graph mode one captured CUDA graph per set of FFNs.
 
     Why a graph: a decode step of SmolLM2-135M is ~1,200 small kernels (about 40 per layer: norms, RoPE, cache
-    writes, attention, four matmuls, residual adds). Launched one by one from Python the GPU waits on the CPU
-    (~15 ms a step on an H100, launch-bound); replayed as one CUDA graph they run back to back. Written out with
+    writes, attention, four matmuls, residual adds). Launched one by one from Python, each costs microseconds of
+    CPU time while the GPU waits (launch-bound); replayed as one CUDA graph they run back to back. Written out with
     torch.cuda.CUDAGraph (`_capture`, a dozen lines) rather than torch.compile(mode="reduce-overhead"): no
     compiler toolchain or minutes of compile, a new set of expert FFNs (other matmul shapes) costs one capture
     instead of a recompile, and the whole mechanism stays readable here. A graph replays fixed kernels on fixed

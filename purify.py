@@ -49,11 +49,11 @@ import checkpoints as ckpt
 import data
 import model as M
 from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, fraction, int_at_least,
-                 markdown_table, nonneg_float, out_dir, positive_int, progress, pyplot, run_cli, save_figure,
-                 write_atomic)
+                 locked_dir, markdown_table, nonneg_float, out_dir, positive_int, progress, pyplot, run_cli,
+                 save_figure, write_atomic)
 from dowp import (BASELINES, DEFAULT_CONTRAST, PROTECT_FACTOR, SCORES, STATS, allocate_keep, collect_stats,
                   loss_aware_stats, score_neurons, score_random, select_above, select_neurons, super_neurons)
-from experts import (export_hf, gguf_tokenizer_files, index_hash, jaccard, kept_fraction, materialize,
+from experts import (EXPORT_DTYPES, export_hf, gguf_tokenizer_files, index_hash, jaccard, kept_fraction, materialize,
                      save_experts)
 from scoring import perplexity
 from search import auto_threshold, greedy_layers, layer_sensitivity
@@ -146,6 +146,9 @@ def parse_args(argv=None):
     p.add_argument("--export", type=out_dir, default=None, metavar="DIR",
                    help="write one domain expert as an HF checkpoint here")
     p.add_argument("--export-domain", default=None, help="which domain to export (default: the first)")
+    p.add_argument("--export-dtype", choices=("auto", *EXPORT_DTYPES), default="auto",
+                   help="precision of the exported weights; auto = what the source checkpoint stores (bfloat16 for a "
+                        "quantized GGUF)")
     args = p.parse_args(argv)
     if args.auto and args.alloc != "uniform":
         raise UserError("--auto chooses the budget itself; it does not combine with --alloc")
@@ -171,8 +174,12 @@ def build_experts(stats, model, names, score, keep, contrast, protected, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    with locked_dir(args.out, "another purify.py run"):  # two runs on one --out would overwrite each other's files
+        run(args)
+
+
+def run(args):
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = M.load_for_cli(args)
     cfg = model.config
 
@@ -192,7 +199,7 @@ def main(argv=None):
                "seq_len": args.seq_len, "n_windows": len(calib[n]),
                "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
         stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
-        if args.score == "taylor":  # the loss-aware pass (a forward + backward per batch; not cached)
+        if args.score in ("taylor", "taylor_abs"):  # the loss-aware pass (a forward + backward per batch; not cached)
             t0 = time.perf_counter()
             stats[n]["taylor"] = loss_aware_stats(model, calib[n], max(1, args.batch_size // 4), desc=f"taylor {n}")[
                 "taylor"]
@@ -251,9 +258,10 @@ def main(argv=None):
             tok_dir = path
         elif path.suffix == ".gguf" and path.is_file():  # the tokenizer lives inside the GGUF: write it out
             tok_files = gguf_tokenizer_files(path)
-        copied = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta}, tok_files)
-        print(f"exported expert {d} to {args.export} (tokenizer files: {', '.join(copied) or 'none'})",
-              file=sys.stderr)
+        info = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta}, tok_files,
+                         None if args.export_dtype == "auto" else args.export_dtype)
+        print(f"exported expert {d} to {args.export}: model.safetensors {info['bytes'] / 1e6:.0f} MB in "
+              f"{info['dtype']}; tokenizer files: {', '.join(info['tokenizer_files']) or 'none'}", file=sys.stderr)
 
     if not args.no_report:
         report(args, model, tok, stats, experts, baselines, protected, keep, sens, meta, out_dir)

@@ -1,15 +1,23 @@
-"""purify_sweep.py — does any purification beat the model it came from? The measurement behind README's answer.
+"""purify_sweep.py — does any purification beat the model it came from, is the gain stable, and what does saving
+compute cost? The measurements behind docs/beat-dense.md.
 
-The paper claims purified DSS-Experts outperform the dense model. For each domain this script measures held-out
-perplexity of the dense model against the model purified for that domain, by every score and budget:
+For each domain this script measures held-out perplexity of the dense model against the model purified for that
+domain, by every score and budget (--systems picks some of them by pattern):
 
     neuron level   (real DSS-Experts, materialize: compact FFNs, real compute savings)
         dowp        purify's default score (structured Wanda on the domain's text)
         taylor      loss-aware: the estimated change of the domain's loss when the neuron is removed
-                    (loss_aware_stats)
-                    each at --keeps (the same fraction of every layer), "auto" (purify --auto threshold: one global
-                    threshold chosen on split B) and "greedy" (purify --auto greedy: layer by layer, a removal is
-                    kept only if it lowers the loss on split B)
+                    (loss_aware_stats), signed: the neurons estimated to help most when removed go first
+        taylor_abs  |taylor|: the usual first-order importance (fixed keeps only)
+                    each at --keeps (the same fraction of every layer); dowp and taylor also "auto" (purify --auto
+                    threshold: one global threshold chosen on split B), "greedy" (purify --auto greedy: layer by layer,
+                    a removal is kept only if it lowers the loss on split B) and, for the domains with a task,
+                    "greedy-task" (the same search validated by the answers of --task-tokens of (prompt, answer) pairs
+                    of the calibration split: MMLU cloze answers, GSM8K worked answers; data.task_pairs)
+        frontier    --frontier REMOVE: that fraction of the FFN removed where it costs least, on top of the taylor
+                    greedy removals: each layer's validation-loss cost of losing its least important neurons by
+                    |taylor| is measured on split B, and the removals are placed where they cost least
+                    (search.budgeted_removal): how much compute can be saved, and at what quality
     weight level   (reference: no speedup: masks inside full-size FFN matrices; no weight changes value)
         wanda       |W_ij| * ||x_j|| (x: the matrix's input), per output row, as in Wanda
         taylor      -W_ij * dL/dW_ij: the first-order change of the loss when weight ij is removed (signed:
@@ -18,73 +26,87 @@ perplexity of the dense model against the model purified for that domain, by eve
                     each removes the --sparsities fraction of the lowest-scoring weights of every row; and
                     taylor "greedy" (`greedy_weights`): layer by layer, the weights estimated to hurt most, kept
                     removed only if the loss on split B drops
+                    (per-weight scores are computed only when a weight-level system is asked for)
 
 Every number has a 95% bootstrap interval over held-out windows, and every purified model the paired interval of
 its change against dense on the same windows ("beats dense" = that whole interval below 0).
 `--check-neurons` also tests the Taylor estimate against the truth: it removes each of ~200 neurons alone and
 measures the calibration loss change exactly (rank correlation with the estimate).
+Stability: --tokens with several sizes and --draws N run one sweep per (size, draw), each draw on calibration text
+shuffled with another seed, and stability.md says per size how the held-out change varies across draws.
 
 Data protocol (no held-out text is ever used to choose anything): each domain's calibration split (--tokens) is cut
-into A = the first 3/4 of its windows (every score and statistic) and B = the last 1/4 (the auto and greedy
+into A = the first 3/4 of its windows (every score and statistic) and B = the last 1/4 (the auto, greedy and frontier
 choices only); the held-out split of purify.py / evaluate.py gives the reported numbers.
 
-What comes out (under --out; every step is cached, a killed run resumes):
+What comes out (under --out, or one folder tokens{N}.seed{S} per sweep when there are several; every step is
+cached, a killed run resumes):
     scores.{domain}.safetensors   statistics + loss-aware pass on A (with the per-weight Taylor scores)
     check.json                    Taylor estimate vs exact removal
     results.json                  per-window held-out NLL of every system (the cache of the sweep)
+    frontier.json                 the measured per-layer removal costs of the frontier systems
     report.md / report.json       the tables; report.png (held-out ppl vs fraction kept) when matplotlib is present
+    stability.md / .json          with several sweeps: how each result varies across draws
     experts.{score}.{keep}.safetensors   with --write-experts: files evaluate.py runs (system "oracle" = the
                                   purified expert of each item's domain), e.g. for MMLU and bits per byte
 
-    python purify_sweep.py --threads 1 --tokens 8192 --heldout-tokens 4096 --out results/purify16
+    python purify_sweep.py --threads 1 --tokens 8192 --heldout-tokens 4096 --out results/sweep
+    python purify_sweep.py --tokens 2048 8192 32768 --draws 3 --systems neuron:taylor:greedy --out results/stability
     python evaluate.py --systems dense oracle --tasks mmlu ppl \
-        --experts results/purify16/experts.taylor.0.99.safetensors
+        --experts results/sweep/experts.taylor.greedy.safetensors
 
 Shape legend: B batch, T time, C width, L layers, F FFN neurons, N windows.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import checkpoints as ckpt
 import data
 import model as M
-from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, progress, pyplot,
-                 run_cli, save_figure, write_atomic)
+from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, locked_dir, positive_int,
+                 progress, pyplot, run_cli, save_figure, write_atomic)
 from dowp import (BASELINES, PROTECT_FACTOR, STATS, collect_stats, loss_aware_stats, score_neurons, select_above,
                   select_neurons, super_neurons)
 from experts import kept_fraction, materialize, save_experts
 from scoring import next_token_nll, ppl_intervals, window_nll
-from search import GREEDY_BLOCKS, auto_threshold, greedy_by_layer, greedy_layers
+from search import (FRONTIER_STEPS, GREEDY_BLOCKS, auto_threshold, budgeted_removal, greedy_by_layer, greedy_layers,
+                    removal_costs, task_windows)
 
-NEURON_SCORES = ("dowp", "taylor")
+NEURON_SCORES = ("dowp", "taylor", "taylor_abs")
+SEARCHES = ("auto", "greedy", "greedy-task")  # budgets chosen by validation (taylor_abs: fixed keeps only)
 WEIGHT_SCORES = ("wanda", "taylor", "taylor_abs")
 
 
 # ----------------------------------------------------------------------------- scores (cached per domain)
 
-def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_size: int) -> dict:
-    """Statistics (collect_stats) and the loss-aware pass with per-weight scores on `windows`, cached in
-    `path`. Returns {"stats": {...}, "taylor": (L, F), "in_norm": (L, C), "taylor_w": {"{l}.{name}": W's shape}}."""
+def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_size: int, weights: bool = True) -> dict:
+    """Statistics (collect_stats) and the loss-aware pass on `windows` (with weights=True also the per-weight scores,
+    320 MB for SmolLM2), cached in `path`. Returns {"stats": {...}, "taylor": (L, F), "in_norm": (L, C),
+    "taylor_w": {"{l}.{name}": W's shape} or {}}."""
     if path.exists():
         tensors, md = ckpt.read_safetensors(path, with_metadata=True)
-        if json.loads(md.get("key", "{}")) == key:
+        if json.loads(md.get("key", "{}")) == key and (not weights or any(k.startswith("taylor_w.") for k in tensors)):
             return unpack(tensors)
-        print(f"{path} was made with {md.get('key')}, not {key}: recomputing", file=sys.stderr)
+        print(f"{path} was made with {md.get('key')}, not {key}{' with weights' * weights}: recomputing",
+              file=sys.stderr)
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
-    loss = loss_aware_stats(model, windows, max(1, batch_size // 4), weights=True, desc=f"taylor {path.stem}")
+    loss = loss_aware_stats(model, windows, max(1, batch_size // 4), weights=weights, desc=f"taylor {path.stem}")
     print(f"{path.stem}: statistics + loss-aware pass on {windows.numel()} tokens in {time.perf_counter() - t0:.0f}s",
           file=sys.stderr)
     tensors = {**{f"stats.{k}": v.reshape(1) if k == "count" else v for k, v in stats.items()},
                "taylor": loss["taylor"], "in_norm": loss["in_norm"],
-               **{f"taylor_w.{k}": v for k, v in loss["taylor_w"].items()}}
+               **{f"taylor_w.{k}": v for k, v in loss.get("taylor_w", {}).items()}}
     ckpt.write_safetensors(path, tensors, {"key": json.dumps(key)})
     return unpack(tensors)
 
@@ -240,7 +262,9 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
                for d in args.domains}
     key = {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
-    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs)
+    wanted = lambda system: any(fnmatch.fnmatchcase(system, p) for p in args.systems)  # noqa: E731
+    weights = any(wanted(f"weight:{w}:{s}") for w in WEIGHT_SCORES for s in [*args.sparsities, "greedy"])
+    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs, weights)
           for d in args.domains}
     stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
     protected = super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
@@ -255,14 +279,18 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
             tau, trials = (row["threshold"], row["trials"]) if row else auto_threshold(model, s, split_b[d],
                                                                                           protected, bs)
             idx, extra = select_above(s, tau, protected), {"threshold": tau, "trials": trials}
-        elif keep == "greedy":  # layer-wise removals, each kept only if it lowers the loss on split B
+        elif keep in ("greedy", "greedy-task"):  # layer-wise removals, each kept only if the validation loss drops
             kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
             if row:
                 for l, js in row["removed"].items():
                     kept[int(l), js] = False
                 trials = row["trials"]
-            else:
+            elif keep == "greedy":  # validated on split B, every token of the text
                 idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
+            else:  # validated by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs
+                windows, weights = task_windows(tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
+                                                args.task_tokens)
+                idx, trials = greedy_layers(model, s, windows, protected, bs, loss_weights=weights)
                 kept = torch.stack([torch.zeros_like(kept[l]).index_fill_(0, i, True) for l, i in enumerate(idx)])
             idx = [r.nonzero().flatten() for r in kept]
             gone = {str(l): (~kept[l]).nonzero().flatten().tolist() for l in range(L)}
@@ -272,6 +300,18 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
         experts.setdefault(f"{score}:{keep}", {})[d] = idx
         return lambda: {"nll": mean_nll(model, heldout[d], materialize(model, idx), bs),
                         "active_fraction": kept_fraction(idx, model), **extra}
+
+    frontier_costs = RowCache(out / "frontier.json", {**key, "steps": list(FRONTIER_STEPS)})
+
+    def frontier_row(d, target):  # |taylor| removals on top of the validated greedy ones, placed by measured cost
+        base = experts.get("taylor:greedy", {}).get(d)
+        order = score_neurons(stats, model, "taylor_abs", d).argsort(dim=1)  # (L, F) least important first
+        costs = torch.tensor(frontier_costs.get(d, lambda: removal_costs(
+            model, order, split_b[d], base or [None] * L, FRONTIER_STEPS, bs).tolist()))
+        idx, info = budgeted_removal(model, order, split_b[d], target, base, protected, bs, costs)
+        experts.setdefault(f"frontier:{target}", {})[d] = idx
+        return lambda: {"nll": mean_nll(model, heldout[d], materialize(model, idx), bs),
+                        "active_fraction": kept_fraction(idx, model), "per_layer": info["per_layer"]}
 
     def weight_row(d, score, sparsity):
         def run():
@@ -289,14 +329,18 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
                     "trials": trials}
         return run
 
-    wanted = lambda system: any(fnmatch.fnmatchcase(system, p) for p in args.systems)  # noqa: E731
     t0 = time.perf_counter()
     for d in args.domains:
         results.get(f"{d}|dense", lambda: {"nll": mean_nll(model, heldout[d], None, bs), "active_fraction": 1.0})
         for score in NEURON_SCORES:
-            for keep in [*args.keeps, "auto", "greedy"]:
+            for keep in [*args.keeps, *(SEARCHES if score != "taylor_abs" else ())]:
+                if keep == "greedy-task" and d not in data.TASK_DOMAINS:
+                    continue
                 if wanted(f"neuron:{score}:{keep}"):
                     results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
+        for target in args.frontier:
+            if wanted(f"neuron:frontier:{target}"):
+                results.get(f"{d}|neuron:frontier:{target}", frontier_row(d, target))
         for score in WEIGHT_SCORES:
             for s in args.sparsities:
                 if wanted(f"weight:{score}:{s}"):
@@ -341,17 +385,23 @@ def write_experts(out: Path, spec: str, experts: dict, model, args, stats, prote
                         f"(have {', '.join(experts)})")
     cfg = model.config
     score, keep = spec.split(":")
-    fraction = sum(kept_fraction(e, model) for e in experts[spec].values()) / len(experts[spec])
+    chosen = dict(experts[spec])
+    filled = [d for d in args.domains if d not in chosen]  # greedy-task: the domains without a task
+    if filled and "taylor:greedy" not in experts:
+        raise UserError(f"--write-experts {spec!r} has no expert for {', '.join(filled)}: also run "
+                        "neuron:taylor:greedy, which fills them")
+    chosen = {d: chosen[d] if d in chosen else experts["taylor:greedy"][d] for d in args.domains}
+    fraction = sum(kept_fraction(e, model) for e in chosen.values()) / len(chosen)
     baselines = {b: select_neurons(score_neurons(stats, model, b, seed=args.seed), fraction, protected)
                  for b in BASELINES if b != "general" or "general" in stats}
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
             "score": score, "contrast": 0.0, "keep": fraction, "alloc": keep if keep in ("auto", "greedy") else
             "uniform", "protect": PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
-            "seq_len": args.seq_len, "domain_specs": {d: d for d in experts[spec]},
-            "tokens": {d: int(stats[d]["count"]) for d in experts[spec]}, "source": "purify_sweep.py (split A)"}
+            "seq_len": args.seq_len, "domain_specs": {d: d for d in chosen},
+            "tokens": {d: int(stats[d]["count"]) for d in chosen}, "source": "purify_sweep.py (split A)",
+            **({"filled_from_taylor_greedy": filled} if filled else {})}
     path = out / f"experts.{score}.{keep}.safetensors"
-    save_experts(path, experts[spec], meta, baselines, {d: {k: stats[d][k] for k in (*STATS, "count")}
-                                                          for d in experts[spec]})
+    save_experts(path, chosen, meta, baselines, {d: {k: stats[d][k] for k in (*STATS, "count")} for d in chosen})
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -376,9 +426,14 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
             if dom == d:
                 table[d][system] = {"active_fraction": row["active_fraction"],
                                     **ppl_intervals(row["nll"], None if system == "dense" else dense)}
+        nll = np.asarray(dense)
+        table[d]["dense"]["se_pct"] = 100 * math.expm1(nll.std(ddof=1) / math.sqrt(len(nll)))  # 1 SE of dense
         purified = {s: r for s, r in table[d].items() if s != "dense"}
         best = min(purified, key=lambda s: purified[s]["ppl"])
-        summary[d] = {"best": best, **purified[best],
+        within = [s for s, r in purified.items()
+                  if s.startswith("neuron:") and r["delta"] <= table[d]["dense"]["se_pct"]]
+        cheapest = min(within, key=lambda s: purified[s]["active_fraction"]) if within else None
+        summary[d] = {"best": best, **purified[best], "cheapest_within_1se": cheapest,
                       "beats_dense": [s for s, r in purified.items() if r["delta_ci"][1] < 0]}
     md = ["# Does any purification beat dense? (held-out perplexity, own domain)", "",
           f"Scores from {info['tokens']['A']} calibration tokens (split A), auto and greedy choices from "
@@ -396,12 +451,14 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
                       f"{num(r['ppl_ci'][1])}] | {delta} |")
         md.append("")
     md += ["## Summary", "",
-           "| domain | dense ppl | best purified system | its ppl | Δ % [95%] | systems beating dense |",
-           "|---|---|---|---|---|---|"]
+           "| domain | dense ppl | best purified system | its ppl | Δ % [95%] | systems beating dense "
+           "| least FFN within 1 SE of dense (neuron level) |", "|---|---|---|---|---|---|---|"]
     for d, s in summary.items():
+        c = s["cheapest_within_1se"]
+        cheap = f"{c}: {table[d][c]['active_fraction']:.3f} kept, Δ {num(table[d][c]['delta'], '+')}%" if c else "none"
         md.append(f"| {d} | {num(table[d]['dense']['ppl'])} | {s['best']} | {num(s['ppl'])} | {delta_text(s)} "
-                  f"| {', '.join(s['beats_dense']) or 'none'} |")
-    for system in args.cross:
+                  f"| {', '.join(s['beats_dense']) or 'none'} | {cheap} (1 SE = {table[d]['dense']['se_pct']:.1f}%) |")
+    for system in [c for c in args.cross if all(c in table[d] for d in args.domains)]:
         md += ["", f"## {system} on every domain's held-out text (rows: the domain it was purified for; cells: "
                    "Δ perplexity % against dense on that text [95%])", "",
                "| purified for \\ held-out | " + " | ".join(args.domains) + " |",
@@ -458,6 +515,36 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
     return save_figure(fig, path, dpi=90)
 
 
+def plot_frontier(table: dict, domains: list[str], path: Path) -> bool:
+    """Quality against compute: held-out Δ perplexity % vs dense against the fraction of FFN neurons removed, per
+    domain, for uniform keeps by dowp and |taylor|, the validated greedy removals and the frontier; the band is
+    one standard error of dense."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        se = table[d]["dense"]["se_pct"]
+        ax.axhspan(-se, se, color="0.9", label="dense ± 1 SE")
+        lines = (("neuron:dowp:", "dowp, uniform"), ("neuron:taylor_abs:", "|taylor|, uniform"),
+                 ("neuron:frontier:", "frontier (placed by cost)"))
+        for i, (name, label) in enumerate(lines):
+            pts = sorted((1 - r["active_fraction"], r["delta"]) for s, r in table[d].items()
+                         if s.startswith(name) and s.rsplit(":", 1)[1][0].isdigit())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=f"C{i}", label=label)
+        g = table[d].get("neuron:taylor:greedy")
+        if g:
+            ax.plot(1 - g["active_fraction"], g["delta"], marker="D", ms=6, color="C3", ls="none",
+                    label="taylor greedy")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(title=d, xlabel="fraction of FFN neurons removed", ylim=(-15, 60))
+    axes[0][0].set_ylabel("held-out perplexity vs dense, %")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("what a compute saving costs (off the top: > +60%)", fontsize=9)
+    return save_figure(fig, path, dpi=90)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
@@ -465,11 +552,21 @@ def parse_args(argv=None):
                        formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="results/purify_sweep")
     p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS), choices=data.BUILTIN_DOMAINS)
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per domain (A = 3/4, B = 1/4)")
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[8192],
+                   help="calibration tokens per domain (A = 3/4, B = 1/4); several: one sweep per size")
+    p.add_argument("--draws", type=positive_int, default=1,
+                   help="sweeps per size on other draws of the calibration text (seeds --seed, --seed + 1, ...); "
+                        "with more than one sweep, stability.md says how the results vary")
     p.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens per domain")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (the backward uses a quarter)")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.99, 0.98, 0.95, 0.9, 0.75, 0.5])
+    p.add_argument("--frontier", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.3], metavar="REMOVE",
+                   help="neuron:frontier:REMOVE: that fraction of the FFN removed where the validation loss says it "
+                        "costs least, on top of the validated greedy removals (search.budgeted_removal)")
+    p.add_argument("--task-tokens", type=positive_int, default=8192,
+                   help="neuron:*:greedy-task: tokens of (prompt, answer) pairs from the calibration split that "
+                        f"validate the search by the answers alone ({', '.join(data.TASK_DOMAINS)})")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
     p.add_argument("--check-neurons", type=int, default=180,
                    help="neurons removed exactly, evenly over layers (0 = off)")
@@ -488,25 +585,84 @@ def parse_args(argv=None):
     bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]
     if bad:
         raise UserError(f"--keeps must be in (0, 1] and --sparsities in [0, 1), got {bad}")
-    if args.tokens < 2 * args.seq_len or args.heldout_tokens < args.seq_len:
+    if min(args.tokens) < 2 * args.seq_len or args.heldout_tokens < args.seq_len:
         raise UserError(f"--tokens must be >= 2 x --seq-len and --heldout-tokens >= --seq-len ({args.seq_len})")
     return args
 
 
+def run_dirs(args) -> list[tuple[int, int, Path]]:
+    """(calibration tokens, calibration seed, output folder) of every sweep: one per --tokens x --draws (draw i shuffles
+    the calibration documents with seed --seed + i, so it scores other windows); a single sweep writes into --out."""
+    runs = [(t, args.seed + i) for t in args.tokens for i in range(args.draws)]
+    if len(runs) == 1:
+        return [(*runs[0], Path(args.out))]
+    return [(t, s, Path(args.out) / f"tokens{t}.seed{s}") for t, s in runs]
+
+
+def stability(results: dict, args) -> tuple[str, dict]:
+    """Across draws of the calibration text, per calibration size, domain and purified system: the held-out change
+    against dense (mean, spread, range), the fraction removed, and in how many draws its interval excludes zero."""
+    table = {}
+    for tokens in args.tokens:
+        runs = [r for (t, _), r in results.items() if t == tokens]
+        for d in args.domains:
+            systems = [s for s in runs[0]["table"][d] if s != "dense" and all(s in r["table"][d] for r in runs)]
+            for system in systems:
+                rows = [r["table"][d][system] for r in runs]
+                deltas = np.array([r["delta"] for r in rows])
+                table[f"{tokens}|{d}|{system}"] = {
+                    "tokens": tokens, "domain": d, "system": system, "draws": len(rows),
+                    "delta_mean": float(deltas.mean()), "delta_sd": float(deltas.std(ddof=1)) if len(rows) > 1 else 0.0,
+                    "delta_min": float(deltas.min()), "delta_max": float(deltas.max()),
+                    "removed_mean": float(np.mean([1 - r["active_fraction"] for r in rows])),
+                    "better": sum(r["delta_ci"][1] < 0 for r in rows), "worse": sum(r["delta_ci"][0] > 0 for r in rows),
+                    "dense_ppl": float(np.mean([r2["table"][d]["dense"]["ppl"] for r2 in runs]))}
+    md = ["# Stability over draws of the calibration text (held-out perplexity, own domain)", "",
+          f"Each draw shuffles the calibration documents with another seed ({args.draws} draws from seed {args.seed});"
+          f" held-out text is the same {args.heldout_tokens} tokens per domain in every draw. Δ = paired change of "
+          "perplexity against dense, %; better / worse = draws whose 95% interval lies below / above zero.", "",
+          "| calibration tokens | domain | system | Δ % mean ± sd | range | removed % | better / worse / n.s. |",
+          "|---|---|---|---|---|---|---|"]
+    for r in table.values():
+        ns = r["draws"] - r["better"] - r["worse"]
+        md.append(f"| {r['tokens']} | {r['domain']} | {r['system']} | {r['delta_mean']:+.1f} ± {r['delta_sd']:.1f} | "
+                  f"{r['delta_min']:+.1f} .. {r['delta_max']:+.1f} | {100 * r['removed_mean']:.2f} | "
+                  f"{r['better']} / {r['worse']} / {ns} |")
+    return "\n".join(md) + "\n", {"table": table, "draws": args.draws, "seed": args.seed}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with locked_dir(args.out, "another purify_sweep.py run"):  # two sweeps on one --out would race on its caches
+        run(args)
+
+
+def run(args):
     model, tok = M.load_for_cli(args)
     t0 = time.perf_counter()
-    rows, info = sweep(args, model, tok)
-    md, result = report(rows, info, args)
-    if args.plot:
-        png = Path(args.out) / "report.png"
-        md += f"\n![held-out ppl vs kept fraction]({png.name})\n" if plot(result["table"], args.domains, png) else \
-            "\n(--plot: matplotlib is not installed, no PNG written)\n"
-    write_atomic(Path(args.out) / "report.json", json.dumps(result, indent=1))
-    write_atomic(Path(args.out) / "report.md", md)
-    print(md)
+    results = {}
+    for tokens, seed, out in run_dirs(args):
+        one = argparse.Namespace(**{**vars(args), "tokens": tokens, "seed": seed, "out": str(out)})
+        out.mkdir(parents=True, exist_ok=True)
+        rows, info = sweep(one, model, tok)
+        md, results[tokens, seed] = report(rows, info, one)
+        if args.plot:
+            table = results[tokens, seed]["table"]
+            if plot(table, args.domains, out / "report.png"):
+                md += "\n![held-out ppl vs kept fraction](report.png)\n"
+                if any(s.startswith("neuron:frontier:") for s in table[args.domains[0]]):
+                    plot_frontier(table, args.domains, out / "frontier.png")
+                    md += "\n![what a compute saving costs](frontier.png)\n"
+            else:
+                md += "\n(--plot: matplotlib is not installed, no PNG written)\n"
+        write_atomic(out / "report.json", json.dumps(results[tokens, seed], indent=1))
+        write_atomic(out / "report.md", md)
+        print(md)
+    if len(results) > 1:
+        md, summary = stability(results, args)
+        write_atomic(Path(args.out) / "stability.json", json.dumps(summary, indent=1))
+        write_atomic(Path(args.out) / "stability.md", md)
+        print(md)
     print(f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
 

@@ -44,13 +44,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import checkpoints as ckpt
 import generate as G
 import model as M
 from experts import experts_identity, load_experts
-from cli import ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, run_cli
+from scoring import window_nll
+from cli import ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, progress, run_cli
 
 ROUTER_FORMAT = "free-moe-router/1"
 
@@ -102,7 +102,7 @@ def pooled(hidden, valid):
 
 @torch.no_grad()
 def prompt_features(model: M.Transformer, prompts: list[list[int]], route_layer: int, max_tokens: int = 512,
-                    batch_tokens: int = 4096, progress: bool = False):
+                    batch_tokens: int = 4096, show: bool = False):
     """Pooled early-layer features of each prompt (N, C). Prompts are batched by length (little padding)."""
     device = model.tok_emb.weight.device
     if any(len(p) == 0 for p in prompts):
@@ -119,9 +119,8 @@ def prompt_features(model: M.Transformer, prompts: list[list[int]], route_layer:
     if cur:
         batches.append(cur)
     it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="route features", leave=False)
+    if show:
+        it = progress(batches, desc="route features", leave=False)
     for rows in it:
         T = max(len(prompts[i]) for i in rows)
         # built on the host, then one copy each to the model's device
@@ -206,9 +205,9 @@ class FreeMoE:
 
     # --- level 1 + level 2 -> a decision
     @torch.no_grad()
-    def route(self, prompts: list[list[int]], progress: bool = False) -> list[Decision]:
+    def route(self, prompts: list[list[int]], show: bool = False) -> list[Decision]:
         cfg = self.router.cfg
-        feats = prompt_features(self.model, prompts, cfg.route_layer, cfg.max_route_tokens, progress=progress)
+        feats = prompt_features(self.model, prompts, cfg.route_layer, cfg.max_route_tokens, show=show)
         probs = self.router.domain_probs(feats.to(self.router.feat_mean.device)).cpu()  # (N, D)
         return [self.decide(p) for p in probs]
 
@@ -242,7 +241,7 @@ class FreeMoE:
             raise ValueError(f"use_expert must have {L} entries, got {len(use_expert)}")
         use_expert = tuple(bool(u) for u in use_expert)
         return Decision(tuple(domains), use_expert, tuple(float(p) for p in probs),
-                        self._fraction(domains, use_expert), fell_back)
+                        self.active_fraction(domains, use_expert), fell_back)
 
     def gate_pattern(self, domains: tuple[str, ...]) -> tuple[bool, ...]:
         """Level 2: which layers run the purified expert. Sign of the logit, or the budget rule if a budget is set."""
@@ -252,24 +251,25 @@ class FreeMoE:
             return tuple(bool(v > 0) for v in logits)
         use = [False] * len(logits)
         for layer in logits.argsort(descending=True).tolist():  # safest layers to purify first
-            if self._fraction(domains, use) <= self.budget:
+            if self.active_fraction(domains, use) <= self.budget:
                 break
             use[layer] = True
         return tuple(use)
 
     # --- compute accounting
-    def _kept(self, domains: tuple[str, ...]) -> list[int]:
+    def kept_per_layer(self, domains: tuple[str, ...]) -> list[int]:
         """Per-layer number of neurons the expert (set) keeps; F for a layer the experts leave dense."""
         if domains not in self._sizes:
             Fn = self.model.config.n_ffn
             self._sizes[domains] = [Fn if idx is None else len(idx) for idx in self._union_indices(domains)]
         return self._sizes[domains]
 
-    def _fraction(self, domains, use_expert) -> float:
+    def active_fraction(self, domains, use_expert) -> float:
+        """FFN neurons a token runs through under (domains, per-layer gates), over all FFN neurons."""
         Fn, L = self.model.config.n_ffn, self.model.config.n_layer
         if not domains:
             return 1.0
-        kept = self._kept(tuple(domains))
+        kept = self.kept_per_layer(tuple(domains))
         return sum(k if u else Fn for k, u in zip(kept, use_expert)) / (L * Fn)
 
     # --- materialized experts
@@ -354,31 +354,46 @@ class FreeMoE:
                 out[i] = r
         return out, decisions
 
-    @torch.no_grad()
     def score(self, windows, batch_size: int = 8) -> tuple[torch.Tensor, list[Decision]]:
-        """Mean next-token NLL of each window (N,), each window routed on itself (its tokens are its prompt)."""
+        """Mean next-token NLL of each window (N,), each window routed on itself (its tokens are its prompt);
+        the windows of one decision are scored together (scoring.window_nll)."""
         windows = torch.as_tensor(windows, dtype=torch.long)  # (N, T)
         decisions = self.route(windows.tolist())
-        nll = torch.empty(len(windows))
+        nll = torch.empty(len(windows), dtype=torch.float64)
         groups: dict = {}
         for i, d in enumerate(decisions):
             groups.setdefault(d.key, []).append(i)
-        device = self.model.tok_emb.weight.device
         for rows in groups.values():
-            mlps = self.mlps_for(decisions[rows[0]])
-            for s in range(0, len(rows), batch_size):
-                sel = rows[s:s + batch_size]
-                x = windows[sel].to(device)  # (B, T)
-                logits = self.model(x[:, :-1], mlps=mlps)  # (B, T-1, V)
-                nll[sel] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1).cpu()
-        return nll, decisions
+            nll[rows] = window_nll(self.model, windows[rows], self.mlps_for(decisions[rows[0]]), batch_size)
+        return nll / (windows.shape[1] - 1), decisions
 
 
 class _SplitBatch(Exception):
     """Raised inside the routed prefill when one batch's prompts were routed differently."""
 
 
-# ----------------------------------------------------------------------------- level 2 training-time soft mix
+# ----------------------------------------------------------------------------- level 2 in training: the relaxed gate
+#
+# The level-2 gate in one place: FreeMoE.gate_pattern is its rule at inference (logit > 0, or the budget rule);
+# in training (train_router.train_level2) the same logits pass through `relaxed_gates` and each layer runs
+# `MixedMLP`, and `expected_fraction` is the compute the gates cost. Changing the gate means changing these.
+
+def relaxed_gates(logits, tau: float, relax: str, generator):
+    """Relaxed Bernoulli gates (L,): sigmoid((logit + logistic noise) / tau); "st" = hard 0/1 forward with the
+    sigmoid's gradient (straight-through), so training sees the model inference runs; "soft" = the relaxed value.
+    The noise is drawn on the host (generator) and moved: the same draws on any device."""
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    if relax == "soft":
+        return soft
+    hard = (soft > 0.5).float()
+    return hard + soft - soft.detach()
+
+
+def expected_fraction(g, kept: torch.Tensor, n_ffn: int):
+    """Active FFN fraction for gates g (L,): layer l costs k_l neurons with the expert, F without."""
+    return (g * kept + (1 - g) * n_ffn).sum() / (len(kept) * n_ffn)
+
 
 class MixedMLP(nn.Module):
     """Level 2 relaxation used only in training: out = g * expert(x) + (1 - g) * dense(x).

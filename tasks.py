@@ -18,6 +18,8 @@ columns and breakdowns it reports. Adding a benchmark = writing those functions 
     mbpp       3-shot "[BEGIN] ... [DONE]" prompts on the test split (task ids 11-510), same scoring.
     ppl        perplexity and bits per byte on the held-out split of each domain (general, code, math,
                knowledge), in non-overlapping windows of --seq-len tokens.
+    shift      the same on each domain's second corpus, from another source than anything used to build the experts
+               or the router (data.SHIFT_SOURCES: Shakespeare, HumanEval + MBPP solutions, MATH, MedMCQA).
 Every system sees the same items: --limit picks a seeded, prefix-stable subset of each task.
 
 Shape legend: B batch (rows), T time (tokens).
@@ -37,7 +39,7 @@ import numpy as np
 import sandbox
 from cli import UserError
 from data import (LETTERS, gsm8k_prompt, heldout_text, humaneval_program, load_gsm8k, load_humaneval, load_mbpp,
-                  load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt)
+                  load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt, shift_text)
 from generate import generate
 from scoring import loglikelihoods, window_nll
 
@@ -109,6 +111,7 @@ class Benchmark:
     columns: Callable | None = None  # (settings, records) -> {column: (num, den)}; default: accuracy of "correct"
     details: Callable | None = None  # (settings, records) -> breakdowns reported beside the columns
     groups: Callable | None = None  # (record) -> group names: each column is also reported per group, paired
+    group_order: tuple = ()  # the order the groups are reported in
 
 
 def prepare(name: str, rt: Runtime) -> Task:
@@ -350,7 +353,8 @@ def _run_code(rt, system, items, domain, stops, to_program) -> list[dict]:
         c = sum(r.passed for r in res)
         records.append({"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "prediction": samples[j][0],
                         "reference": it["doc"].get("entry_point", it["doc"].get("code", "")),
-                        "statuses": [r.status for r in res], "n": n, "c": c, "correct": c / n,
+                        "statuses": [r.status for r in res], "errors": sum(r.status == "error" for r in res),
+                        "n": n, "c": c, "correct": c / n,
                         "tokens": n_tok / len(items), "active_fraction": frac,
                         **({"route": route} if route else {})})
     return records
@@ -364,18 +368,31 @@ def run_mbpp(rt, system, items, domain):
     return _run_code(rt, system, items, domain, MBPP_STOPS, lambda it, c: mbpp_program(it["doc"], c))
 
 
-def prepare_ppl(rt: Runtime) -> tuple[list[dict], dict]:
-    """Windows of --seq-len tokens; the first token of a window has no context and is not scored."""
+def text_windows(rt: Runtime, task: str, text_of) -> list[dict]:
+    """Items of --seq-len-token windows cut from `text_of(domain)` of each --ppl-domains domain; the first token of a
+    window has no context and is not scored. --ppl-windows (else --limit) picks a seeded subset per domain."""
     n = rt.args.seq_len
     items = []
     for domain in rt.args.ppl_domains:
-        ids = rt.tokenizer.encode(heldout_text(domain, rt.args.data_dir), bos=False)
+        ids = rt.tokenizer.encode(text_of(domain, rt.args.data_dir), bos=False)
         bos = [rt.tokenizer.bos_id] if rt.tokenizer.add_bos else []  # Gemma: every window starts with <bos>
         w = n - len(bos)  # text tokens per window
         windows = [bos + ids[i:i + w] for i in range(0, len(ids) - 1, w) if len(bos + ids[i:i + w]) > 1]
-        picked = select(list(enumerate(windows)), rt.args.ppl_windows or limit_for(rt.args, "ppl"), rt.args.seed)
+        picked = select(list(enumerate(windows)), rt.args.ppl_windows or limit_for(rt.args, task), rt.args.seed)
         items += [{"id": f"{domain}/{i}", "domain": domain, "prompt": w} for i, w in picked]
-    return items, {"seq_len": n, "domains": list(rt.args.ppl_domains)}
+    return items
+
+
+def prepare_ppl(rt: Runtime) -> tuple[list[dict], dict]:
+    """Each domain's held-out split (data.heldout_text)."""
+    return text_windows(rt, "ppl", heldout_text), {"seq_len": rt.args.seq_len, "domains": list(rt.args.ppl_domains)}
+
+
+def prepare_shift(rt: Runtime) -> tuple[list[dict], dict]:
+    """Each domain's second corpus (data.shift_text): the same windows and scoring as ppl, on text from another
+    source than anything the experts or the router saw."""
+    settings = {"seq_len": rt.args.seq_len, "domains": list(rt.args.ppl_domains), "corpus": "shift"}
+    return text_windows(rt, "shift", shift_text), settings
 
 
 def run_ppl(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
@@ -407,6 +424,11 @@ def check_ppl(args):
         heldout_text(d, args.data_dir)
 
 
+def check_shift(args):
+    for d in args.ppl_domains:
+        shift_text(d, args.data_dir)
+
+
 def check_data(args):
     """Read every data file the requested tasks need, so a missing or corrupt file is reported in a second,
     before the model loads."""
@@ -423,12 +445,13 @@ def mmlu_columns(settings: dict, records: list[dict]) -> dict:
 
 
 def ppl_columns(settings: dict, records: list[dict]) -> dict:
-    """Bits per byte of each domain: total NLL in bits over the bytes of the predicted text."""
-    cols = {}
+    """Bits per byte of each domain: total NLL in bits over the bytes of the predicted text (bpb_shift_*: the
+    second corpus)."""
+    cols, prefix = {}, "bpb_shift_" if settings.get("corpus") == "shift" else "bpb_"
     for d in settings["domains"]:
         rs = [r for r in records if r["domain"] == d]
         bits = np.array([r["nll"] / math.log(2) for r in rs])
-        cols[f"bpb_{d}"] = (bits, np.array([float(r["bytes"]) for r in rs]))
+        cols[f"{prefix}{d}"] = (bits, np.array([float(r["bytes"]) for r in rs]))
     return cols
 
 
@@ -474,11 +497,13 @@ def code_details(settings: dict, records: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- the registry
 
 BENCHMARKS = {b.name: b for b in [
-    Benchmark("mmlu", "knowledge", prepare_mmlu, run_mmlu, check_mmlu, mmlu_columns, mmlu_details, mmlu_groups),
+    Benchmark("mmlu", "knowledge", prepare_mmlu, run_mmlu, check_mmlu, mmlu_columns, mmlu_details, mmlu_groups,
+              (*MMLU_CATEGORIES, "math subjects", "bucket eval", "bucket calib", "bucket heldout")),
     Benchmark("gsm8k", "math", prepare_gsm8k, run_gsm8k, check_gsm8k),
     Benchmark("humaneval", "code", prepare_humaneval, run_humaneval, lambda a: load_humaneval(a.data_dir),
               details=code_details),
     Benchmark("mbpp", "code", prepare_mbpp, run_mbpp, lambda a: load_mbpp(a.data_dir), details=code_details),
     Benchmark("ppl", "mixed", prepare_ppl, run_ppl, check_ppl, ppl_columns, ppl_details),
+    Benchmark("shift", "mixed", prepare_shift, run_ppl, check_shift, ppl_columns, ppl_details),
 ]}
 ALL_TASKS = tuple(BENCHMARKS)

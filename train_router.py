@@ -49,14 +49,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import checkpoints as ckpt
 import data
 import generate as G
 import model as M
 from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, int_at_least, nonneg_float,
-                 nonneg_int, positive_float, positive_int, probability, run_cli)
+                 locked_dir, nonneg_int, positive_float, positive_int, probability, progress, run_cli)
 import router as R
 from experts import baseline_indices, experts_identity, kept_fraction, load_experts, materialize
 from scoring import next_token_nll, perplexity
@@ -165,7 +164,7 @@ def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, ta
             print(f"not reusing the feature cache ({e}): recomputing", file=sys.stderr)
         if feats is not None and tuple(feats.shape) == (len(prompts), model.config.n_embd):
             return feats.clone()
-    feats = R.prompt_features(model, prompts, route_layer, max_tokens, progress=True)  # (N, C)
+    feats = R.prompt_features(model, prompts, route_layer, max_tokens, show=True)  # (N, C)
     cache_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint}, checksum=True)
     return feats
@@ -223,22 +222,6 @@ def confusion_markdown(m: torch.Tensor, domains: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- level 2 training
 
-def gumbel_sigmoid(logits, tau: float, relax: str, generator):
-    """Relaxed Bernoulli gate (L,): sigmoid((logit + logistic noise) / tau); "st" = hard forward, soft gradient.
-    The noise is drawn on the host (generator) and moved: the same draws on any device."""
-    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
-    if relax == "soft":
-        return soft
-    hard = (soft > 0.5).float()
-    return hard + soft - soft.detach()
-
-
-def expected_fraction(g, kept: torch.Tensor, n_ffn: int):
-    """Active FFN fraction for gates g (L,): layer l costs k_l neurons with the expert, F without."""
-    return (g * kept + (1 - g) * n_ffn).sum() / (len(kept) * n_ffn)
-
-
 def kl_dense_routed(dense_logp, routed_logits):
     """KL(dense || routed) averaged over tokens; dense_logp (B, T, V) log-probs, routed_logits (B, T, V)."""
     logq = routed_logits.float().log_softmax(-1)
@@ -250,12 +233,12 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
     """Learn the per-(domain, layer) gate logits; the model and the experts stay frozen.
     target "kl": stay close to the dense model (the expert can only be as good as dense, so a gate opens where the
     expert is harmless and the sparsity weight pays for it). target "nll": fit the domain's own next tokens, so a
-    gate also opens where the purified expert is *better* than dense on that domain (issue 16's greedy experts)."""
+    gate also opens where the purified expert is *better* than dense on that domain (the loss-aware greedy experts)."""
     model, router = moe.model, moe.router
     domains, Fn = router.cfg.domains, model.config.n_ffn
     mixers = {d: [R.MixedMLP(moe.expert_mlp((d,), l), blk.mlp) for l, blk in enumerate(model.layers)] for d in calib}
     device = model.tok_emb.weight.device
-    kept = {d: torch.tensor(moe._kept((d,)), dtype=torch.float32, device=device) for d in calib}  # (L,)
+    kept = {d: torch.tensor(moe.kept_per_layer((d,)), dtype=torch.float32, device=device) for d in calib}
     batches = [(d, calib[d][i:i + batch_size].to(device)) for d in calib for i in range(0, len(calib[d]), batch_size)]
     teacher: dict[int, torch.Tensor] = {}  # dense log-probs per batch, computed once
     opt = torch.optim.AdamW([router.gate_logits], lr=lr, weight_decay=0.0)
@@ -264,19 +247,19 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
     for epoch in range(epochs):
         random.Random(seed + epoch).shuffle(order)
         fit_sum, frac_sum = 0.0, 0.0
-        for bi in tqdm(order, desc=f"level2 epoch {epoch + 1}", leave=False):
+        for bi in progress(order, desc=f"level2 epoch {epoch + 1}", leave=False):
             d, x = batches[bi]
             if target == "kl" and bi not in teacher:
                 with torch.no_grad():
                     teacher[bi] = model(x).log_softmax(-1).to(torch.bfloat16)  # (B, T, V)
             row = domains.index(d)
-            gates = gumbel_sigmoid(router.gate_logits[row], tau, relax, g)  # (L,)
+            gates = R.relaxed_gates(router.gate_logits[row], tau, relax, g)  # (L,)
             for l, mix in enumerate(mixers[d]):
                 mix.g = gates[l]
             routed = model(x, mlps=mixers[d])  # (B, T, V)
             fit = (kl_dense_routed(teacher[bi].float(), routed) if target == "kl"
                    else next_token_nll(routed.float(), x))  # nll: the domain's own next tokens
-            frac = expected_fraction(gates, kept[d], Fn)
+            frac = R.expected_fraction(gates, kept[d], Fn)
             loss = fit + sparsity_weight * frac
             opt.zero_grad()
             loss.backward()
@@ -301,9 +284,9 @@ def level2_heldout(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], batch_size:
         full = moe.decision_for((d,), use_expert=(True,) * moe.model.config.n_layer)
         out[d] = {"dense_ppl": perplexity(moe.model, w, None, batch_size),
                   "gated_ppl": perplexity(moe.model, w, moe.mlps_for(gated), batch_size),
-                  "gated_fraction": gated.active_fraction, "gated_layers": [int(u) for u in gated.use_expert],
+                  "gated_active_fraction": gated.active_fraction, "gated_layers": [int(u) for u in gated.use_expert],
                   "expert_ppl": perplexity(moe.model, w, moe.mlps_for(full), batch_size),
-                  "expert_fraction": full.active_fraction}
+                  "expert_active_fraction": full.active_fraction}
     return out
 
 
@@ -353,7 +336,7 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
     fractions = {"dense": 1.0, "freemoe": frac,
                  "oracle": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
                  "mixed": kept_fraction(mixed_idx, model)}
-    return {"ppl": res, "fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
+    return {"ppl": res, "active_fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
             "freemoe_routing_accuracy": sum(hits) / len(hits)}
 
 
@@ -370,7 +353,8 @@ def compare_fallbacks(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], threshol
     for fb in ("dense", "top2"):
         moe.threshold, moe.fallback = threshold, fb
         nll, decs = moe.score(mixed)
-        out[fb] = {"ppl": math.exp(float(nll.mean())), "fraction": sum(d.active_fraction for d in decs) / len(decs),
+        out[fb] = {"ppl": math.exp(float(nll.mean())),
+                   "active_fraction": sum(d.active_fraction for d in decs) / len(decs),
                    "fell_back": sum(d.fell_back for d in decs) / len(decs)}
     moe.threshold, moe.fallback = saved
     out["n_windows"], out["threshold"] = len(mixed), threshold
@@ -378,11 +362,11 @@ def compare_fallbacks(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], threshol
 
 
 def compare_markdown(c: dict, domains: list[str]) -> str:
-    lines = ["| system | " + " | ".join(f"{d} ppl" for d in domains) + " | active FFN fraction | decode tok/s |",
+    lines = ["| system | " + " | ".join(f"{d} ppl" for d in domains) + " | active FFN | decode tok/s |",
              "|---" * (len(domains) + 3) + "|"]
     for s, row in c["ppl"].items():
         lines.append(f"| {s} | " + " | ".join(f"{row[d]:.2f}" for d in domains)
-                     + f" | {c['fraction'][s]:.3f} | {c['tokens_per_s'][s]:.1f} |")
+                     + f" | {c['active_fraction'][s]:.3f} | {c['tokens_per_s'][s]:.1f} |")
     routed = 100 * c["freemoe_routing_accuracy"]
     return "\n".join(lines) + f"\n\nFree-MoE routed {routed:.1f}% of the windows to their domain."
 
@@ -434,8 +418,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with locked_dir(args.out, "another train_router.py run"):  # one run per --out: the router file is its product
+        run(args)
+
+
+def run(args):
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "router.safetensors"  # beside it: router.json, router.md and the feature cache
     t_start = time.perf_counter()
     model, tok = M.load_for_cli(args)
@@ -520,15 +508,15 @@ def main(argv=None):
     if l2:
         md += [f"## level 2 (sparsity weight {args.sparsity_weight}): held-out perplexity with the true domain's "
                "expert", "",
-               "| domain | dense | gated expert | gated frac | full expert | full frac |", "|---|---|---|---|---|---|"]
-        md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_fraction']:.3f} | "
-               f"{r['expert_ppl']:.2f} | {r['expert_fraction']:.3f} |" for d, r in l2.items()]
+               "| domain | dense | gated expert | active FFN | full expert | active FFN |", "|---|---|---|---|---|---|"]
+        md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_active_fraction']:.3f} | "
+               f"{r['expert_ppl']:.2f} | {r['expert_active_fraction']:.3f} |" for d, r in l2.items()]
     if comparison:
         md += ["", f"## held-out perplexity and decode speed ({args.compare_windows} x 256 tokens per domain)", "",
                compare_markdown(comparison, domains), "",
                f"fallback on {comparison['fallbacks']['n_windows']} mixed-domain windows (threshold "
                f"{comparison['fallbacks']['threshold']}): " + ", ".join(
-                   f"{fb}: ppl {r['ppl']:.2f}, active fraction {r['fraction']:.3f}, fell back {r['fell_back']:.2f}"
+                   f"{fb}: ppl {r['ppl']:.2f}, active FFN {r['active_fraction']:.3f}, fell back {r['fell_back']:.2f}"
                    for fb, r in comparison["fallbacks"].items() if isinstance(r, dict))]
     md += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -174,7 +174,7 @@ def fresh(tmp_path, monkeypatch):
     """A fresh clone's situation: an empty shared folder and an empty cache. Yields the cache."""
     monkeypatch.setenv("FREE_MOE_SHARED", str(tmp_path / "empty"))
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return tmp_path / "cache" / "data"
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ def test_download_builds_verifies_and_caches(serve, fresh, mirror, monkeypatch):
                 want = data.gzip_bytes(SYSCONFIG.sub("", gzip.decompress(want).decode(), count=1).encode())
             assert path.read_bytes() == want, f"{name} differs from {SHARED_DATA / name}"
     n = len(server.requests)
-    assert n == sum("://" in u for f in data.FILES.values() for u in f.sources) == 243
+    assert n == sum("://" in u for f in data.FILES.values() for u in f.sources) == 244
     assert all(data.data_file(name) == fresh / name for name in data.FILES) and len(server.requests) == n
     assert sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file()) == sorted(data.FILES)
 
@@ -268,11 +268,16 @@ def test_offline_is_one_line(fresh, monkeypatch):
 
 
 def test_shared_copy_wins(serve, tmp_path):
+    """A verified copy in --data-dir is used without a download; an edited one is refused, not used silently."""
     server = serve()
-    (tmp_path / "mine" / "data" / "gsm8k").mkdir(parents=True)
-    (tmp_path / "mine" / "data" / "gsm8k" / "test.jsonl").write_text("{}\n")
-    assert data.data_file("gsm8k/test.jsonl", str(tmp_path / "mine")) == tmp_path / "mine/data/gsm8k/test.jsonl"
-    assert not server.requests
+    mine = tmp_path / "mine" / "data" / "gsm8k" / "test.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(data.data_file("gsm8k/test.jsonl").read_bytes())  # the real bytes, from the mirror
+    requests = len(server.requests)
+    assert data.data_file("gsm8k/test.jsonl", str(tmp_path / "mine")) == mine and len(server.requests) == requests
+    mine.write_text("{}\n")
+    with pytest.raises(UserError, match="refusing .*differs from the pinned sha256"):
+        data.data_file("gsm8k/test.jsonl", str(tmp_path / "mine"))
 
 
 def test_table_matches_tasks():

@@ -119,16 +119,23 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
     argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
             "--sparsities", "0.1", "--check-neurons", "4", "--check-lowest", "2", "--check-tokens", "128",
-            "--write-experts", "taylor:greedy", "--plot", "--out", str(tmp_path / "sweep")]
+            "--frontier", "0.1", "--write-experts", "taylor:greedy", "frontier:0.1", "--plot",
+            "--out", str(tmp_path / "sweep")]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
     if cli.pyplot() is not None:  # matplotlib is a dev extra: with it, the plot is drawn
         assert (tmp_path / "sweep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1", "weight:taylor:greedy",
-               *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy"))}
+               *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy")),
+               "neuron:taylor_abs:0.9", "neuron:frontier:0.1"}  # greedy-task: only the domains with a task
     assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
     assert rep["table"]["code"]["neuron:taylor:0.9"]["active_fraction"] == 0.9
+    frontier = rep["table"]["code"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
+    assert frontier["active_fraction"] == pytest.approx(0.9, abs=1 / 40)
+    assert (tmp_path / "sweep" / "experts.frontier.0.1.safetensors").exists()
+    if cli.pyplot() is not None:
+        assert (tmp_path / "sweep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Summary" in md and "## neuron:taylor:greedy on every domain's held-out text" in md
     ex = EX.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
