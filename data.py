@@ -677,23 +677,25 @@ def gzip_bytes(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-DOWNLOAD_MIN_RATE = 20_000  # bytes/s on average: a download slower than this (plus a minute) is given up
+DOWNLOAD_GRACE = 60  # seconds every download may take, plus its size at...
+DOWNLOAD_MIN_RATE = 20_000  # ...this many bytes/s: a download slower than that is given up
 
 
 def download(url: str, bar, name: str, dest: Path, size: int = 0) -> bytes:
-    """The bytes at url. Each read waits at most 30 s, and the whole download at most a minute plus what the file
-    takes at DOWNLOAD_MIN_RATE: a server that trickles a byte now and then cannot hang the run."""
-    url, deadline = source_url(url), time.monotonic() + 60 + size / DOWNLOAD_MIN_RATE
+    """The bytes at url. Each read waits at most 30 s, and the whole download at most DOWNLOAD_GRACE plus its size
+    at DOWNLOAD_MIN_RATE: a server that trickles a byte now and then cannot hang the run."""
+    url, limit = source_url(url), DOWNLOAD_GRACE + size / DOWNLOAD_MIN_RATE
+    deadline = time.monotonic() + limit
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             parts = []
-            while chunk := r.read(1 << 16):
+            while chunk := r.read1(1 << 16):  # read1: what has arrived, so the deadline is checked as bytes come
                 parts.append(chunk)
                 bar.update(len(chunk))
                 if time.monotonic() > deadline:
                     raise DataUnavailable(f"downloading data/{name} from {url} is too slow ({sum(map(len, parts))} "
-                                          f"bytes in {60 + size / DOWNLOAD_MIN_RATE:.0f} s): giving up; put "
-                                          f"data/{name} at {dest} by hand, or set --data-dir / $FREE_MOE_SHARED")
+                                          f"bytes in {limit:.0f} s): giving up; put data/{name} at {dest} by hand, "
+                                          f"or set --data-dir / $FREE_MOE_SHARED")
             return b"".join(parts)
     except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
         why = getattr(e, "reason", e)

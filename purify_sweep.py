@@ -251,21 +251,21 @@ def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, pat
 def sweep(args, model, tok) -> tuple[dict, dict]:
     out, L = Path(args.out), model.config.n_layer
     bs = args.batch_size
-    calib = {d: data.load_domain_tokens(d, tok, args.data_dir, "calib", args.tokens, args.seed, args.seq_len)
-             for d in args.domains}
+    calib = {d: data.load_domain_tokens(args.specs[d], tok, args.data_dir, "calib", args.tokens, args.seed,
+                                        args.seq_len) for d in args.domains}
     if min(len(w) for w in calib.values()) < 2:
         raise UserError(f"need at least 2 calibration windows per domain (--tokens >= {2 * args.seq_len})")
     n_b = {d: max(1, len(w) // 4) for d, w in calib.items()}
     split_a = {d: w[:len(w) - n_b[d]] for d, w in calib.items()}  # A: scores and statistics
     split_b = {d: w[len(w) - n_b[d]:] for d, w in calib.items()}  # B: the --auto threshold only
-    heldout = {d: data.load_domain_tokens(d, tok, args.data_dir, "heldout", args.heldout_tokens, 0, args.seq_len)
-               for d in args.domains}
+    heldout = {d: data.load_domain_tokens(args.specs[d], tok, args.data_dir, "heldout", args.heldout_tokens, 0,
+                                          args.seq_len) for d in args.domains}
     key = {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
     wanted = lambda system: any(fnmatch.fnmatchcase(system, p) for p in args.systems)  # noqa: E731
     weights = any(wanted(f"weight:{w}:{s}") for w in WEIGHT_SCORES for s in [*args.sparsities, "greedy"])
-    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": d}, bs, weights)
-          for d in args.domains}
+    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": args.specs[d]}, bs,
+                           weights) for d in args.domains}
     stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
     protected = super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
 
@@ -397,7 +397,7 @@ def write_experts(out: Path, spec: str, experts: dict, model, args, stats, prote
     meta = {"fingerprint": model.fingerprint, "model": cfg.name, "n_layer": cfg.n_layer, "n_ffn": cfg.n_ffn,
             "score": score, "contrast": 0.0, "keep": fraction, "alloc": keep if keep in ("auto", "greedy") else
             "uniform", "protect": PROTECT_FACTOR, "n_protected": int(protected.sum()), "seed": args.seed,
-            "seq_len": args.seq_len, "domain_specs": {d: d for d in chosen},
+            "seq_len": args.seq_len, "domain_specs": {d: args.specs[d] for d in chosen},
             "tokens": {d: int(stats[d]["count"]) for d in chosen}, "source": "purify_sweep.py (split A)",
             **({"filled_from_taylor_greedy": filled} if filled else {})}
     path = out / f"experts.{score}.{keep}.safetensors"
@@ -551,7 +551,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
                        formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="results/purify_sweep")
-    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS), choices=data.BUILTIN_DOMAINS)
+    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
+                   help="domains: built-in names and/or NAME=path.txt|.jsonl (your own text)")
     p.add_argument("--tokens", type=positive_int, nargs="+", default=[8192],
                    help="calibration tokens per domain (A = 3/4, B = 1/4); several: one sweep per size")
     p.add_argument("--draws", type=positive_int, default=1,
@@ -582,6 +583,13 @@ def parse_args(argv=None):
                         "(dense always runs)")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     args = p.parse_args(argv)
+    args.specs = {data.parse_domain(s)[0]: s for s in args.domains}  # name -> spec; validates every name and path
+    if len(args.specs) != len(args.domains):
+        raise UserError(f"duplicate domain names in {args.domains}")
+    for name, spec in args.specs.items():
+        if data.parse_domain(spec)[1] is not None and not data.parse_domain(spec)[1].exists():
+            raise UserError(f"domain file {data.parse_domain(spec)[1]} does not exist")
+    args.domains = list(args.specs)
     bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]
     if bad:
         raise UserError(f"--keeps must be in (0, 1] and --sparsities in [0, 1), got {bad}")

@@ -14,6 +14,8 @@ columns and breakdowns it reports. Adding a benchmark = writing those functions 
                expert (data.py); --mmlu-items all scores all 14,042 and reports each bucket apart too.
     gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
                number after "####" or else the last number; exact match after normalising "," "$" and ".0".
+    gsm8k_answer  bits per byte of each GSM8K test problem's reference worked answer given the question (zero-shot):
+               how likely the model finds the right reasoning, where exact match sits at the floor for small models.
     humaneval  greedy completion with the usual stop sequences; pass@1 (pass@k, unbiased, with --samples n).
     mbpp       3-shot "[BEGIN] ... [DONE]" prompts on the test split (task ids 11-510), same scoring.
     ppl        perplexity and bits per byte on the held-out split of each domain (general, code, math,
@@ -315,6 +317,30 @@ def run_gsm8k(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]
     return records
 
 
+def prepare_gsm8k_answer(rt: Runtime) -> tuple[list[dict], dict]:
+    """GSM8K test questions (zero-shot prompt) with their reference worked answers, to score how likely the model
+    finds the right reasoning: a continuous measure where exact-match accuracy sits at the floor."""
+    test = [{"id": str(i), "doc": d, "prompt": gsm8k_prompt(d, []), "answer": " " + d["answer"]}
+            for i, d in enumerate(load_gsm8k("test", rt.args.data_dir))]
+    return select(test, limit_for(rt.args, "gsm8k_answer"), rt.args.seed), {"shots": 0}
+
+
+def run_gsm8k_answer(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
+    tok = rt.tokenizer
+    mlps, frac, route = system.pick([tok.encode(it["prompt"]) for it in items], domain)
+    reqs = [(tok.encode(it["prompt"]), tok.encode(it["answer"], bos=False)) for it in items]
+    ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
+    return [{"id": it["id"], "prompt_sha": prompt_sha(it["prompt"]), "nll": -x, "bytes": len(it["answer"].encode()),
+             "tokens": len(c) + len(a), "active_fraction": frac, **({"route": route} if route else {})}
+            for it, x, (c, a) in zip(items, ll, reqs)]
+
+
+def answer_columns(settings: dict, records: list[dict]) -> dict:
+    """Bits per byte of the reference answers given their questions (lower is better)."""
+    return {"bpb_gsm8k_answer": (np.array([r["nll"] / math.log(2) for r in records]),
+                                 np.array([float(r["bytes"]) for r in records]))}
+
+
 def prepare_humaneval(rt: Runtime) -> tuple[list[dict], dict]:
     items = [{"id": d["task_id"], "doc": d, "prompt": d["prompt"]} for d in load_humaneval(rt.args.data_dir)]
     return select(items, limit_for(rt.args, "humaneval"), rt.args.seed), _code_settings(rt)
@@ -500,6 +526,7 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("mmlu", "knowledge", prepare_mmlu, run_mmlu, check_mmlu, mmlu_columns, mmlu_details, mmlu_groups,
               (*MMLU_CATEGORIES, "math subjects", "bucket eval", "bucket calib", "bucket heldout")),
     Benchmark("gsm8k", "math", prepare_gsm8k, run_gsm8k, check_gsm8k),
+    Benchmark("gsm8k_answer", "math", prepare_gsm8k_answer, run_gsm8k_answer, check_gsm8k, answer_columns),
     Benchmark("humaneval", "code", prepare_humaneval, run_humaneval, lambda a: load_humaneval(a.data_dir),
               details=code_details),
     Benchmark("mbpp", "code", prepare_mbpp, run_mbpp, lambda a: load_mbpp(a.data_dir), details=code_details),

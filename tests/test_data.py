@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -128,9 +129,11 @@ def mirror(tmp_path_factory):
 
 class Server:
     """A file server on 127.0.0.1 in a thread, counting requests; it shuts itself down after `lifetime` seconds.
-    send_only=n: send the headers and the first n bytes, then go quiet (stall=True) or hang up."""
+    send_only=n: send the headers and the first n bytes, then go quiet (stall=True) or hang up. trickle=s: send one
+    byte every s seconds."""
 
-    def __init__(self, root: Path, lifetime: float = 300, send_only: int | None = None, stall: bool = False):
+    def __init__(self, root: Path, lifetime: float = 300, send_only: int | None = None, stall: bool = False,
+                 trickle: float | None = None):
         self.requests, self.sent_part, self.quit = [], threading.Event(), threading.Event()
         server = self
 
@@ -143,6 +146,20 @@ class Server:
 
             def do_GET(self):
                 server.requests.append(self.path)
+                if trickle is not None:  # one byte now and then, never stopping long enough for a read timeout
+                    body = (root / self.path.lstrip("/")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    for b in body:
+                        if server.quit.wait(trickle):
+                            return
+                        try:
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            return
+                    return
                 if send_only is None:
                     return super().do_GET()
                 body = (root / self.path.lstrip("/")).read_bytes()
@@ -252,6 +269,33 @@ def test_killed_download_leaves_no_file(serve, fresh):
     assert data.verify("gsm8k/test.jsonl", data.data_file("gsm8k/test.jsonl"))
 
 
+def test_trickling_server_is_given_up_in_one_line(serve, fresh, monkeypatch):
+    """A server sending a byte every 0.05 s never trips a read timeout; the download's deadline stops it."""
+    monkeypatch.setattr(data, "DOWNLOAD_GRACE", 1.0)
+    serve(trickle=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="downloading data/gsm8k/test.jsonl .* is too slow") as e:
+        data.data_file("gsm8k/test.jsonl")
+    assert time.monotonic() - t0 < 60 and "\n" not in str(e.value)
+    assert not fresh.exists() or not any(fresh.rglob("*.jsonl*"))
+
+
+def test_edited_or_cut_cache_is_fetched_again(serve, fresh, capsys):
+    """A cached file is checked at use: edited (every answer changed) or cut at a line boundary, it is fetched
+    again with a line on stderr, never used silently."""
+    server = serve()
+    path = data.data_file("gsm8k/test.jsonl")
+    good = path.read_bytes()
+    lines = good.decode().split("\n")
+    for bad in ("\n".join(line.replace("####", "#### 1") for line in lines).encode(),  # every answer changed
+                "\n".join(lines[:700]).encode() + b"\n"):  # 700 of 1,319 rows
+        path.write_bytes(bad)
+        before = len(server.requests)
+        assert data.data_file("gsm8k/test.jsonl") == path and path.read_bytes() == good
+        assert len(server.requests) == before + 1 and "fetching it again" in capsys.readouterr().err
+    assert data.data_file("gsm8k/test.jsonl") == path and len(server.requests) == before + 1  # verified: kept
+
+
 def test_offline_is_one_line(fresh, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -278,6 +322,25 @@ def test_shared_copy_wins(serve, tmp_path):
     mine.write_text("{}\n")
     with pytest.raises(UserError, match="refusing .*differs from the pinned sha256"):
         data.data_file("gsm8k/test.jsonl", str(tmp_path / "mine"))
+
+
+def test_task_pairs_and_second_corpora():
+    """Task pairs come from the calibration split, last first (the calibration windows use the first documents);
+    every domain has a second corpus from another source, disjoint from its calibration and held-out text."""
+    for domain in data.TASK_DOMAINS:
+        pairs = data.task_pairs(domain, seed=0)
+        docs = data.shuffled(data.domain_documents(domain, "calib"), 0)
+        assert len(pairs) == len(docs) and all(p.rstrip().endswith("Answer:") and a.startswith(" ") for p, a in pairs)
+        first = pairs[0][0].split("Question: ")[-1].split("\nAnswer:")[0].strip()
+        assert first in docs[-1] and first not in "".join(docs[:50])  # from the far end of the calibration order
+        assert data.task_pairs(domain, seed=1) != pairs
+    with pytest.raises(UserError, match="no task"):
+        data.task_pairs("code")
+    for domain in data.BUILTIN_DOMAINS:
+        text = data.shift_text(domain)
+        assert len(text) > 100_000 and text[:2000] not in data.heldout_text(domain)
+        assert data.shift_text(domain) is text  # read once per process
+    assert len(data.load_math()) == 5000
 
 
 def test_table_matches_tasks():

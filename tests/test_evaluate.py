@@ -251,3 +251,39 @@ def test_warm_up_builds_each_decision_and_domain_once_before_timing():
     rt = TS.Runtime(model=None, tokenizer=None, args=None)
     E.warm_up(rt, system, task, batches)
     assert calls == [(2, "code"), (2, "general"), (1, "code"), (2, "math")]  # every item's domain, not a batch's first
+
+
+def test_all_mmlu_items_second_corpora_answer_bits_and_one_expert_everywhere(tmp_path):
+    """--mmlu-items all scores every test item, each in its bucket, and reports every column per group paired against
+    dense; the shift task scores each domain's second corpus; gsm8k_answer scores the reference answers; expert:D runs
+    one expert on every item; a routed system's records say where each item went."""
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    stats = {d: dowp.collect_stats(model, windows) for d in TS.PPL_DOMAINS}
+    experts_path, router_path, experts = _tiny_artifacts(tmp_path, model, stats=stats)
+    args = E.parse_args(["--systems", "dense", "freemoe", "expert:code", "--tasks", "mmlu", "shift", "gsm8k_answer",
+                         "--mmlu-items", "all", "--limit", "8", "--mmlu-shots", "0", "--seq-len", "32",
+                         "--ppl-windows", "2", "--experts", str(experts_path), "--router", str(router_path),
+                         "--out", str(tmp_path / "out")])
+    TS.check_data(args)
+    res = E.run(args, model, tok)
+    items = {t: [json.loads(line) for line in (tmp_path / "out" / "items" / "dense" / f"{t}.jsonl").open()][1:]
+             for t in ("mmlu", "shift", "gsm8k_answer")}
+    assert len(items["mmlu"]) == 8 and {r["bucket"] for r in items["mmlu"]} <= {"calib", "heldout", "eval"}
+    assert {r["domain"] for r in items["shift"]} == set(TS.PPL_DOMAINS) and len(items["shift"]) == 8
+    dense, code = res["systems"]["dense"], res["systems"]["expert:code"]
+    assert set(dense["tasks"]) == {"mmlu", "mmlu_cloze", "integrated", "bpb_gsm8k_answer",
+                                   *(f"bpb_shift_{d}" for d in TS.PPL_DOMAINS)}
+    groups = code["groups"]["mmlu_cloze"]
+    assert [g for g in groups if g.startswith("bucket")] == [g for g in ("bucket eval", "bucket calib",
+                                                                         "bucket heldout") if g in groups]
+    for g, e in groups.items():  # each group's score and paired difference come from its own items
+        mine = [r for r in items["mmlu"] if g in TS.mmlu_groups(r)]
+        assert e["n"] == len(mine) and "delta_ci95" in e
+    assert code["active_fraction"] == pytest.approx(0.5) and "routes" not in code
+    assert sum(res["systems"]["freemoe"]["routes"]["mmlu"].values()) == 8
+    with pytest.raises(M.UserError, match="unknown system"):
+        E.build_systems(E.parse_args(["--systems", "expert"]), model)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| mmlu_cloze by group |" in md and "bpb_shift_code" in md

@@ -65,39 +65,49 @@ def test_cli_user_errors_are_one_line():
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
 
 
+def local_domains(tmp_path) -> list[str]:
+    """Two user domains from text that ships with the repository, so the command-line tests need no download:
+    prose = the docs' paragraphs, python = the source files' blocks. Returns the --domains specs."""
+    prose = "\n\n".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
+    python = "\n\n".join(p.read_text() for p in sorted(REPO.glob("*.py")))
+    (tmp_path / "prose.txt").write_text(prose)
+    (tmp_path / "python.txt").write_text(python)
+    return [f"prose={tmp_path / 'prose.txt'}", f"python={tmp_path / 'python.txt'}"]
+
+
 def test_cli_end_to_end_on_tiny_model(tmp_path):
-    """The whole script on a tiny random Llama with the real tokenizer and data: files written, experts load,
-    a re-run reuses the cached statistics, the export loads."""
+    """The whole script on a tiny random Llama with the real tokenizer, on the repository's own text: files written,
+    experts load, a re-run reuses the cached statistics, the export loads."""
     if not SMOL_HF_TOK.exists():
         pytest.skip("needs the shared SmolLM2 tokenizer")
     m = tiny_model(vocab=49152, n_ffn=40, max_seq_len=512, name="tiny-cli")
     EX.export_hf(m, [None, None], tmp_path / "tiny", SMOL_HF_TOK)  # keep everything: a plain HF checkpoint
     out = tmp_path / "out"
-    argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains", "general", "code",
-            "--tokens", "256", "--heldout-tokens", "128", "--seq-len", "128", "--keep", "0.5", "--out", str(out),
-            "--export", str(tmp_path / "exp"), "--export-domain", "code", "--plot"]
+    argv = [sys.executable, str(REPO / "purify.py"), "--model", str(tmp_path / "tiny"), "--domains",
+            *local_domains(tmp_path), "--tokens", "256", "--heldout-tokens", "128", "--seq-len", "128", "--keep", "0.5",
+            "--out", str(out), "--export", str(tmp_path / "exp"), "--export-domain", "python", "--plot"]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "stats general" in r.stderr
+    assert "stats prose" in r.stderr
     model, _ = M.load_model(tmp_path / "tiny")
     ex = EX.load_experts(out / "experts.safetensors", model)
-    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(dowp.BASELINES)
+    assert ex.domains == ["prose", "python"] and set(ex.baselines) == set(dowp.BASELINES) - {"general"}
     assert all(EX.kept_fraction(ex.indices[d], m) == 0.5 for d in ex.domains)
-    assert ex.meta["tokens"] == {"general": 256, "code": 256}
+    assert ex.meta["tokens"] == {"prose": 256, "python": 256}
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["matrix"]) >= {"expert:general", "expert:code", "dense", "baseline:mixed"}
+    assert set(rep["matrix"]) >= {"expert:prose", "expert:python", "dense", "baseline:mixed"}
     if cli.pyplot() is not None:
         assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and "![matrix](report.png)" in (
             out / "report.md").read_text()
     assert all(v > 1 for row in rep["matrix"].values() for v in row.values())
     assert "| dense |" in (out / "report.md").read_text()
     r2 = subprocess.run(argv + ["--no-report"], capture_output=True, text=True)
-    assert r2.returncode == 0 and "stats general" not in r2.stderr  # statistics reused from the cache
+    assert r2.returncode == 0 and "stats prose" not in r2.stderr  # statistics reused from the cache
     exported, _ = M.load_model(tmp_path / "exp")
     assert exported.config.n_ffn == 20
     w = windows(2, 16)
     with torch.no_grad():
-        assert (exported(w) - model(w, mlps=ex.mlps("code"))).abs().max() <= 1e-5
+        assert (exported(w) - model(w, mlps=ex.mlps("python"))).abs().max() <= 1e-5
 
 
 def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
@@ -107,16 +117,17 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
         pytest.skip("needs the shared SmolLM2 tokenizer")
     EX.export_hf(tiny_model(vocab=49152, n_ffn=40, max_seq_len=512, name="tiny-cli"), [None, None], tmp_path / "tiny",
                  SMOL_HF_TOK)
-    common = ["--model", str(tmp_path / "tiny"), "--domains", "general", "code", "--tokens", "512", "--seq-len", "128",
+    domains = local_domains(tmp_path)
+    common = ["--model", str(tmp_path / "tiny"), "--domains", *domains, "--tokens", "512", "--seq-len", "128",
               "--threads", "1"]
     r = subprocess.run([sys.executable, str(REPO / "purify.py"), *common, "--score", "taylor", "--auto", "threshold",
                         "--no-report", "--out", str(tmp_path / "auto")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "taylor general" in r.stderr and "auto code: removes" in r.stderr
+    assert "taylor prose" in r.stderr and "auto python: removes" in r.stderr
     model, _ = M.load_model(tmp_path / "tiny")
     ex = EX.load_experts(tmp_path / "auto" / "experts.safetensors", model)
-    assert ex.meta["alloc"] == "auto threshold" and set(ex.meta["auto"]) == {"general", "code"}
-    assert ex.meta["tokens"] == {"general": 384, "code": 384}  # 3 of the 4 windows score, the 4th validates
+    assert ex.meta["alloc"] == "auto threshold" and set(ex.meta["auto"]) == {"prose", "python"}
+    assert ex.meta["tokens"] == {"prose": 384, "python": 384}  # 3 of the 4 windows score, the 4th validates
     argv = [sys.executable, str(REPO / "purify_sweep.py"), *common, "--heldout-tokens", "256", "--keeps", "0.9",
             "--sparsities", "0.1", "--check-neurons", "4", "--check-lowest", "2", "--check-tokens", "128",
             "--frontier", "0.1", "--write-experts", "taylor:greedy", "frontier:0.1", "--plot",
@@ -129,9 +140,9 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     systems = {"dense", "weight:wanda:0.1", "weight:taylor:0.1", "weight:taylor_abs:0.1", "weight:taylor:greedy",
                *(f"neuron:{s}:{k}" for s in ("dowp", "taylor") for k in ("0.9", "auto", "greedy")),
                "neuron:taylor_abs:0.9", "neuron:frontier:0.1"}  # greedy-task: only the domains with a task
-    assert set(rep["table"]["code"]) == systems and rep["check"]["n_random"] == 4
-    assert rep["table"]["code"]["neuron:taylor:0.9"]["active_fraction"] == 0.9
-    frontier = rep["table"]["code"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
+    assert set(rep["table"]["python"]) == systems and rep["check"]["n_random"] == 4
+    assert rep["table"]["python"]["neuron:taylor:0.9"]["active_fraction"] == 0.9
+    frontier = rep["table"]["python"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
     assert frontier["active_fraction"] == pytest.approx(0.9, abs=1 / 40)
     assert (tmp_path / "sweep" / "experts.frontier.0.1.safetensors").exists()
     if cli.pyplot() is not None:
@@ -139,8 +150,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Summary" in md and "## neuron:taylor:greedy on every domain's held-out text" in md
     ex = EX.load_experts(tmp_path / "sweep" / "experts.taylor.greedy.safetensors", model)
-    assert ex.domains == ["general", "code"] and set(ex.baselines) == set(dowp.BASELINES)  # for evaluate's baselines
-    assert set(ex.stats) == {"general", "code"}
+    assert ex.domains == ["prose", "python"] and set(ex.baselines) >= {"mixed", "random"}  # evaluate's baselines
+    assert set(ex.stats) == {"prose", "python"} and ex.meta["domain_specs"]["python"] == domains[1]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
     # draws: one sweep per (size, draw) in its own folder, then how the result varies across draws
@@ -151,14 +162,14 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "draws").iterdir() if p.is_dir())
     assert runs == ["tokens256.seed0", "tokens256.seed1", "tokens512.seed0", "tokens512.seed1"]
     assert not any(k.startswith("taylor_w.") for k in  # no weight-level system asked: no per-weight scores kept
-                   ckpt.read_safetensors(tmp_path / "draws" / runs[0] / "scores.code.safetensors"))
+                   ckpt.read_safetensors(tmp_path / "draws" / runs[0] / "scores.python.safetensors"))
     stab = json.loads((tmp_path / "draws" / "stability.json").read_text())["table"]
-    assert set(stab) == {f"{t}|{d}|neuron:taylor:greedy" for t in (256, 512) for d in ("general", "code")}
-    one = stab["512|code|neuron:taylor:greedy"]
-    deltas = [json.loads((tmp_path / "draws" / f"tokens512.seed{s}" / "report.json").read_text())["table"]["code"]
+    assert set(stab) == {f"{t}|{d}|neuron:taylor:greedy" for t in (256, 512) for d in ("prose", "python")}
+    one = stab["512|python|neuron:taylor:greedy"]
+    deltas = [json.loads((tmp_path / "draws" / f"tokens512.seed{s}" / "report.json").read_text())["table"]["python"]
               ["neuron:taylor:greedy"]["delta"] for s in (0, 1)]
     assert one["draws"] == 2 and one["delta_mean"] == pytest.approx(sum(deltas) / 2)
-    assert "| 512 | code | neuron:taylor:greedy |" in (tmp_path / "draws" / "stability.md").read_text()
+    assert "| 512 | python | neuron:taylor:greedy |" in (tmp_path / "draws" / "stability.md").read_text()
 
 
 # ============================================================================ real model (slow)

@@ -503,12 +503,49 @@ def test_non_finite_weight_is_named(bad):
     assert "ckpt.safetensors" in msg and "layers.1.mlp.up.weight" in msg and "1 non-finite" in msg, msg
 
 
-def test_huge_but_finite_weights_still_load():
-    """The check sums each tensor first; a sum that overflows while every weight is finite must pass."""
+def test_huge_but_finite_weights_are_outliers_not_nan(monkeypatch):
+    """The check sums each tensor first; a sum that overflows while every weight is finite is not called NaN: the
+    outlier test names the tensor instead, and FREE_MOE_TRUST_WEIGHTS=1 loads it."""
     m = tiny_model(vocab=512, **TINY)
     weights = {k: v.clone() for k, v in m.state_dict().items()}
     weights["layers.0.mlp.up.weight"][0, :4] = 3e38
+    msg = one_line(M.load_weights, M.Transformer(m.config), weights, "ckpt.safetensors")
+    assert "layers.0.mlp.up.weight" in msg and "looks damaged" in msg and "non-finite" not in msg, msg
+    monkeypatch.setenv("FREE_MOE_TRUST_WEIGHTS", "1")
     M.load_weights(M.Transformer(m.config), weights, "ckpt.safetensors")
+
+
+def flip_bit(t: torch.Tensor, index: int, bit: int):
+    """Flip one bit of one float32 element in place, as a damaged disk or download would."""
+    as_int = t.view(-1).view(torch.int32)
+    as_int[index] ^= (1 << bit) if bit < 31 else -(1 << 31)
+
+
+def test_a_flipped_high_exponent_bit_is_caught_a_low_mantissa_bit_is_not(tmp_path):
+    """What a file without a checksum can and cannot be checked for (docs/trust.md): the top exponent bit of a weight
+    multiplies it by 2**128 and is refused by name; the lowest mantissa bit changes it by 1e-7 and cannot be seen."""
+    m = tiny_model(vocab=512, **TINY)
+    for bit, caught in ((30, True), (0, False)):
+        weights = {k: v.clone() for k, v in m.state_dict().items()}
+        flip_bit(weights["layers.1.attn.wo.weight"], 7, bit)
+        if caught:
+            assert "layers.1.attn.wo.weight" in one_line(M.load_weights, M.Transformer(m.config), weights, "f")
+        else:
+            M.load_weights(M.Transformer(m.config), weights, "f")
+
+
+@pytest.mark.slow
+def test_default_model_with_one_flipped_byte_is_refused(tmp_path):
+    """Any file named like the default model must hold its pinned bytes: one flipped byte deep in the tensor data
+    (where no structural check looks) is refused in one line."""
+    src = M.default_model_path()
+    copy = tmp_path / src.name
+    body = bytearray(src.read_bytes())
+    body[len(body) // 2] ^= 0x01
+    copy.write_bytes(bytes(body))
+    msg = one_line(M.load_model, copy)
+    assert "is not the default model it is named after" in msg and str(copy) in msg, msg
+    assert M.load_model(src)[0].fingerprint  # the real file loads
 
 
 def test_non_finite_weight_in_an_hf_folder(tmp_path):
@@ -647,6 +684,19 @@ def test_second_evaluate_on_one_out_is_refused_with_the_holders_pid(tmp_path, mo
     assert f"pid {os.getpid()}" in msg and str(out) in msg, msg
     with cli.locked_dir(out):  # released on exit: the next run gets it
         pass
+
+
+@pytest.mark.parametrize("script", ["purify", "purify_sweep", "train_router", "bench"])
+def test_every_writer_locks_its_out(tmp_path, script):
+    """Two runs of purify.py (or any script writing a folder) on one --out would both finish and the last writer
+    would win: the second is refused in one line naming the holder, before any model loads."""
+    import importlib
+    mod = importlib.import_module(script)
+    out = tmp_path / "out"
+    argv = ["--out", str(out)] + (["--experts", "x.safetensors"] if script == "train_router" else [])
+    with cli.locked_dir(out):
+        msg = one_line(mod.main, argv)
+    assert f"pid {os.getpid()}" in msg and f"another {script}.py run" in msg, msg
 
 
 def test_lock_of_a_killed_run_is_released(tmp_path):

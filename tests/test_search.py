@@ -1,7 +1,8 @@
-"""Tests for search.py: choosing how many neurons to remove from their scores by the held-out loss (auto_threshold,
-greedy_layers). On a tiny GPT-2 with one planted harmful neuron (removing it provably lowers the loss), the Taylor
-score ranks it first to remove, the automatic threshold and the layer-by-layer greedy search remove it (the greedy
-search's logged losses are the real ones), and purify_sweep's weight-level greedy search finds its weights.
+"""Tests for search.py: choosing what to remove by a validation loss (auto_threshold, greedy_layers), validated by a
+task's answers alone (task_windows), and a compute budget placed by measured cost (allocate_removal,
+budgeted_removal). On a tiny GPT-2 with one planted harmful neuron (removing it provably lowers the loss), the
+Taylor score ranks it first to remove, the automatic threshold and the layer-by-layer greedy search remove it (the
+greedy search's logged losses are the real ones), and purify_sweep's weight-level greedy search finds its weights.
 """
 import math
 import sys
@@ -63,3 +64,72 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
         assert (m(val, mlps=EX.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- validating by a task
+
+class CharTokenizer:
+    """Characters as tokens: enough to build task windows without a real vocabulary."""
+
+    def encode(self, text, bos=True):
+        return [ord(c) % 96 for c in text]
+
+
+def test_task_windows_weigh_the_answers_only_longest_first():
+    pairs = [("Q: 1+1?\nA:", " 2"), ("Q: a long question here?\nA:", " a long answer"), ("Q?", " yes")]
+    windows, weights = search.task_windows(CharTokenizer(), pairs, seq_len=24)
+    lengths = [len(p + a) for p, a in pairs]
+    assert windows.shape == (3, 24) and (weights.sum(1) > 0).all()
+    assert sorted(weights.sum(1).tolist(), reverse=True) == [14.0, 4.0, 2.0]  # the answers' characters
+    row = weights[0]  # the long pair keeps its end: 41 characters cut to 24, the answer all in
+    assert row[-14:].sum() == 14 and row[:-14].sum() == 0
+    assert (windows[2, min(lengths[0], lengths[2]):] == 0).all()  # padding after a short row
+    few, _ = search.task_windows(CharTokenizer(), pairs, seq_len=24, max_tokens=10)
+    assert len(few) == 1  # pairs are taken until the token budget is reached
+
+
+def test_weighted_greedy_with_all_weights_equals_the_plain_search():
+    """loss_weights of ones give the text's own loss: the same removals as the unweighted search; weights on the
+    answer tokens alone change what is validated."""
+    m, w = harmful_model()
+    scores = dowp.loss_aware_stats(m, w(1), 2)["taylor"]
+    plain, plain_trials = search.greedy_layers(m, scores, w(2), batch_size=4)
+    ones, ones_trials = search.greedy_layers(m, scores, w(2), batch_size=4, loss_weights=torch.ones(8, 16))
+    assert [t.tolist() for t in plain] == [t.tolist() for t in ones]
+    assert [t["val_loss"] for t in plain_trials] == pytest.approx([t["val_loss"] for t in ones_trials], rel=1e-6)
+    half = torch.zeros(8, 16)
+    half[:, 8:] = 1  # only the second half of each window counts (and the first half is cut from no batch)
+    _, half_trials = search.greedy_layers(m, scores, w(2), batch_size=4, loss_weights=half)
+    assert half_trials[0]["val_loss"] != pytest.approx(plain_trials[0]["val_loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- the frontier: a budget placed by cost
+
+def test_allocate_removal_buys_the_cheapest_steps_and_hits_the_target():
+    steps = search.FRONTIER_STEPS
+    costs = torch.tensor([[0.1, 0.3, 0.9, 2.0, 5.0],   # layer 0: moderate
+                          [0.01, 0.02, 0.05, 0.1, 0.4],  # layer 1: cheap
+                          [1.0, 2.0, 3.0, 4.0, 5.0]])    # layer 2: expensive
+    for target in (0.05, 0.1, 0.2, 0.4):
+        got = search.allocate_removal(costs, steps, target)
+        assert sum(got) / 3 == pytest.approx(target)
+        assert got[1] >= got[0] >= got[2]  # the cheap layer gives the most
+    assert search.allocate_removal(costs, steps, 0.1) == pytest.approx([0.0, 0.3, 0.0])
+    assert sum(search.allocate_removal(costs, steps, 0.9)) / 3 == pytest.approx(0.5)  # at most the last step
+
+
+def test_budgeted_removal_removes_the_target_and_keeps_protected_neurons():
+    m, w = harmful_model()
+    taylor = dowp.loss_aware_stats(m, w(1), 2)["taylor"]
+    order = taylor.abs().argsort(dim=1)  # least important first
+    protected = torch.zeros(3, 48, dtype=torch.bool)
+    protected[:, order[:, 0]] = True  # the most removable neuron of every layer must stay
+    idx, info = search.budgeted_removal(m, order, w(2), 0.2, protected=protected, batch_size=4)
+    assert EX.kept_fraction(idx, m) == pytest.approx(0.8, abs=1 / 48)
+    assert all(bool(torch.isin(order[l, 0], idx[l])) for l in range(3))
+    assert info["costs"].shape == (3, len(search.FRONTIER_STEPS)) and sum(info["per_layer"]) / 3 == pytest.approx(0.2)
+    again, _ = search.budgeted_removal(m, order, w(2), 0.2, protected=protected, costs=info["costs"])
+    assert [t.tolist() for t in again] == [t.tolist() for t in idx]  # the costs, passed back, are not measured again
+    base = [torch.arange(48)[torch.arange(48) != 5] if l == 2 else None for l in range(3)]  # the harmful one gone
+    on_top, _ = search.budgeted_removal(m, order, w(2), 0.2, base=base, batch_size=4)
+    assert 5 not in on_top[2].tolist()  # removals come on top of the base
