@@ -365,6 +365,20 @@ def parse_domain(spec: str) -> tuple[str, Path | None]:
     return name, None
 
 
+def domain_specs(specs: list[str]) -> dict[str, str]:
+    """--domains / --domain values -> {name: spec}, each name valid and unique and each user file present, checked
+    before anything loads."""
+    out = {}
+    for spec in specs:
+        name, path = parse_domain(spec)
+        if name in out:
+            raise UserError(f"duplicate domain name {name!r} in {specs}")
+        if path is not None and not path.exists():
+            raise UserError(f"domain file {path} does not exist")
+        out[name] = spec
+    return out
+
+
 def domain_documents(domain: str, split: str = "calib", data_dir=None) -> list[str]:
     """Documents of `domain` ("general" or "NAME=path") for split "calib" or "heldout", in file order."""
     if split not in ("calib", "heldout"):

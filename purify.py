@@ -154,14 +154,8 @@ def parse_args(argv=None):
         raise UserError("--auto chooses the budget itself; it does not combine with --alloc")
     if args.tokens < args.seq_len or args.heldout_tokens < args.seq_len:
         raise UserError(f"--tokens/--heldout-tokens must be at least --seq-len ({args.seq_len})")
-    specs = list(args.domains) + list(args.domain)
-    names = [data.parse_domain(s)[0] for s in specs]  # validates every name (and path syntax) before loading anything
-    if len(set(names)) != len(names):
-        raise UserError(f"duplicate domain names in {names}")
-    for s in specs:
-        path = data.parse_domain(s)[1]
-        if path is not None and not path.exists():
-            raise UserError(f"domain file {path} does not exist")
+    by_name = data.domain_specs(list(args.domains) + list(args.domain))  # every name and path checked, nothing loaded
+    specs, names = list(by_name.values()), list(by_name)
     if args.export_domain is not None and args.export_domain not in names:
         raise UserError(f"--export-domain {args.export_domain!r} is not one of the domains {names}")
     args.specs, args.names = specs, names

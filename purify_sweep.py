@@ -483,14 +483,22 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
     return "\n".join(md) + "\n", {"table": table, "summary": summary, **info}
 
 
+def domain_panels(domains: list[str]):
+    """A figure with one panel per domain, and its axes; (None, None) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None, None
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
 def plot(table: dict, domains: list[str], path: Path) -> bool:
     """Held-out ppl vs fraction of FFN weights removed (log scale: the greedy choices remove 0.01-0.5%), one panel
     per domain, one line per score, dense dashed. The y axis stops at 3x dense: what leaves the top is far worse."""
-    plt = pyplot()
-    if plt is None:
+    fig, axes = domain_panels(domains)
+    if fig is None:
         return False
-    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], domains):
+    for ax, d in zip(axes, domains):
         dense = table[d]["dense"]["ppl"]
         lines: dict[str, list] = {}
         for system, r in table[d].items():
@@ -508,8 +516,8 @@ def plot(table: dict, domains: list[str], path: Path) -> bool:
         low = min(r["ppl"] for r in table[d].values())
         ax.set(title=d, xlabel="fraction of FFN weights removed", xscale="log", yscale="log",
                ylim=(0.9 * low, 3 * dense))
-    axes[0][0].set_ylabel("held-out perplexity")
-    axes[0][-1].legend(fontsize=7)
+    axes[0].set_ylabel("held-out perplexity")
+    axes[-1].legend(fontsize=7)
     fig.suptitle("purified for its own domain vs dense (◆ = greedy, ★ = auto threshold; off the top: > 3x dense)",
                  fontsize=9)
     return save_figure(fig, path, dpi=90)
@@ -519,11 +527,10 @@ def plot_frontier(table: dict, domains: list[str], path: Path) -> bool:
     """Quality against compute: held-out Δ perplexity % vs dense against the fraction of FFN neurons removed, per
     domain, for uniform keeps by dowp and |taylor|, the validated greedy removals and the frontier; the band is
     one standard error of dense."""
-    plt = pyplot()
-    if plt is None:
+    fig, axes = domain_panels(domains)
+    if fig is None:
         return False
-    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], domains):
+    for ax, d in zip(axes, domains):
         se = table[d]["dense"]["se_pct"]
         ax.axhspan(-se, se, color="0.9", label="dense ± 1 SE")
         lines = (("neuron:dowp:", "dowp, uniform"), ("neuron:taylor_abs:", "|taylor|, uniform"),
@@ -539,8 +546,8 @@ def plot_frontier(table: dict, domains: list[str], path: Path) -> bool:
                     label="taylor greedy")
         ax.axhline(0, color="k", lw=0.8)
         ax.set(title=d, xlabel="fraction of FFN neurons removed", ylim=(-15, 60))
-    axes[0][0].set_ylabel("held-out perplexity vs dense, %")
-    axes[0][-1].legend(fontsize=7)
+    axes[0].set_ylabel("held-out perplexity vs dense, %")
+    axes[-1].legend(fontsize=7)
     fig.suptitle("what a compute saving costs (off the top: > +60%)", fontsize=9)
     return save_figure(fig, path, dpi=90)
 
@@ -583,12 +590,7 @@ def parse_args(argv=None):
                         "(dense always runs)")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     args = p.parse_args(argv)
-    args.specs = {data.parse_domain(s)[0]: s for s in args.domains}  # name -> spec; validates every name and path
-    if len(args.specs) != len(args.domains):
-        raise UserError(f"duplicate domain names in {args.domains}")
-    for name, spec in args.specs.items():
-        if data.parse_domain(spec)[1] is not None and not data.parse_domain(spec)[1].exists():
-            raise UserError(f"domain file {data.parse_domain(spec)[1]} does not exist")
+    args.specs = data.domain_specs(args.domains)  # name -> spec, every name and path checked
     args.domains = list(args.specs)
     bad = [k for k in args.keeps if not 0 < k <= 1] + [s for s in args.sparsities if not 0 <= s < 1]
     if bad:

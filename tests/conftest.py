@@ -119,3 +119,30 @@ def pytest_runtest_makereport(item, call):
     if reason:
         path, line = item.reportinfo()[:2]
         report.outcome, report.longrepr = "skipped", (str(path), (line or 0) + 1, f"Skipped: {reason}")
+
+
+# ------------------------------------------------------------------------ the default GGUF, for every module
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return M.default_model_path()
+
+
+@pytest.fixture(scope="module")
+def real(real_model):
+    return real_model  # (model, tokenizer) of the default GGUF
+
+
+@pytest.fixture(scope="module")
+def gguf_read(gguf_path):
+    return gguf_file.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
+
+
+@pytest.fixture(scope="module")
+def hf_real(gguf_path):
+    """transformers loading the same GGUF (the oracle; needs the gguf and accelerate packages)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return hf.eval()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
 from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
-from test_model import RAW_PROMPTS, TINY_CASES, build_hf, random_ids, save_hf  # noqa: E402
+from test_model import RAW_PROMPTS, TINY_CASES, build_hf, random_ids, save_hf, tiny_case  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,12 +28,7 @@ SMOL_HF_TOK = smol_hf_tokenizer()  # ../shared's, else written from the GGUF
 @pytest.fixture(scope="module", params=list(TINY_CASES))
 def tiny(request, tmp_path_factory):
     """The tiny checkpoint cases of test_model.py, saved and loaded by our loader (see test_model.TINY_CASES)."""
-    family, overrides, how = TINY_CASES[request.param]
-    hf = build_hf(family, overrides)
-    d = tmp_path_factory.mktemp(request.param)
-    save_hf(hf, d, how)
-    ours, tok = M.load_model(d)
-    return dict(name=request.param, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
+    return tiny_case(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -183,25 +178,6 @@ def test_temperature_zero_is_argmax():
 
 
 # ============================================================================ real weights (SmolLM2-135M GGUF)
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    return M.default_model_path()
-
-
-@pytest.fixture(scope="module")
-def real(real_model):
-    return real_model  # (model, tokenizer) of the default GGUF, tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def hf_real(gguf_path):
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    return hf.eval()
-
 
 @pytest.fixture(scope="module")
 def hf_smol_tok():

@@ -16,16 +16,6 @@ import model as M  # noqa: E402
 from test_model import one_line_error  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def gguf_path():
-    return M.default_model_path()
-
-
-@pytest.fixture(scope="module")
-def gguf_read(gguf_path):
-    return gguf_file.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
-
-
 @pytest.mark.slow
 def test_truncated_gguf_names_file_and_tensor(tmp_path):
     src = M.default_model_path()

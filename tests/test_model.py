@@ -116,14 +116,19 @@ def write_gpt2_tokenizer(d: Path):
     shutil.copy(GPT2_TOK_DIR / "vocab.bpe", d / "merges.txt")
 
 
-@pytest.fixture(scope="module", params=list(TINY_CASES))
-def tiny(request, tmp_path_factory):
-    family, overrides, how = TINY_CASES[request.param]
+def tiny_case(name: str, tmp_path_factory) -> dict:
+    """One TINY_CASES checkpoint: built in transformers, saved as the case says, loaded by our loader."""
+    family, overrides, how = TINY_CASES[name]
     hf = build_hf(family, overrides)
-    d = tmp_path_factory.mktemp(request.param)
+    d = tmp_path_factory.mktemp(name)
     save_hf(hf, d, how)
     ours, tok = M.load_model(d)
-    return dict(name=request.param, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
+    return dict(name=name, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
+
+
+@pytest.fixture(scope="module", params=list(TINY_CASES))
+def tiny(request, tmp_path_factory):
+    return tiny_case(request.param, tmp_path_factory)
 
 
 def random_ids(B, T, seed=1):
@@ -283,25 +288,6 @@ def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
 
 
 # ============================================================================ real weights (SmolLM2-135M GGUF)
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    return M.default_model_path()
-
-
-@pytest.fixture(scope="module")
-def real(real_model):
-    return real_model  # (model, tokenizer) of the default GGUF, tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def hf_real(gguf_path):
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    return hf.eval()
-
 
 RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
                "The three primary colors are", "import numpy as np\n"]

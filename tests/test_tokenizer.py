@@ -25,16 +25,6 @@ LLAMA3_TOK = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    return M.default_model_path()
-
-
-@pytest.fixture(scope="module")
-def gguf_read(gguf_path):
-    return gguf_file.read_gguf(gguf_path)  # (metadata, {gguf name: float32 tensor})
-
-
-@pytest.fixture(scope="module")
 def hf_smol_tok():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(SMOL_HF_TOK)
