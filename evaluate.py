@@ -293,25 +293,26 @@ def summarize(tasks: list[Task], systems: list[System], records: dict, args, mod
             cols[s.name]["integrated"] = (v, np.ones(len(v)))
         entry["active_fraction"] = round(float(np.mean(fractions)), 6)  # per item, over all tasks
         result["systems"][s.name] = entry
-    base = cols.get("dense")
+    base, key = cols.get(args.delta_vs), f"delta_vs_{args.delta_vs}"
+    result["settings"]["delta_vs"] = args.delta_vs
     for s in systems:
         entry = result["systems"][s.name]
         for col, (num, den) in cols[s.name].items():
-            ref = base[col] if base is not None and s.name != "dense" else None
-            entry["tasks"][col] = score_entry(num, den, ref, args.seed)
+            ref = base[col] if base is not None and s.name != args.delta_vs else None
+            entry["tasks"][col] = score_entry(num, den, ref, args.seed, key)
             for g, m in groups.get(col, {}).items():
                 entry.setdefault("groups", {}).setdefault(col, {})[g] = score_entry(
-                    num[m], den[m], None if ref is None else (ref[0][m], ref[1][m]), args.seed)
+                    num[m], den[m], None if ref is None else (ref[0][m], ref[1][m]), args.seed, key)
     return result
 
 
-def score_entry(num, den, ref, seed: int) -> dict:
-    """value = sum(num) / sum(den) with its 95% bootstrap interval; with `ref` (dense on the same items) the
-    paired difference and its interval."""
+def score_entry(num, den, ref, seed: int, key: str = "delta_vs_dense") -> dict:
+    """value = sum(num) / sum(den) with its 95% bootstrap interval; with `ref` (the reference system on the same
+    items) the paired difference (under `key`) and its interval."""
     value = float(num.sum() / den.sum())
     e = {"n": len(num), "value": round(value, 6), "ci95": bootstrap(num, den, seed)}
     if ref is not None:
-        e["delta_vs_dense"] = round(value - float(ref[0].sum() / ref[1].sum()), 6)
+        e[key] = round(value - float(ref[0].sum() / ref[1].sum()), 6)
         e["delta_ci95"] = bootstrap(num, den, seed, ref=ref)
     return e
 
@@ -340,14 +341,16 @@ def markdown_table(result: dict, timings: dict) -> str:
             e, pct = s["tasks"][c], not c.startswith(LOWER_IS_BETTER)
             f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
             cell = f"{f(e['value'])} [{f(e['ci95'][0])}, {f(e['ci95'][1])}]"
-            if "delta_vs_dense" in e:
-                d = e["delta_vs_dense"]
-                cell += f" (Δ {'+' if d >= 0 else '-'}{f(abs(d))})"
+            if "delta_ci95" in e:
+                d, (lo, hi) = e[f"delta_vs_{result['settings']['delta_vs']}"], e["delta_ci95"]
+                sign = lambda x: ("+" if x >= 0 else "-") + f(abs(x))  # noqa: E731
+                cell += f" (Δ {sign(d)} [{sign(lo)}, {sign(hi)}])"
             cells.append(cell)
         cells.append(f"{timings[name]['tokens_per_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nAccuracies in %, with 95% bootstrap intervals over items; bpb = bits per byte (lower is better); "
-             "Δ = difference to dense (paired). Items per task: "
+             f"Δ = difference to {result['settings']['delta_vs']}, paired on the same items, with its interval. "
+             "Items per task: "
              + ", ".join(f"{k} {v}" for k, v in result["settings"]["n_items"].items()) + ".\n")
     if "sandbox" in result["settings"]:
         notes += f"Generated code ran in: {result['settings']['sandbox']}.\n"
@@ -367,14 +370,14 @@ def markdown_table(result: dict, timings: dict) -> str:
 
 
 def groups_markdown(result: dict) -> str:
-    """Per group (MMLU categories, math subjects, buckets): each system's score and its paired Δ vs dense."""
+    """Per group (MMLU categories, math subjects, buckets): each system's score and its paired Δ (--delta-vs)."""
     systems = result["systems"]
     cols = list(dict.fromkeys(c for s in systems.values() for c in s.get("groups", {})))
     out = ""
     for col in cols:
         names = list(next(s["groups"][col] for s in systems.values() if col in s.get("groups", {})))
-        out += f"\n| {col} by group | " + " | ".join(f"{g} ({systems['dense']['groups'][col][g]['n']})"
-                                                     if "dense" in systems else g for g in names) + " |\n|"
+        first = next(iter(systems.values()))["groups"][col]
+        out += f"\n| {col} by group | " + " | ".join(f"{g} ({first[g]['n']})" for g in names) + " |\n|"
         out += "---|" * (len(names) + 1)
         for name, s in systems.items():
             cells = []
@@ -383,7 +386,8 @@ def groups_markdown(result: dict) -> str:
                 cell = f"{100 * e['value']:.1f}"
                 if "delta_ci95" in e:
                     lo, hi = e["delta_ci95"]
-                    cell += f" (Δ {100 * e['delta_vs_dense']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+                    d = e[f"delta_vs_{result['settings']['delta_vs']}"]
+                    cell += f" (Δ {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
                 cells.append(cell)
             out += f"\n| {name} | " + " | ".join(cells) + " |"
         out += "\n"
@@ -396,6 +400,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out_default="results")
+    p.add_argument("--delta-vs", default="dense", metavar="SYSTEM",
+                   help="the system every other one is paired against (Δ and its interval), e.g. mixed")
     p.add_argument("--systems", nargs="+", default=["dense"],
                    help=f"systems to score ({', '.join(ALL_SYSTEMS)}, or expert:DOMAIN: that expert on every item)")
     p.add_argument("--tasks", nargs="+", default=["mmlu", "gsm8k", "humaneval", "ppl"],
@@ -442,6 +448,8 @@ def parse_args(argv=None):
         if d not in PPL_DOMAINS:
             raise UserError(f"unknown perplexity domain {d!r} (expected one of {', '.join(PPL_DOMAINS)})")
     args.limits = parse_limits(args.limit)
+    if args.delta_vs != "dense" and args.delta_vs not in args.systems:
+        raise UserError(f"--delta-vs {args.delta_vs}: not one of the systems scored ({', '.join(args.systems)})")
     if args.samples > 1 and args.temperature <= 0:
         raise UserError(f"--samples {args.samples} draws identical greedy answers: pass --temperature > 0 (e.g. 0.8)")
     return args

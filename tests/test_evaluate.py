@@ -262,10 +262,10 @@ def test_all_mmlu_items_second_corpora_answer_bits_and_one_expert_everywhere(tmp
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     stats = {d: dowp.collect_stats(model, windows) for d in TS.PPL_DOMAINS}
     experts_path, router_path, experts = _tiny_artifacts(tmp_path, model, stats=stats)
-    args = E.parse_args(["--systems", "dense", "freemoe", "expert:code", "--tasks", "mmlu", "shift", "gsm8k_answer",
-                         "--mmlu-items", "all", "--limit", "8", "--mmlu-shots", "0", "--seq-len", "32",
-                         "--ppl-windows", "2", "--experts", str(experts_path), "--router", str(router_path),
-                         "--out", str(tmp_path / "out")])
+    args_list = ["--systems", "dense", "freemoe", "expert:code", "--tasks", "mmlu", "shift", "gsm8k_answer",
+                 "--mmlu-items", "all", "--limit", "8", "--mmlu-shots", "0", "--seq-len", "32", "--ppl-windows", "2",
+                 "--experts", str(experts_path), "--router", str(router_path), "--out", str(tmp_path / "out")]
+    args = E.parse_args(args_list)
     TS.check_data(args)
     res = E.run(args, model, tok)
     items = {t: [json.loads(line) for line in (tmp_path / "out" / "items" / "dense" / f"{t}.jsonl").open()][1:]
@@ -287,3 +287,8 @@ def test_all_mmlu_items_second_corpora_answer_bits_and_one_expert_everywhere(tmp
         E.build_systems(E.parse_args(["--systems", "expert"]), model)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| mmlu_cloze by group |" in md and "bpb_shift_code" in md
+    # the same items paired against another system: a resume, nothing is scored again
+    again = E.run(E.parse_args([*args_list, "--delta-vs", "freemoe"]), model, tok)
+    shift = again["systems"]["dense"]["tasks"]["bpb_shift_code"]
+    assert "delta_vs_freemoe" in shift and "delta_vs_freemoe" not in again["systems"]["freemoe"]["tasks"]["mmlu"]
+    assert shift["value"] == res["systems"]["dense"]["tasks"]["bpb_shift_code"]["value"]
