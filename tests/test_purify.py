@@ -110,6 +110,7 @@ def test_cli_end_to_end_on_tiny_model(tmp_path):
         assert (exported(w) - model(w, mlps=ex.mlps("python"))).abs().max() <= 1e-5
 
 
+@pytest.mark.slow  # about 25 s: every system of the sweep, then four more sweeps for the draws
 def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     """purify.py --score taylor --auto writes loadable experts with the chosen thresholds; purify_sweep.py runs every
     score and budget, the check and --write-experts, and a re-run reuses every cached row."""
