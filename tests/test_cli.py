@@ -54,6 +54,12 @@ def test_one_cache_folder(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- the Makefile
 
+def make_env() -> dict:
+    """The environment without what a surrounding make (as `make test` is) or virtual environment would pass on."""
+    drop = ("VIRTUAL_ENV", "PY", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def fake_python(folder: Path, externally_managed: bool) -> Path:
     """A `python3` on PATH that answers the Makefile's one question (is this Python externally managed?)."""
     folder.mkdir()
@@ -68,11 +74,12 @@ def fake_python(folder: Path, externally_managed: bool) -> Path:
 def test_make_picks_the_python(tmp_path, managed, venv, want):
     if subprocess.run(["make", "--version"], capture_output=True).returncode != 0:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PY")}
+    env = make_env()
     env["PATH"] = f"{fake_python(tmp_path / 'bin', managed)}:{env['PATH']}"
     if venv:
         env["VIRTUAL_ENV"] = venv
-    r = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "--no-print-directory", "-n", "test-fast"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == f'{want} -m pytest -q -m "not slow" tests', r.stdout
     assert f'{want} -c "import torch' in r.stdout
@@ -82,8 +89,8 @@ def test_make_picks_the_python(tmp_path, managed, venv, want):
 
 def test_make_demo_prints_the_table_once():
     """evaluate.py's own copy of the table goes to a log under the demo folder; the demo target prints it once."""
-    r = subprocess.run(["make", "-n", "demo", "PY=python3", "DEMO=/tmp/free-moe-demo-dry-run"], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "--no-print-directory", "-n", "demo", "PY=python3", "DEMO=/tmp/free-moe-demo-dry-run"],
+                       cwd=REPO, env=make_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "> /tmp/free-moe-demo-dry-run/eval/stdout.txt" in r.stdout
     assert r.stdout.count("results.md") == 1
