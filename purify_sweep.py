@@ -285,12 +285,13 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
                 for l, js in row["removed"].items():
                     kept[int(l), js] = False
                 trials = row["trials"]
-            elif keep == "greedy":  # validated on split B, every token of the text
-                idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
-            else:  # validated by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs
-                windows, weights = task_windows(tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
-                                                args.task_tokens)
-                idx, trials = greedy_layers(model, s, windows, protected, bs, loss_weights=weights)
+            else:
+                if keep == "greedy":  # validated on split B, every token of the text
+                    idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
+                else:  # validated by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs
+                    windows, weights = task_windows(tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
+                                                    args.task_tokens)
+                    idx, trials = greedy_layers(model, s, windows, protected, bs, loss_weights=weights)
                 kept = torch.stack([torch.zeros_like(kept[l]).index_fill_(0, i, True) for l, i in enumerate(idx)])
             idx = [r.nonzero().flatten() for r in kept]
             gone = {str(l): (~kept[l]).nonzero().flatten().tolist() for l in range(L)}

@@ -143,6 +143,11 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
                "neuron:taylor_abs:0.9", "neuron:frontier:0.1"}  # greedy-task: only the domains with a task
     assert set(rep["table"]["python"]) == systems and rep["check"]["n_random"] == 4
     assert rep["table"]["python"]["neuron:taylor:0.9"]["active_fraction"] == 0.9
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    for name, row in rows.items():  # a greedy row keeps exactly the removals its accepted trials made
+        if name.endswith(":greedy") and name.split("|")[1].startswith("neuron:"):
+            accepted = sum(t["removed"] for t in row["trials"] if t["accepted"])
+            assert accepted == sum(map(len, row["removed"].values())) == round((1 - row["active_fraction"]) * 80)
     frontier = rep["table"]["python"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
     assert frontier["active_fraction"] == pytest.approx(0.9, abs=1 / 40)
     assert (tmp_path / "sweep" / "experts.frontier.0.1.safetensors").exists()
