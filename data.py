@@ -365,6 +365,12 @@ def parse_domain(spec: str) -> tuple[str, Path | None]:
     return name, None
 
 
+def add_domains_arg(p) -> None:
+    """The --domains flag of the stages that build experts; domain_specs checks what it gets."""
+    p.add_argument("--domains", nargs="+", default=list(BUILTIN_DOMAINS),
+                   help="domains: built-in names and/or NAME=path.txt|.jsonl (your own text)")
+
+
 def domain_specs(specs: list[str]) -> dict[str, str]:
     """--domains / --domain values -> {name: spec}, each name valid and unique and each user file present, checked
     before anything loads."""

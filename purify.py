@@ -120,8 +120,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description="DOWP: purify FFN neurons per domain into DSS-Experts.",
                        formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="experts")
-    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
-                   help="domains: built-in names and/or NAME=path.txt|.jsonl")
+    data.add_domains_arg(p)
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
                    help="an extra user domain (repeatable)")
     p.add_argument("--keep", type=fraction, default=0.5, help="fraction of FFN neurons kept (per layer, or on average)")

@@ -559,8 +559,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Held-out perplexity of every purification score and budget vs dense.",
                        formatter_class=DefaultsHelpFormatter)
     add_common_args(p, out_default="results/purify_sweep")
-    p.add_argument("--domains", nargs="+", default=list(data.BUILTIN_DOMAINS),
-                   help="domains: built-in names and/or NAME=path.txt|.jsonl (your own text)")
+    data.add_domains_arg(p)
     p.add_argument("--tokens", type=positive_int, nargs="+", default=[8192],
                    help="calibration tokens per domain (A = 3/4, B = 1/4); several: one sweep per size")
     p.add_argument("--draws", type=positive_int, default=1,
