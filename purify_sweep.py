@@ -44,6 +44,7 @@ cached, a killed run resumes):
     scores.{domain}.safetensors   statistics + loss-aware pass on A (with the per-weight Taylor scores)
     check.json                    Taylor estimate vs exact removal
     results.json                  per-window held-out NLL of every system (the cache of the sweep)
+    choices.json                  what auto and greedy chose (a new --heldout-tokens reuses it, no new search)
     frontier.json                 the measured per-layer removal costs of the frontier systems
     report.md / report.json       the tables; report.png (held-out ppl vs fraction kept) when matplotlib is present
     stability.md / .json          with several sweeps: how each result varies across draws
@@ -270,32 +271,36 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
     protected = super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
 
     results = RowCache(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens, "format": 2})
+    choices = RowCache(out / "choices.json", key)  # what the searches chose: kept when only the held-out text changes
     experts: dict[str, dict] = {}  # "score:keep" -> {domain: index sets}, for --write-experts
 
+    def searched(name: str, search) -> dict:
+        """A search's choice: saved by an earlier sweep (its choices, or its row), else search() now and saved."""
+        row = results.rows.get(name)
+        saved = {k: row[k] for k in ("threshold", "removed", "trials") if k in row} if row else None
+        return choices.get(name, lambda: saved or search())
+
     def neuron_row(d, score, keep):
-        s = score_neurons(stats, model, score, d)
-        row = results.rows.get(f"{d}|neuron:{score}:{keep}")  # auto/greedy: a finished row stores its choice
+        name, s = f"{d}|neuron:{score}:{keep}", score_neurons(stats, model, score, d)
         if keep == "auto":  # one global threshold, chosen on split B
-            tau, trials = (row["threshold"], row["trials"]) if row else auto_threshold(model, s, split_b[d],
-                                                                                          protected, bs)
-            idx, extra = select_above(s, tau, protected), {"threshold": tau, "trials": trials}
+            extra = searched(name, lambda: dict(zip(("threshold", "trials"),
+                                                    auto_threshold(model, s, split_b[d], protected, bs))))
+            idx = select_above(s, extra["threshold"], protected)
         elif keep in ("greedy", "greedy-task"):  # layer-wise removals, each kept only if the validation loss drops
-            kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
-            if row:
-                for l, js in row["removed"].items():
-                    kept[int(l), js] = False
-                trials = row["trials"]
-            else:
+            def search():
                 if keep == "greedy":  # validated on split B, every token of the text
                     idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
                 else:  # validated by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs
                     windows, weights = task_windows(tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
                                                     args.task_tokens)
                     idx, trials = greedy_layers(model, s, windows, protected, bs, loss_weights=weights)
-                kept = torch.stack([torch.zeros_like(kept[l]).index_fill_(0, i, True) for l, i in enumerate(idx)])
+                gone = {str(l): sorted(set(range(model.config.n_ffn)) - set(i.tolist())) for l, i in enumerate(idx)}
+                return {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
+            extra = searched(name, search)
+            kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
+            for l, js in extra["removed"].items():
+                kept[int(l), js] = False
             idx = [r.nonzero().flatten() for r in kept]
-            gone = {str(l): (~kept[l]).nonzero().flatten().tolist() for l in range(L)}
-            extra = {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
         else:
             idx, extra = select_neurons(s, keep, protected), {}
         experts.setdefault(f"{score}:{keep}", {})[d] = idx

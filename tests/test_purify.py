@@ -160,6 +160,19 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     assert set(ex.stats) == {"prose", "python"} and ex.meta["domain_specs"]["python"] == domains[1]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
+    # other held-out text: every row is measured again, but on the choices the searches made before
+    choices = json.loads((tmp_path / "sweep" / "choices.json").read_text())["rows"]
+    assert choices["python|neuron:taylor:greedy"]["removed"] == rows["python|neuron:taylor:greedy"]["removed"]
+    (tmp_path / "sweep" / "choices.json").write_text(json.dumps({"key": json.loads(
+        (tmp_path / "sweep" / "choices.json").read_text())["key"], "rows": {
+            n: {**c, "trials": []} for n, c in choices.items()}}))  # marked: a new search would have trials
+    r = subprocess.run([*argv[:-1], str(tmp_path / "sweep"), "--heldout-tokens", "128"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert again["key"]["heldout_tokens"] == 128 and again["rows"]["python|dense"] != rows["python|dense"]
+    for name, c in choices.items():
+        assert again["rows"][name]["trials"] == [] and again["rows"][name].get("removed") == c.get("removed")
     # draws: one sweep per (size, draw) in its own folder, then how the result varies across draws
     r = subprocess.run([*argv[:2], *common[:-6], "--tokens", "256", "512", "--seq-len", "128", "--threads", "1",
                         "--heldout-tokens", "256", "--draws", "2", "--systems", "neuron:taylor:greedy",
