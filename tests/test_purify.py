@@ -161,11 +161,11 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 0 and "loss-aware pass" not in r.stderr and "exact removals" not in r.stderr
     # other held-out text: every row is measured again, but on the choices the searches made before
-    choices = json.loads((tmp_path / "sweep" / "choices.json").read_text())["rows"]
+    saved = json.loads((tmp_path / "sweep" / "choices.json").read_text())
+    choices = saved["rows"]
     assert choices["python|neuron:taylor:greedy"]["removed"] == rows["python|neuron:taylor:greedy"]["removed"]
-    (tmp_path / "sweep" / "choices.json").write_text(json.dumps({"key": json.loads(
-        (tmp_path / "sweep" / "choices.json").read_text())["key"], "rows": {
-            n: {**c, "trials": []} for n, c in choices.items()}}))  # marked: a new search would have trials
+    marked = {n: {**c, "trials": []} for n, c in choices.items()}  # a new search would have trials
+    (tmp_path / "sweep" / "choices.json").write_text(json.dumps({"key": saved["key"], "rows": marked}))
     r = subprocess.run([*argv[:-1], str(tmp_path / "sweep"), "--heldout-tokens", "128"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
