@@ -20,6 +20,12 @@ What comes out (under --out, default results/):
     python evaluate.py --systems dense freemoe oracle mixed --experts experts/experts.safetensors \
         --router runs/router/router.safetensors --tasks mmlu gsm8k humaneval ppl --limit 200 --out results/
 
+A long run split over processes or machines: each scores every N-th batch into its own folder (--shard K/N, no
+report), then a last run takes their items (--reuse DIR..., only items written with the same settings) and writes
+the report without scoring anything again; the batches are the same as in one whole run, so are the numbers.
+    python evaluate.py --tasks mmlu --mmlu-items all --shard 1/2 --out results/part1    # and 2/2 into part2
+    python evaluate.py --tasks mmlu --mmlu-items all --reuse results/part1 results/part2 --out results/all
+
 The tasks, their prompts and scoring are in tasks.py. Two more numbers come from them here:
     integrated the paper's mixed-domain setting: all selected accuracy items of the tasks pooled into one number.
                Every system picks its FFNs per prompt, so the pooled score over the union is the score of the
@@ -172,25 +178,58 @@ def read_records(path: Path, header: dict) -> dict[str, dict]:
     if complete_len < len(data):  # a partial last line from an interrupted write
         with open(path, "r+b") as f:
             f.truncate(complete_len)
+    first, records = parse_records(path, data[:complete_len])
+    if first is None:  # killed before the header reached the disk
+        return {}
+    if first.get("header") != header:
+        raise UserError(f"{path} was written with other settings ({first.get('header')} != {header}); "
+                        "use another --out or delete it")
+    return first_of_each(records)
+
+
+def parse_records(path: Path, data: bytes) -> tuple[dict | None, list[dict]]:
+    """(header line, records) of the complete lines of an items file; (None, []) when it has none."""
     try:
-        lines = data[:complete_len].decode("utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
         first = json.loads(lines[0]) if lines else {}
         records = [json.loads(line) for line in lines[1:]]
     except ValueError as e:  # not JSON, or not UTF-8
         raise UserError(f"{path} is corrupt ({e}); delete it to re-run that system and task") from None
-    if not lines:  # killed before the header reached the disk
-        return {}
+    if not lines:
+        return None, []
     bad = [i + 2 for i, r in enumerate(records) if not isinstance(r, dict) or "id" not in r]
     if not isinstance(first, dict) or bad:
         raise UserError(f"{path} is corrupt (line {bad[0] if bad else 1} is not a record); delete it to re-run "
                         "that system and task")
-    if first.get("header") != header:
-        raise UserError(f"{path} was written with other settings ({first.get('header')} != {header}); "
-                        "use another --out or delete it")
+    return first, records
+
+
+def first_of_each(records: list[dict]) -> dict[str, dict]:
     done = {}
     for r in records:
         done.setdefault(r["id"], r)
     return done
+
+
+def reusable_records(sources: list[Path], rel: Path, header: dict) -> dict[str, dict]:
+    """--reuse: finished records of the same system, task and settings in other results folders (the shards of
+    one run, or an earlier run that scored other systems). Read only: another run may still be appending there,
+    so a partial last line is ignored, not truncated. A file written with other settings is skipped, and said."""
+    found = {}
+    for src in sources:
+        path = src / rel
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        first, records = parse_records(path, data[:data.rfind(b"\n") + 1])
+        if first is None:
+            continue
+        if first.get("header") != header:
+            print(f"--reuse: {path} was written with other settings; not used", file=sys.stderr)
+            continue
+        for rid, r in first_of_each(records).items():
+            found.setdefault(rid, r)
+    return found
 
 
 def prompt_ids(rt: Runtime, item: dict) -> list[int]:
@@ -216,9 +255,12 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
     system, of each routing decision's share of it), and a batch with any unfinished item is recomputed whole:
     every item is always scored in the same company of padded rows, so its numbers are bitwise the same whether
     or not the run was interrupted."""
-    path = out / "items" / system.name / f"{task.name}.jsonl"
+    rel = Path("items") / system.name / f"{task.name}.jsonl"
+    path = out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_records(path, header)
+    wanted = {it["id"] for it in task.items}
+    borrowed = {i: r for i, r in reusable_records(rt.args.reuse, rel, header).items() if i in wanted and i not in done}
     size = rt.args.batch_size
     ordered = sorted(task.items, key=lambda it: (len(it["prompt"]), it["id"]))
     groups = {None: ordered}
@@ -227,13 +269,21 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
         for it in progress(ordered, desc=f"{system.name}/{task.name} routing", leave=False):
             groups.setdefault(system.route_key(prompt_ids(rt, it)), []).append(it)
     batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
-    todo = [b for b in batches if any(it["id"] not in done for it in b)]
+    if rt.args.shard:  # every n-th batch: the same batches as a whole run, so the same numbers
+        k, n = rt.args.shard
+        batches = batches[k - 1::n]
+    todo = [b for b in batches if any(it["id"] not in done and it["id"] not in borrowed for it in b)]
     warm_up(rt, system, task, todo)
     with open(path, "a", encoding="utf-8") as f:
         if f.tell() == 0:
             f.write(json.dumps({"header": header}, sort_keys=True) + "\n")
             f.flush()
-        bar = progress(total=len(task.items), initial=len(task.items) - sum(len(b) for b in todo),
+        for rid, rec in borrowed.items():  # copied in, so this folder holds every item its report uses
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            done[rid] = rec
+        f.flush()
+        total = sum(len(b) for b in batches)
+        bar = progress(total=total, initial=total - sum(len(b) for b in todo),
                        desc=f"{system.name}/{task.name}", leave=False)
         for batch in todo:
             t0 = time.perf_counter()
@@ -396,6 +446,14 @@ def groups_markdown(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """--shard K/N -> (K, N) with 1 <= K <= N."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N (e.g. 1/2), got {text!r}")
+    return int(k), int(n)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,6 +492,12 @@ def parse_args(argv=None):
                         "as one of 8)")
     p.add_argument("--batch-tokens", type=positive_int, default=None,
                    help="padded tokens per scoring forward (memory; default: 4096 on a CPU, 32768 on a GPU)")
+    p.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
+                   help="score only every N-th batch, starting at the K-th, and write no report: run N processes "
+                        "(or machines) on K = 1..N with their own --out, then once more with --reuse on their folders")
+    p.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="take items already scored with the same settings from these results folders instead of "
+                        "scoring them again (the shards of a run, or a run of other systems)")
     p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per sandboxed program")
     p.add_argument("--workers", type=positive_int, default=2, help="sandboxed programs run in parallel")
     p.add_argument("--allow-unsandboxed", action="store_true",
@@ -448,6 +512,9 @@ def parse_args(argv=None):
         if d not in PPL_DOMAINS:
             raise UserError(f"unknown perplexity domain {d!r} (expected one of {', '.join(PPL_DOMAINS)})")
     args.limits = parse_limits(args.limit)
+    for d in args.reuse:
+        if not (d / "items").is_dir():
+            raise UserError(f"--reuse {d}: not a results folder of evaluate.py (no items/ in it)")
     if args.delta_vs != "dense" and args.delta_vs not in args.systems:
         raise UserError(f"--delta-vs {args.delta_vs}: not one of the systems scored ({', '.join(args.systems)})")
     if args.samples > 1 and args.temperature <= 0:
@@ -474,6 +541,11 @@ def run(args, model, tokenizer) -> dict:
             header = {"task": t.name, "system": s.name, "model": model.fingerprint, "settings": t.settings,
                       "seed": args.seed, **({"uses": s.uses} if s.uses else {})}  # other experts: other items
             records[s.name, t.name] = evaluate_task(rt, s, t, args.out, header)
+    if args.shard:
+        k, n = args.shard
+        print(f"shard {k}/{n} scored into {args.out / 'items'}; when all {n} are done, run again without --shard "
+              f"and with --reuse on their folders for the report", file=sys.stderr)
+        return None
     result = summarize(tasks, systems, records, args, model)
     timings = timings_of(tasks, systems, records)
     table = markdown_table(result, timings)
@@ -492,8 +564,9 @@ def main(argv=None):
         model, tokenizer = load_for_cli(args)
         print(f"loaded {model.config.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         run(args, model, tokenizer)
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} "
-          f"({time.perf_counter() - t0:.0f}s in all)", file=sys.stderr)
+    if not args.shard:
+        print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} "
+              f"({time.perf_counter() - t0:.0f}s in all)", file=sys.stderr)
 
 
 if __name__ == "__main__":

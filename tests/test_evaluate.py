@@ -292,3 +292,52 @@ def test_all_mmlu_items_second_corpora_answer_bits_and_one_expert_everywhere(tmp
     shift = again["systems"]["dense"]["tasks"]["bpb_shift_code"]
     assert "delta_vs_freemoe" in shift and "delta_vs_freemoe" not in again["systems"]["freemoe"]["tasks"]["mmlu"]
     assert shift["value"] == res["systems"]["dense"]["tasks"]["bpb_shift_code"]["value"]
+
+
+def test_shards_gathered_by_reuse_equal_one_whole_run(tmp_path, monkeypatch, capsys):
+    """--shard K/N scores every N-th batch and writes no report; a last run with --reuse on the shard folders
+    scores nothing, holds every item, and writes the same results.json as one whole run. A folder written with
+    other settings is not reused (and said)."""
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
+    experts_path, router_path, _ = _tiny_artifacts(tmp_path, model)
+    base = ["--systems", "dense", "freemoe", "--tasks", "mmlu", "gsm8k_answer", "--mmlu-items", "all",
+            "--mmlu-shots", "0", "--limit", "7", "--batch-size", "2", "--experts", str(experts_path),
+            "--router", str(router_path)]
+    E.run(E.parse_args([*base, "--out", str(tmp_path / "whole")]), model, tok)
+    shards = [tmp_path / f"shard{k}" for k in (1, 2, 3)]
+    for k, out in enumerate(shards, 1):
+        assert E.run(E.parse_args([*base, "--shard", f"{k}/3", "--out", str(out)]), model, tok) is None
+        assert not (out / "results.json").exists()
+    for system in ("dense", "freemoe"):
+        ids = [[json.loads(line)["id"] for line in (out / "items" / system / "mmlu.jsonl").read_text().splitlines()[1:]]
+               for out in shards]
+        assert all(ids) and sum(map(len, ids)) == 7 == len(set().union(*ids))  # disjoint, together every item
+
+    scored = []
+    prepare = E.prepare
+
+    def counting(name, rt):
+        task = prepare(name, rt)
+        inner = task.run_batch
+        task.run_batch = lambda *a: scored.append(name) or inner(*a)
+        return task
+    monkeypatch.setattr(E, "prepare", counting)
+    gathered = tmp_path / "gathered"
+    E.run(E.parse_args([*base, "--reuse", *map(str, shards), "--out", str(gathered)]), model, tok)
+    assert scored == []
+    assert (gathered / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
+    assert len((gathered / "items" / "freemoe" / "mmlu.jsonl").read_text().splitlines()) == 1 + 7
+
+    other = [*base[:6], "--mmlu-shots", "1", *base[8:], "--reuse", str(tmp_path / "whole")]  # other settings
+    E.run(E.parse_args([*other, "--systems", "dense", "--tasks", "mmlu", "--out", str(tmp_path / "other")]),
+          model, tok)
+    assert "written with other settings; not used" in capsys.readouterr().err and scored == ["mmlu"] * 4
+
+
+@pytest.mark.parametrize("bad", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_bad_shard_or_reuse_folder_is_one_line(bad, tmp_path):
+    with pytest.raises(M.UserError, match="--shard: expected K/N"):
+        E.parse_args(["--shard", bad])
+    with pytest.raises(M.UserError, match="not a results folder"):
+        E.parse_args(["--reuse", str(tmp_path)])
