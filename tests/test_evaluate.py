@@ -323,11 +323,15 @@ def test_shards_gathered_by_reuse_equal_one_whole_run(tmp_path, monkeypatch, cap
         task.run_batch = lambda *a: scored.append(name) or inner(*a)
         return task
     monkeypatch.setattr(E, "prepare", counting)
+    live = shards[0] / "items" / "dense" / "mmlu.jsonl"  # a shard still writing: its partial line is left alone
+    with open(live, "a") as f:
+        f.write('{"id": "abstract_algebra/0", "corr')
     gathered = tmp_path / "gathered"
     E.run(E.parse_args([*base, "--reuse", *map(str, shards), "--out", str(gathered)]), model, tok)
     assert scored == []
     assert (gathered / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
     assert len((gathered / "items" / "freemoe" / "mmlu.jsonl").read_text().splitlines()) == 1 + 7
+    assert live.read_text().endswith('"corr')
 
     other = [*base[:6], "--mmlu-shots", "1", *base[8:], "--reuse", str(tmp_path / "whole")]  # other settings
     E.run(E.parse_args([*other, "--systems", "dense", "--tasks", "mmlu", "--out", str(tmp_path / "other")]),
