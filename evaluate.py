@@ -22,7 +22,8 @@ What comes out (under --out, default results/):
 
 A long run split over processes or machines: each scores every N-th batch into its own folder (--shard K/N, no
 report), then a last run takes their items (--reuse DIR..., only items written with the same settings) and writes
-the report without scoring anything again; the batches are the same as in one whole run, so are the numbers.
+the report without scoring anything again; the batches are the same as in one whole run, so are the numbers
+(a routed system therefore routes every item in every shard: Free-MoE pays its routing pass N times).
     python evaluate.py --tasks mmlu --mmlu-items all --shard 1/2 --out results/part1    # and 2/2 into part2
     python evaluate.py --tasks mmlu --mmlu-items all --reuse results/part1 results/part2 --out results/all
 
@@ -205,6 +206,7 @@ def parse_records(path: Path, data: bytes) -> tuple[dict | None, list[dict]]:
 
 
 def first_of_each(records: list[dict]) -> dict[str, dict]:
+    """id -> record, the first line of each id (a batch recomputed after a kill may repeat some ids)."""
     done = {}
     for r in records:
         done.setdefault(r["id"], r)
