@@ -266,7 +266,8 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
     size = rt.args.batch_size
     ordered = sorted(task.items, key=lambda it: (len(it["prompt"]), it["id"]))
     groups = {None: ordered}
-    if system.route_key is not None:  # a routed system: one batch = one routing decision
+    finished = wanted <= done.keys() | borrowed.keys()  # a resume or gather with nothing left routes nothing
+    if system.route_key is not None and not finished:  # a routed system: one batch = one routing decision
         groups = {}
         for it in progress(ordered, desc=f"{system.name}/{task.name} routing", leave=False):
             groups.setdefault(system.route_key(prompt_ids(rt, it)), []).append(it)

@@ -323,6 +323,8 @@ def test_shards_gathered_by_reuse_equal_one_whole_run(tmp_path, monkeypatch, cap
         task.run_batch = lambda *a: scored.append(name) or inner(*a)
         return task
     monkeypatch.setattr(E, "prepare", counting)
+    route = E.router.FreeMoE.route
+    monkeypatch.setattr(E.router.FreeMoE, "route", lambda self, *a, **k: scored.append("route") or route(self, *a, **k))
     live = shards[0] / "items" / "dense" / "mmlu.jsonl"  # a shard still writing: its partial line is left alone
     with open(live, "a") as f:
         f.write('{"id": "abstract_algebra/0", "corr')
