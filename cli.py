@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -34,14 +35,26 @@ def die(msg: str, code: int = 2):
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that `finally` blocks run (temp files removed, locks released)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2. SIGTERM ends it like Ctrl-C,
+    as an exception."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:
         die("interrupted", 130)
+    except Terminated:
+        die("terminated", 143)
 
 
 def shared_dir(data_dir: str | None = None) -> Path:
