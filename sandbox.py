@@ -22,7 +22,8 @@ Isolation (each sandbox, the default; needs util-linux `unshare`, and root or un
       of a sandbox's processes: where /sys/fs/cgroup is cgroup v2, we are root and its root delegates the memory
       and pids controllers, each sandbox gets its own cgroup with memory.max (no swap) and pids.max, removed after
       the run; elsewhere at most FALLBACK_PROCS processes (threads count) with RLIMIT_AS = the cap / FALLBACK_PROCS
-      each, so a single process gets only that share. describe() says which is in force
+      each, so a single process gets only that share, and memory the kernel would hold for no process is refused:
+      SysV IPC (limits 0 in the IPC namespace) and memfds (seccomp; sandbox_boot.py). describe() says which holds
     - a wall-clock timeout. The code runs as the child of a trusted supervisor that is pid 1 of the namespace;
       when the supervisor ends, the kernel kills all that is left in it. The supervisor also ends the moment the
       evaluator goes away: it watches its stdin, whose other end only the evaluator holds, for end-of-file (which
@@ -136,7 +137,8 @@ class SandboxConfig:
     def describe(self) -> str:
         who = "a fresh unprivileged uid" if self.drop_uid else "your own uid"
         memory = ("one cgroup v2 memory+pids cap per sandbox" if self.cgroup else
-                  f"memory cap split over at most {FALLBACK_PROCS} processes (no usable cgroup)")
+                  f"memory cap split over at most {FALLBACK_PROCS} processes, "
+                  f"{'SysV IPC and memfd' if self.isolate else 'memfd'} refused (no usable cgroup)")
         if self.isolate:
             caps = "a fresh unprivileged uid" if self.drop_uid else "a user namespace without capabilities"
             return (f"isolated: tests and solution in separate sandboxes exchanging literal data; private read-only "
