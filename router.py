@@ -9,7 +9,7 @@ What comes out: per-prompt routing decisions, the per-layer FFN modules to run (
 model(..., mlps=)),
                the active FFN fraction of each request, and routed generation / scoring.
 
-    python router.py --experts experts/experts.safetensors --router runs/router.safetensors \
+    python router.py --experts experts/experts.safetensors --router runs/router/router.safetensors \
         --prompt "def fibonacci(n):" --max-new-tokens 32
 
 The router has two levels (a third, token-level one is left out; see README / report for the measurement note):
@@ -321,7 +321,7 @@ class FreeMoE:
         return out, decided
 
     def _routed_prefill(self, idx, valid, decided: list):
-        """Prefill with routing inside it, for model.generate's `prefill` hook (the KV cache is set up).
+        """Prefill with routing inside it, for generate.generate's `prefill` hook (the KV cache is set up).
 
         Layers below `route_layer` run dense (that is what level 1 reads); they are kept as they are unless the
         decision's gates purify one of them, in which case the prefill is redone from that layer on."""
