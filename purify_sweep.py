@@ -636,7 +636,8 @@ def stability(results: dict, args) -> tuple[str, dict]:
           f"Each draw shuffles the calibration documents with another seed ({args.draws} draws from seed {args.seed});"
           f" held-out text is the same {args.heldout_tokens} tokens per domain in every draw. Δ = paired change of "
           "perplexity against dense, %; better / worse = draws whose 95% interval lies below / above zero.", "",
-          "| calibration tokens | domain | system | Δ % mean ± sd | range | 1 − active FFN, % | better / worse / n.s. |",
+          "| calibration tokens | domain | system | Δ % mean ± sd | range | 1 − active FFN, % "
+          "| better / worse / n.s. |",
           "|---|---|---|---|---|---|---|"]
     for r in table.values():
         ns = r["draws"] - r["better"] - r["worse"]
