@@ -20,8 +20,8 @@ Sections (each skipped with a note when what it needs is missing):
                  streaming read bandwidth GB/s (batch-1 decode is bandwidth-bound: every weight is read once per token).
                  CUDA: also the bf16 and fp32 tensor-core ceilings (8192^3) and HBM bandwidth (a 1 GiB buffer).
   2. dense       prefill and decode tokens/s of our model vs `transformers` on identical weights, dtype and threads,
-                 run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is a test
-                 oracle: imported lazily here, built from our own HF export (export_hf) in a temp dir, its
+                 run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is the
+                 reference: imported lazily here, built from our own HF export (export_hf) in a temp dir, its
                  column skipped with a note if it is not installed. Greedy tokens of both are compared. Decode runs
                  as generate.generate does: CPU the dynamic step, CUDA the CUDA graph, next to the same step
                  launched op by op ("ours eager"). What bounds a step: torch.profiler's CPU op times (CPU), or the
@@ -140,7 +140,7 @@ def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contex
     return dt, torch.tensor(tokens).T  # (B, n_new)
 
 
-# ----------------------------------------------------------------------------- transformers (test oracle only)
+# ----------------------------------------------------------------------------- transformers (the reference only)
 
 def load_hf(model, device, dtype):
     """Our loaded weights in transformers, or (None, why not). Built from our own HF export (export_hf with

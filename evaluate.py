@@ -34,7 +34,7 @@ The tasks, their prompts and scoring are in tasks.py. Two more numbers come from
 
 Systems (the pruning baselines run at Free-MoE's active FFN fraction of each domain, the others at their own):
     dense      the original model (mlps=None)
-    freemoe    router + DSS-Experts              oracle     the expert of the item's true domain
+    freemoe    router + DSS-Experts              oracle     the item's true-domain expert, whole
     mixed      one expert purified on all domains general    the general-domain expert for every item
     random     random neurons                    magnitude  neurons with the largest weight norms
     expert:D   domain D's expert on every item, whatever the item's domain (how an expert does off its domain)

@@ -227,8 +227,8 @@ class FreeMoE:
 
     def decision_for(self, domains: tuple[str, ...], probs=(), fell_back: bool = False,
                      use_expert: tuple[bool, ...] | None = None) -> Decision:
-        """Build a decision for given expert(s) (oracle routing, tests); the gate pattern comes from level 2
-        unless `use_expert` forces one."""
+        """Build a decision for given expert(s) (the true domain in training and the comparison, tests); the gate
+        pattern comes from level 2 unless `use_expert` forces one."""
         L = self.model.config.n_layer
         for d in domains:
             if d not in self.router.cfg.domains:
