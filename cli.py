@@ -130,8 +130,8 @@ def out_dir(text: str) -> str:
 
 
 def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
-    """The flags every script shares, with the same meaning everywhere (STYLE.md habit 3). `--out` is always a
-    directory; scripts that write nothing (model.py, router.py) pass out_default=None and have no --out."""
+    """The flags every script shares, with the same meaning everywhere. `--out` is always a directory;
+    scripts that write nothing (generate.py, router.py) pass out_default=None and have no --out."""
     p.add_argument("--model", default=None, help="GGUF file, HF model dir, hub id or short name: gemma3-270m "
                    "(default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--device", default="auto",
@@ -148,8 +148,8 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
 
 
 def resolve_device(args) -> torch.device:
-    """--device: "auto" picks cuda when a GPU is visible, else cpu; "cuda:N" picks GPU N. Picked once, here
-    (STYLE.md habit 12): every tensor after that follows the model's device."""
+    """--device: "auto" picks cuda when a GPU is visible, else cpu; "cuda:N" picks GPU N. Picked once, here:
+    every tensor after that follows the model's device."""
     name = getattr(args, "device", None) or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
