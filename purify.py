@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoints as ckpt
 import data
 import model as M
-from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, fraction, int_at_least,
+from cache import RowCache, load_tensors, save_tensors
+from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, fraction, int_at_least,
                  locked_dir, markdown_table, nonneg_float, out_dir, positive_int, progress, pyplot, run_cli,
                  save_figure, write_atomic)
 from dowp import (BASELINES, DEFAULT_CONTRAST, PROTECT_FACTOR, SCORES, STATS, allocate_keep, collect_stats,
@@ -66,23 +66,16 @@ def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: 
     and budget reuses them (so a killed run resumes after the last finished domain)."""
     name = data.parse_domain(spec)[0]
     path = out_dir / f"stats.{name}.safetensors"
-    if path.exists():
-        try:  # checksummed: a damaged cache would silently change every expert built from it
-            tensors, md = ckpt.read_safetensors(path, with_metadata=True, checksum=True)
-            shape = (model.config.n_layer, model.config.n_ffn)
-            if (json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",))
-                    and all(tuple(tensors[k].shape) == shape for k in STATS)):
-                return {k: tensors[k].clone().reshape(()) if k == "count" else tensors[k].clone()
-                        for k in STATS + ("count",)}
-        except (UserError, json.JSONDecodeError) as e:
-            print(f"not reusing the statistics cache ({e}): recomputing", file=sys.stderr)
+    cached = load_tensors(path, key)  # checksummed: a damaged cache would silently change every expert built from it
+    shape = (model.config.n_layer, model.config.n_ffn)
+    if (cached is not None and all(k in cached for k in STATS + ("count",))
+            and all(tuple(cached[k].shape) == shape for k in STATS)):
+        return {k: cached[k].reshape(()) if k == "count" else cached[k] for k in STATS + ("count",)}
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {name}")
     print(f"stats {name}: {int(stats['count'])} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    ckpt.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)},
-                           checksum=True)
+    save_tensors(path, key, {**stats, "count": stats["count"].reshape(1)})
     return stats
-
 
 
 # ----------------------------------------------------------------------------- DOWP step 7: report

@@ -17,6 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cache  # noqa: E402
 import data  # noqa: E402
 import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
@@ -165,7 +166,7 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     choices = saved["rows"]
     assert choices["python|neuron:taylor:greedy"]["removed"] == rows["python|neuron:taylor:greedy"]["removed"]
     marked = {n: {**c, "trials": []} for n, c in choices.items()}  # a new search would have trials
-    (tmp_path / "sweep" / "choices.json").write_text(json.dumps({"key": saved["key"], "rows": marked}))
+    cache.save_rows(tmp_path / "sweep" / "choices.json", saved["key"], marked)  # checksummed, as the sweep writes it
     r = subprocess.run([*argv[:-1], str(tmp_path / "sweep"), "--heldout-tokens", "128"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
