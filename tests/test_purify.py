@@ -150,7 +150,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
             accepted = sum(t["removed"] for t in row["trials"] if t["accepted"])
             assert accepted == sum(map(len, row["removed"].values())) == round((1 - row["active_fraction"]) * 80)
     frontier = rep["table"]["python"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
-    assert frontier["active_fraction"] == pytest.approx(0.9, abs=1 / 40)
+    greedy = rep["table"]["python"]["neuron:taylor:greedy"]  # the text is the repository's own: its removals vary
+    assert frontier["active_fraction"] == pytest.approx(greedy["active_fraction"] - 0.1, abs=1 / 80)
     assert (tmp_path / "sweep" / "experts.frontier.0.1.safetensors").exists()
     if cli.pyplot() is not None:
         assert (tmp_path / "sweep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
