@@ -6,6 +6,8 @@ from another. By section:
   - fixtures of the default GGUF;
   - tiny random transformers checkpoints, the oracle of the model, generate, checkpoint and tokenizer tests
     (`TINY_CASES`, `build_hf`, `save_hf`, `tiny_case`, `random_ids`, the GPT-2 tokenizer files);
+  - the DOWP tests' tiny model and its windows (`TINY`, `windows`), a neuron scaled or removed (`ScaledNeuron`)
+    and the loss it changes (`token_mean_nll`), for the dowp, experts, purify and search tests;
   - a slow HTTP server (`TrickleServer`), for the download deadlines.
 
 With ../shared beside the repository (as in CI) every test runs. On a fresh clone the data files come from
@@ -266,6 +268,37 @@ def tiny_case(name: str, tmp_path_factory) -> dict:
 def random_ids(B, T, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, GPT2_VOCAB, (B, T), generator=g)  # (B, T)
+
+
+# ------------------------------------------------------------------------ the DOWP tests' tiny model
+
+# the tiny model of the DOWP tests: tiny_model(arch, **TINY). Three layers; norm weights and biases jittered, so a
+# dropped norm or bias (the HF export map) shows
+TINY = dict(vocab=96, n_layer=3, max_seq_len=64, norm_jitter=0.1)
+
+
+def windows(n=6, T=16, V=96, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))  # (N, T)
+
+
+class ScaledNeuron(torch.nn.Module):
+    """The FFN with neuron j's activation multiplied by `factor` (factor 0 = the neuron removed)."""
+
+    def __init__(self, mlp, j, factor):
+        super().__init__()
+        self.mlp, self.j, self.factor = mlp, j, factor
+
+    def forward(self, x):
+        a = self.mlp.neurons(x).clone()  # (B, T, F)
+        a[..., self.j] *= self.factor
+        return self.mlp.project(a)
+
+
+def token_mean_nll(m, w, mlps=None) -> float:
+    """Mean next-token NLL over every predicted token of all windows, one number."""
+    with torch.no_grad():
+        logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
 
 
 # ------------------------------------------------------------------------ a slow HTTP server: data, downloads, hub
