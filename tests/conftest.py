@@ -8,6 +8,7 @@ from another. By section:
     (`TINY_CASES`, `build_hf`, `save_hf`, `tiny_case`, `random_ids`, the GPT-2 tokenizer files);
   - the DOWP tests' tiny model and its windows (`TINY`, `windows`), a neuron scaled or removed (`ScaledNeuron`)
     and the loss it changes (`token_mean_nll`), for the dowp, experts, purify and search tests;
+  - benchmark data made corrupt on purpose (`broken_data`), for the tasks and evaluate tests;
   - a slow HTTP server (`TrickleServer`), for the download deadlines.
 
 With ../shared beside the repository (as in CI) every test runs. On a fresh clone the data files come from
@@ -23,6 +24,7 @@ there turns a test into a skip with one line saying why and how to get it, inste
 import atexit
 import copy
 import functools
+import gzip
 import http.server
 import re
 import shutil
@@ -299,6 +301,25 @@ def token_mean_nll(m, w, mlps=None) -> float:
     with torch.no_grad():
         logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
+
+
+# ------------------------------------------------------------------------ benchmark data: tasks, evaluate
+
+def broken_data(tmp_path, case):
+    """A --data-dir under tmp_path whose MMLU test file is `case`: "missing", "truncated_gzip", "bad_json" or
+    "missing_field" (the dev file is the real one). Returns tmp_path."""
+    d = tmp_path / "data"
+    (d / "mmlu").mkdir(parents=True)
+    good = data.data_file("mmlu/dev.jsonl.gz").read_bytes()
+    (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
+    test = d / "mmlu" / "test.jsonl.gz"
+    if case == "truncated_gzip":
+        test.write_bytes(good[: len(good) // 2])
+    elif case == "bad_json":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q"\n'))
+    elif case == "missing_field":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q", "choices": ["a","b","c","d"]}\n'))
+    return tmp_path
 
 
 # ------------------------------------------------------------------------ a slow HTTP server: data, downloads, hub
