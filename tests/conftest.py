@@ -328,10 +328,12 @@ class TrickleServer:
     """An HTTP server on 127.0.0.1 in a thread that answers every GET slowly: `routes` maps a path to its body
     (other paths: 404). trickle="headers" sends the status line and headers one byte every `pace` seconds,
     trickle="body" the headers at once and then the body byte by byte; paths in `fast` are answered at once. The
-    bytes keep coming, so no read ever times out: only a deadline on the whole request stops the client."""
+    bytes keep coming, so no read ever times out: only a deadline on the whole request stops the client.
+    `requested` lists the paths asked for, in order."""
 
     def __init__(self, routes: dict[str, bytes], trickle: str, pace: float = 0.05, fast: tuple = ()):
         self.quit, self.started = threading.Event(), threading.Event()
+        self.requested: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -339,6 +341,7 @@ class TrickleServer:
                 pass
 
             def do_GET(self):
+                server.requested.append(self.path)
                 body = routes.get(self.path)
                 head = (f"HTTP/1.1 {200 if body is not None else 404} X\r\nContent-Length: "
                         f"{len(body or b'')}\r\nConnection: close\r\n\r\n").encode()

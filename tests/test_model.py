@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
-from conftest import (RAW_PROMPTS, TINY_CASES, TOL, build_hf, one_line_error, random_ids, save_hf,  # noqa: E402
+from conftest import (RAW_PROMPTS, TINY_CASES, TOL, TrickleServer, build_hf, one_line_error, random_ids, save_hf,  # noqa: E402
                       smol_hf_tokenizer, tiny_case)
 
 transformers = pytest.importorskip("transformers")
@@ -158,35 +157,27 @@ def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
         (served / f).unlink(missing_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SMOL_HF_TOK / f, served / f)
-    urls = []
-
-    def fake_hub(url, timeout=None):
-        urls.append(url)
-        if url == "https://huggingface.co/api/models/someorg/tiny/tree/main":  # the file list, with sizes and hashes
-            files = [{"type": "file", "path": f.name, "size": f.stat().st_size,
-                      "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
-                     for f in served.iterdir()]
-            return io.BytesIO(json.dumps(files).encode())
-        prefix = "https://huggingface.co/someorg/tiny/resolve/main/"
-        f = served / url.removeprefix(prefix)
-        if not url.startswith(prefix) or not f.exists():
-            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
-        return io.BytesIO(f.read_bytes())
-
-    def no_network(url, timeout=None):
-        raise urllib.error.URLError("network is unreachable (simulated)")
-
+    files = [{"type": "file", "path": f.name, "size": f.stat().st_size,  # the file list, with sizes and hashes
+              "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
+             for f in served.iterdir()]
+    routes = {"/api/models/someorg/tiny/tree/main": json.dumps(files).encode(),
+              **{f"/someorg/tiny/resolve/main/{f.name}": f.read_bytes() for f in served.iterdir()}}
+    hub_server = TrickleServer(routes, "body", fast=tuple(routes))  # a local hub that answers at once
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(urllib.request, "urlopen", fake_hub)
-    hub_model, hub_tok = M.load_model("someorg/tiny")
-    assert any(u.endswith("/config.json") for u in urls) and any(u.endswith("/model.safetensors") for u in urls)
+    try:
+        hub_model, hub_tok = M.load_model("someorg/tiny")
+    finally:
+        hub_server.close()
+    assert any(p.endswith("/config.json") for p in hub_server.requested)
+    assert any(p.endswith("/model.safetensors") for p in hub_server.requested)
     local_model, _ = M.load_model(served)
     ids = random_ids(1, 12)
     with torch.no_grad():
         assert torch.equal(hub_model(ids), local_model(ids))
     assert hub_tok.eos_id == 2 and hub_tok.chat_format == "chatml"  # tokenizer_config + chat template fetched
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    # the network gone: the hub's port is closed now
     again, _ = M.load_model("someorg/tiny")
     assert again.fingerprint == hub_model.fingerprint
 
