@@ -146,3 +146,10 @@ def hf_real(gguf_path):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     return hf.eval()
+
+
+def pytest_configure(config):
+    """One marker per graded part of the course edition, from the one list of parts (course.PARTS)."""
+    import course
+    for p in course.PARTS:
+        config.addinivalue_line("markers", f"{p.marker}: graded part {p.number} of the course edition ({p.title})")
