@@ -88,12 +88,13 @@ def find_function(tree: ast.Module, qualname: str) -> ast.FunctionDef:
 
 
 def body_lines(fn: ast.FunctionDef) -> tuple[int, int]:
-    """The 1-based line range (first, last) of what a student writes: everything after the docstring."""
+    """The 1-based line range (first, last) of what a student writes: everything after the docstring. A graded
+    function must have a docstring: it is the student's contract."""
     first = fn.body[0]
-    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
-                                                                                                    str)
-    start = first.end_lineno + 1 if has_doc else first.lineno
-    return start, fn.end_lineno
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                  str)):
+        raise LookupError(f"{fn.name} (line {fn.lineno}) has no docstring: a graded function needs its contract")
+    return first.end_lineno + 1, fn.end_lineno
 
 
 def split_name(function: str) -> tuple[str, str]:
@@ -206,12 +207,13 @@ class Collector:
         failed = report.failed or (report.when == "call" and report.skipped)
         if report.when == "call" or failed:
             prev = self.results.get(report.nodeid, (True, ""))
-            text = report.longreprtext.strip().splitlines()[-1:] if failed else []
-            self.results[report.nodeid] = (prev[0] and not failed, prev[1] or "\n".join(text))
+            crash = getattr(report.longrepr, "reprcrash", None)  # the exception's "Type: message" line
+            text = (crash.message if crash else report.longreprtext.strip()[-300:]) if failed else ""
+            self.results[report.nodeid] = (prev[0] and not failed, prev[1] or text)
 
 
 def run_tests(numbers: list[int]) -> dict[str, tuple[int, bool, str]]:
-    """Run the tests of the given parts in this process; {test id: (part, passed, last line of the failure)}."""
+    """Run the tests of the given parts in this process; {test id: (part, passed, the failure's message)}."""
     import pytest
     collector = Collector()
     expr = " or ".join(f"part{n}" for n in numbers)

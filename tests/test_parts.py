@@ -255,7 +255,9 @@ def test_super_neurons_by_the_peak_over_every_domain():
     assert got.dtype == torch.bool and torch.equal(got, expected)
     assert not dowp.super_neurons(sbd, factor=0).any()  # factor <= 0: no protection
     scaled = {"a": {"max_abs": peak_a * torch.tensor([[1.0], [10.0]])}}  # the median is per layer
-    assert torch.equal(dowp.super_neurons(scaled, 50.0)[1], torch.zeros(8, dtype=torch.bool))
+    expected = torch.zeros(2, 8, dtype=torch.bool)
+    expected[0, 3] = True
+    assert torch.equal(dowp.super_neurons(scaled, 50.0), expected)
 
 
 # ----------------------------------------------------------------------------- part 6: loss-aware statistics
@@ -432,8 +434,8 @@ def gated_moe(logits, kept):
 
 @pytest.mark.part9
 def test_sign_rule_and_unions():
-    moe = gated_moe([[1.0, -1.0, 2.0, -0.5], [0.5, 3.0, -2.0, 1.0]], {"code": [20] * 4, "math": [10] * 4})
-    assert moe.gate_pattern(("code",)) == (True, False, True, False)
+    moe = gated_moe([[1.0, -1.0, 2.0, 0.0], [0.5, 3.0, -2.0, 1.0]], {"code": [20] * 4, "math": [10] * 4})
+    assert moe.gate_pattern(("code",)) == (True, False, True, False)  # a logit of exactly 0 stays dense
     assert moe.gate_pattern(("math",)) == (True, True, False, True)
     # a union of two experts runs a layer purified only where both gates are open
     assert moe.gate_pattern(("code", "math")) == (True, False, False, False)
