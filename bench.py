@@ -13,19 +13,20 @@ What comes out: markdown tables on stdout and a JSON file (--out, default result
     python bench.py --quick                      # ~5 min on 2 CPU cores
     python bench.py --threads 2 --out results/bench.json
     python bench.py --device cuda --compile      # the GPU table (sizes up to batch 64), with the fused decode too
-    python bench.py --experts experts/k050/experts.safetensors --router runs/router.safetensors
+    python bench.py --experts experts/k050/experts.safetensors --router runs/router/router.safetensors
 
 Sections (each skipped with a note when what it needs is missing):
   1. ceilings    the machine's own limits in the model's dtype: matmul GFLOP/s (prefill is compute-bound) and
                  streaming read bandwidth GB/s (batch-1 decode is bandwidth-bound: every weight is read once per token).
                  CUDA: also the bf16 and fp32 tensor-core ceilings (8192^3) and HBM bandwidth (a 1 GiB buffer).
   2. dense       prefill and decode tokens/s of our model vs `transformers` on identical weights, dtype and threads,
-                 run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is a test
-                 oracle: imported lazily here, built from our own HF export (export_hf) in a temp dir, its
+                 run interleaved (ours, theirs, ours, ...) so both see the same machine load. transformers is the
+                 reference: imported lazily here, built from our own HF export (export_hf) in a temp dir, its
                  column skipped with a note if it is not installed. Greedy tokens of both are compared. Decode runs
-                 as model.generate does: CPU the dynamic step, CUDA the CUDA graph, next to the eager decode of before
-                 ("ours eager"). What bounds a step: torch.profiler's CPU op times (CPU), or the CUDA profiler's kernel
-                 time against the step's wall time (CUDA: a busy GPU is kernel-bound, an idle one launch-bound).
+                 as generate.generate does: CPU the dynamic step, CUDA the CUDA graph, next to the same step
+                 launched op by op ("ours eager"). What bounds a step: torch.profiler's CPU op times (CPU), or the
+                 CUDA profiler's kernel time against the step's wall time (CUDA: a busy GPU is kernel-bound, an idle
+                 one launch-bound).
   2b. scoring    MMLU-shaped requests through scoring.loglikelihoods: tokens/s and the fraction of the forward
                  ceiling (achieved FLOP/s over the matmul ceiling).
   3. experts     each materialized DSS-Expert (materialize) vs dense: measured speedup next to the ideal one
@@ -108,7 +109,7 @@ def ours_prefill(model, idx, mlps=None):
 
 
 def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contextlib.nullcontext):
-    """Prefill idx (B, T) (not timed), then n_new greedy steps (timed), decoded as model.generate does: "dynamic"
+    """Prefill idx (B, T) (not timed), then n_new greedy steps (timed), decoded as generate.generate does: "dynamic"
     (the forward over the cache so far, the CPU default) or the static-shape step, eager ("static") or replayed as a
     CUDA graph ("graph", the CUDA default: captured in side_by_side's warm-up run, then kept by the model's decode
     slot). Each step reads its tokens on the host, as generate does to check stops. around_steps: a context manager
@@ -139,7 +140,7 @@ def ours_decode(model, idx, n_new, mlps=None, decode="auto", around_steps=contex
     return dt, torch.tensor(tokens).T  # (B, n_new)
 
 
-# ----------------------------------------------------------------------------- transformers (test oracle only)
+# ----------------------------------------------------------------------------- transformers (the reference only)
 
 def load_hf(model, device, dtype):
     """Our loaded weights in transformers, or (None, why not). Built from our own HF export (export_hf with
@@ -180,7 +181,7 @@ def hf_decode(hf, idx, n_new):
 
 # ----------------------------------------------------------------------------- work counts
 
-def kept_per_layer(model, mlps) -> list[int]:
+def neurons_per_layer(model, mlps) -> list[int]:
     return [blk.mlp.n_neurons if mlps is None else mlps[i].n_neurons for i, blk in enumerate(model.layers)]
 
 
@@ -195,7 +196,7 @@ def bench_dense(model, hf, plan, device, compiled: bool = False) -> list[dict]:
     gain is measured in the same rounds; with compiled=True (--compile) also "ours compiled",
     the graph of the torch.compile-fused step (its compilation happens in the warm-up run, untimed)."""
     cfg, rows, dtype = model.config, [], model.tok_emb.weight.dtype
-    kept = kept_per_layer(model, None)
+    kept = neurons_per_layer(model, None)
     gen = torch.Generator().manual_seed(0)
     gpu = device.type == "cuda"
     mib, inner = (1024, 10) if gpu else (256, 1)
@@ -262,7 +263,7 @@ def bench_scoring(model, plan, device, matmul_gflops: float) -> dict:
     """scoring.loglikelihoods on MMLU-shaped requests: tokens/s over every token the model runs (a shared context
     once, then each continuation on its copy of the cache), and the fraction of the forward ceiling, i.e. achieved
     FLOP/s (forward_flops, LM head on the scored positions only) over the matmul ceiling in the model's dtype."""
-    cfg, kept = model.config, kept_per_layer(model, None)
+    cfg, kept = model.config, neurons_per_layer(model, None)
     reqs = scoring_requests(cfg.vocab_size, plan["scoring_items"])
     shared = shared_contexts(reqs, cfg.max_seq_len)
     grouped = {r for rs in shared.values() for r in rs}
@@ -318,9 +319,9 @@ def bench_systems(model, systems: dict, plan, device) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     idx1 = torch.randint(0, cfg.vocab_size, (1, T), generator=gen).to(device)  # (1, T)
     idx8 = torch.randint(0, cfg.vocab_size, (8, T), generator=gen).to(device)  # (8, T)
-    dense = kept_per_layer(model, None)
+    dense = neurons_per_layer(model, None)
     for name, mlps in progress(systems.items(), desc="experts vs dense", unit="system"):
-        kept = kept_per_layer(model, mlps)
+        kept = neurons_per_layer(model, mlps)
         d = side_by_side({"dense": lambda: ours_decode(model, idx1, N),
                           name: lambda: ours_decode(model, idx1, N, mlps)}, plan["reps"])
         p = side_by_side({"dense": lambda: ours_prefill(model, idx8),
@@ -608,7 +609,7 @@ def markdown(res: dict) -> str:
         lines.append("")
     if "scoring" in res:
         sc = res["scoring"]
-        lines += [f"MMLU-style scoring (evaluate.loglikelihoods, {sc['items']} items = {sc['rows']} rows of "
+        lines += [f"MMLU-style scoring (scoring.loglikelihoods, {sc['items']} items = {sc['rows']} rows of "
                   f"{sc['tokens']} tokens, batch_tokens {sc['batch_tokens']}): {fmt(sc['tokens_per_s'])} tokens/s, "
                   f"{sc['gflops']:.1f} GFLOP/s = {100 * sc['of_forward_ceiling']:.0f}% of the forward ceiling "
                   f"({sc['ceiling_tokens_per_s']:.0f} tokens/s at the matmul ceiling)", ""]

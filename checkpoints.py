@@ -1,6 +1,6 @@
 """checkpoints.py — the file formats real weights come in, and the key maps from their names to ours.
 
-Used by model.load_model (reading) and purify.export_hf (writing an expert back in HF layout).
+Used by model.load_model (reading) and experts.export_hf (writing an expert back in HF layout).
 
     safetensors   8-byte header length, JSON header, one raw buffer (read by mapping the file; written atomically)
     .bin          PyTorch's zip/pickle, read with weights_only=True (no code runs)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -34,14 +35,26 @@ def die(msg: str, code: int = 2):
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that `finally` blocks run (temp files removed, locks released)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2. SIGTERM ends it like Ctrl-C,
+    as an exception."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:
         die("interrupted", 130)
+    except Terminated:
+        die("terminated", 143)
 
 
 def shared_dir(data_dir: str | None = None) -> Path:
@@ -117,8 +130,8 @@ def out_dir(text: str) -> str:
 
 
 def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
-    """The flags every script shares, with the same meaning everywhere (STYLE.md habit 3). `--out` is always a
-    directory; scripts that write nothing (model.py, router.py) pass out_default=None and have no --out."""
+    """The flags every script shares, with the same meaning everywhere. `--out` is always a directory;
+    scripts that write nothing (generate.py, router.py) pass out_default=None and have no --out."""
     p.add_argument("--model", default=None, help="GGUF file, HF model dir, hub id or short name: gemma3-270m "
                    "(default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--device", default="auto",
@@ -135,8 +148,8 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str | None = None):
 
 
 def resolve_device(args) -> torch.device:
-    """--device: "auto" picks cuda when a GPU is visible, else cpu; "cuda:N" picks GPU N. Picked once, here
-    (STYLE.md habit 12): every tensor after that follows the model's device."""
+    """--device: "auto" picks cuda when a GPU is visible, else cpu; "cuda:N" picks GPU N. Picked once, here:
+    every tensor after that follows the model's device."""
     name = getattr(args, "device", None) or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -53,8 +53,6 @@ import os
 import random
 import re
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,6 +60,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+import downloads
 from cli import UserError, cache_dir, progress, run_cli, shared_dir, write_atomic
 from sandbox import CodeTask, solution_names
 
@@ -697,31 +697,23 @@ def gzip_bytes(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-DOWNLOAD_GRACE = 60  # seconds every download may take, plus its size at...
-DOWNLOAD_MIN_RATE = 20_000  # ...this many bytes/s: a download slower than that is given up
-
-
-def download(url: str, bar, name: str, dest: Path, size: int = 0) -> bytes:
-    """The bytes at url. Each read waits at most 30 s, and the whole download at most DOWNLOAD_GRACE plus its size
-    at DOWNLOAD_MIN_RATE: a server that trickles a byte now and then cannot hang the run."""
-    url, limit = source_url(url), DOWNLOAD_GRACE + size / DOWNLOAD_MIN_RATE
-    deadline = time.monotonic() + limit
+def download(url: str, bar, name: str, dest: Path, deadline: downloads.Deadline) -> bytes:
+    """The bytes at url, within the deadline (downloads.py): connect, headers and body together, so a server that
+    trickles a byte now and then cannot hang the run."""
+    url, parts = source_url(url), []
+    take = lambda chunk: (parts.append(chunk), bar.update(len(chunk)))  # noqa: E731
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            parts = []
-            while chunk := r.read1(1 << 16):  # read1: what has arrived, so the deadline is checked as bytes come
-                parts.append(chunk)
-                bar.update(len(chunk))
-                if time.monotonic() > deadline:
-                    raise DataUnavailable(f"downloading data/{name} from {url} is too slow ({sum(map(len, parts))} "
-                                          f"bytes in {limit:.0f} s): giving up; put data/{name} at {dest} by hand, "
-                                          f"or set --data-dir / $FREE_MOE_SHARED")
-            return b"".join(parts)
+        downloads.download(url, take, deadline)
+    except downloads.TooSlow:
+        raise DataUnavailable(f"downloading data/{name} from {url} is too slow ({sum(map(len, parts))} bytes, "
+                              f"not done in {deadline.seconds:.0f} s): giving up; put data/{name} at {dest} by "
+                              f"hand, or set --data-dir / $FREE_MOE_SHARED") from None
     except (OSError, http.client.HTTPException) as e:  # offline, DNS, 404, a reset: one line, what to do by hand
         why = getattr(e, "reason", e)
         raise DataUnavailable(f"cannot download data/{name} from {url} ({why}); put data/{name} at {dest} by hand "
                               f"(`python data.py` makes it where there is network), or set --data-dir / "
                               f"$FREE_MOE_SHARED to a folder holding data/{name}") from None
+    return b"".join(parts)
 
 
 def fetch(f: DataFile, dest: Path, data_dir=None):
@@ -730,11 +722,16 @@ def fetch(f: DataFile, dest: Path, data_dir=None):
     urls = [s for s in f.sources if "://" in s]
     if urls:
         print(f"downloading data/{f.name} ({f.size / 1e6:.2f} MB) into {dest.parent}", file=sys.stderr)
-    with progress(total=f.size, unit="B", unit_scale=True, desc=f.name) as bar:
+    # one deadline for all of the file's URLs; leaving the block (a failure, Ctrl-C, SIGTERM) shuts every
+    # connection still open, so the threads still reading end at once
+    with progress(total=f.size, unit="B", unit_scale=True, desc=f.name) as bar, \
+            downloads.Deadline(downloads.allowed_seconds(f.size)) as deadline:
         ex = ThreadPoolExecutor(8)  # 8 at a time: MMLU is 57 small files
         try:
-            per_url = f.size // max(1, len(urls))
-            got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest, per_url), urls)))
+            got = dict(zip(urls, ex.map(lambda u: download(u, bar, f.name, dest, deadline), urls)))
+        except BaseException:
+            deadline.expire()  # before waiting for the threads below
+            raise
         finally:
             ex.shutdown(cancel_futures=True)  # after a failure (offline), do not wait for the rest to time out
     blobs = {s: got[s] if s in got else data_file(s, data_dir).read_bytes() for s in f.sources}

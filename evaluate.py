@@ -34,7 +34,7 @@ The tasks, their prompts and scoring are in tasks.py. Two more numbers come from
 
 Systems (the pruning baselines run at Free-MoE's active FFN fraction of each domain, the others at their own):
     dense      the original model (mlps=None)
-    freemoe    router + DSS-Experts              oracle     the expert of the item's true domain
+    freemoe    router + DSS-Experts              oracle     the item's true-domain expert, whole
     mixed      one expert purified on all domains general    the general-domain expert for every item
     random     random neurons                    magnitude  neurons with the largest weight norms
     expert:D   domain D's expert on every item, whatever the item's domain (how an expert does off its domain)
@@ -384,7 +384,7 @@ def timings_of(tasks, systems, records) -> dict:
     return out
 
 
-def markdown_table(result: dict, timings: dict) -> str:
+def results_table(result: dict, timings: dict) -> str:
     cols = list(next(iter(result["systems"].values()))["tasks"])
     head = ["system", "active FFN"] + cols + ["tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -551,7 +551,7 @@ def run(args, model, tokenizer) -> dict:
         return None
     result = summarize(tasks, systems, records, args, model)
     timings = timings_of(tasks, systems, records)
-    table = markdown_table(result, timings)
+    table = results_table(result, timings)
     write_atomic(args.out / "results.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     write_atomic(args.out / "timings.json", json.dumps(timings, indent=1, sort_keys=True) + "\n")
     write_atomic(args.out / "results.md", table)

@@ -66,7 +66,7 @@ class DecodeSlot:
     instead of a recompile, and the whole mechanism stays readable here. A graph replays fixed kernels on fixed
     addresses, hence the fixed shapes and the input buffers below. Sampling and stop checks stay outside the
     graph (Python, a few small kernels per step).
-    Opt-in, mode "compiled" (model.py --compile): the same capture of torch.compile(decode_step), so that inductor
+    Opt-in, mode "compiled" (generate.py --compile): the same capture of torch.compile(decode_step), so that inductor
     first fuses the element-wise kernels (fewer, larger kernels per step); each new shape or FFN set recompiles."""
 
     def __init__(self, model: M.Transformer, B: int, S: int):

@@ -7,6 +7,7 @@ atomically, so a killed or corrupted download never looks whole.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -15,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
-import urllib.request
 from pathlib import Path
 
+import downloads
 from checkpoints import safe_file_name, shard_names
 from cli import UserError, cache_dir, write_atomic
 
@@ -60,7 +61,7 @@ def hub_download(repo_id: str) -> Path:
             raise UserError(f"model path {repo_id} does not exist, and {endpoint} has no model {repo_id!r} "
                             f"(HTTP {e.code})") from None
         raise UserError(f"cannot list the files of {repo_id!r} on {endpoint}: HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         if not kept:
             raise UserError(f"cannot download {repo_id!r} (offline?): pass a local path with --model ({e})") from None
         listing, offline = kept, True  # the cached model loads as it was fetched
@@ -94,9 +95,18 @@ def hub_download(repo_id: str) -> Path:
 def _hub_listing(endpoint: str, repo_id: str) -> dict[str, list]:
     """{file name: [size, "sha256" | "git-sha1", hex digest]} of the model's top-level files, from the hub API
     (one page: model folders hold far fewer files than a page)."""
-    url = f"{endpoint}/api/models/{repo_id}/tree/main"
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        body = resp.read(16 << 20)
+    url, body = f"{endpoint}/api/models/{repo_id}/tree/main", bytearray()
+
+    def take(chunk):
+        body.extend(chunk)
+        if len(body) > 16 << 20:
+            raise UserError(f"{url}: more than 16 MiB, not a hub file list")
+    with downloads.Deadline(downloads.allowed_seconds(0)) as deadline:
+        try:
+            downloads.download(url, take, deadline)
+        except downloads.TooSlow:
+            raise UserError(f"listing the files of {repo_id!r} on {endpoint} is too slow (not done in "
+                            f"{deadline.seconds:.0f} s): giving up; pass a local model folder with --model") from None
     try:
         entries = json.loads(body)
         listing = {}
@@ -127,24 +137,29 @@ def _download(url: str, dest: Path, size: int, algo: str, digest: str):
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
         got = 0
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as resp:
-            while chunk := resp.read(1 << 20):
+        with os.fdopen(fd, "wb") as f, downloads.Deadline(downloads.allowed_seconds(size)) as deadline:
+            def take(chunk):
+                nonlocal got
                 got += len(chunk)
                 if got > size:
                     raise UserError(f"{url}: more than the {size} bytes the hub lists for it")
                 h.update(chunk)
                 f.write(chunk)
+            downloads.download(url, take, deadline)
         if got != size:
             raise UserError(f"{url}: got {got} bytes, the hub lists {size} (connection cut?)")
         if h.hexdigest() != digest:
             raise UserError(f"{url}: {algo} {h.hexdigest()[:16]}... differs from the hub's {digest[:16]}... "
                             "(corrupted download)")
         os.replace(tmp, dest)
+    except downloads.TooSlow:
+        raise UserError(f"downloading {url} is too slow ({got} of {size} bytes, not done in {deadline.seconds:.0f} "
+                        f"s): giving up; fetch the model another way and pass its folder with --model") from None
     except urllib.error.HTTPError as e:
         raise UserError(f"cannot download {url}: HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise UserError(f"cannot download {url} (offline?): {e}") from None
-    finally:
+    finally:  # a failure, Ctrl-C or SIGTERM (cli.run_cli turns it into an exception): no .part file stays
         if os.path.exists(tmp):
             os.unlink(tmp)
 

@@ -573,7 +573,7 @@ def load_model(path=None, device="cpu", dtype=torch.float32) -> tuple[Transforme
         tokenizer = Tokenizer.from_dir(path)
     model = Transformer(cfg)  # built on the meta device would be faster; the small models here load in seconds
     load_weights(model, weights, str(path))
-    if dropped:  # the key map's explicit list of what the checkpoint had and we do not use (STYLE.md habit 4)
+    if dropped:  # what the checkpoint had and the key map does not use: reported, never silently
         print(f"{path.name}: ignored {len(dropped)} checkpoint tensors: {', '.join(dropped[:4])}"
               + (" ..." if len(dropped) > 4 else ""), file=sys.stderr)
     model.fingerprint = fingerprint(model)

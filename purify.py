@@ -239,7 +239,7 @@ def run(args):
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     experts_path = out_dir / "experts.safetensors"
     save_experts(experts_path, experts, meta, baselines, stats)
-    print(f"wrote {experts_path}: {len(experts)} experts, active fraction "
+    print(f"wrote {experts_path}: {len(experts)} experts, active FFN "
           f"{kept_fraction(next(iter(experts.values())), model):.3f}", file=sys.stderr)
 
     # DOWP step 6: export

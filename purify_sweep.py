@@ -447,7 +447,7 @@ def report(rows: dict, info: dict, args) -> tuple[str, dict]:
           f"Intervals: 95% bootstrap over held-out windows; Δ = paired change of perplexity against dense. "
           f"{info['n_protected']} super neurons kept by every neuron-level system.", ""]
     for d in args.domains:
-        md += [f"## {d}", "", "| system | fraction of FFN weights kept | held-out ppl [95%] | Δ vs dense % [95%] |",
+        md += [f"## {d}", "", "| system | active FFN | held-out ppl [95%] | Δ vs dense % [95%] |",
                "|---|---|---|---|"]
         for system, r in table[d].items():
             delta = "" if system == "dense" else delta_text(r)
@@ -636,7 +636,8 @@ def stability(results: dict, args) -> tuple[str, dict]:
           f"Each draw shuffles the calibration documents with another seed ({args.draws} draws from seed {args.seed});"
           f" held-out text is the same {args.heldout_tokens} tokens per domain in every draw. Δ = paired change of "
           "perplexity against dense, %; better / worse = draws whose 95% interval lies below / above zero.", "",
-          "| calibration tokens | domain | system | Δ % mean ± sd | range | removed % | better / worse / n.s. |",
+          "| calibration tokens | domain | system | Δ % mean ± sd | range | 1 − active FFN, % "
+          "| better / worse / n.s. |",
           "|---|---|---|---|---|---|---|"]
     for r in table.values():
         ns = r["draws"] - r["better"] - r["worse"]

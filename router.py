@@ -9,7 +9,7 @@ What comes out: per-prompt routing decisions, the per-layer FFN modules to run (
 model(..., mlps=)),
                the active FFN fraction of each request, and routed generation / scoring.
 
-    python router.py --experts experts/experts.safetensors --router runs/router.safetensors \
+    python router.py --experts experts/experts.safetensors --router runs/router/router.safetensors \
         --prompt "def fibonacci(n):" --max-new-tokens 32
 
 The router has two levels (a third, token-level one is left out; see README / report for the measurement note):
@@ -227,8 +227,8 @@ class FreeMoE:
 
     def decision_for(self, domains: tuple[str, ...], probs=(), fell_back: bool = False,
                      use_expert: tuple[bool, ...] | None = None) -> Decision:
-        """Build a decision for given expert(s) (oracle routing, tests); the gate pattern comes from level 2
-        unless `use_expert` forces one."""
+        """Build a decision for given expert(s) (the true domain in training and the comparison, tests); the gate
+        pattern comes from level 2 unless `use_expert` forces one."""
         L = self.model.config.n_layer
         for d in domains:
             if d not in self.router.cfg.domains:
@@ -326,7 +326,7 @@ class FreeMoE:
         return out, decided
 
     def _routed_prefill(self, idx, valid, decided: list):
-        """Prefill with routing inside it, for model.generate's `prefill` hook (the KV cache is set up).
+        """Prefill with routing inside it, for generate.generate's `prefill` hook (the KV cache is set up).
 
         Layers below `route_layer` run dense (that is what level 1 reads); they are kept as they are unless the
         decision's gates purify one of them, in which case the prefill is redone from that layer on."""

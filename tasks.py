@@ -10,8 +10,9 @@ columns and breakdowns it reports. Adding a benchmark = writing those functions 
                " A".." D"; also a cloze variant (lm-evaluation-harness `mmlu_continuation`: log-likelihood of the
                answer text, acc_norm = normalised per character of the answer) because small models sit at chance
                on letters. Reported: accuracy, per subject, per category, macro. --mmlu-items eval (default) scores
-               only the test items of the "eval" bucket (70%): the other 30% calibrate or validate the knowledge
-               expert (data.py); --mmlu-items all scores all 14,042 and reports each bucket apart too.
+               only the test items of the "eval" bucket (70%): the other 30% are the knowledge domain's
+               calibration (20%) and held-out (10%) text (data.py); --mmlu-items all scores all 14,042 and reports
+               each bucket apart too.
     gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
                number after "####" or else the last number; exact match after normalising "," "$" and ".0".
     gsm8k_answer  bits per byte of each GSM8K test problem's reference worked answer given the question (zero-shot):
@@ -232,7 +233,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def complete(rt: "Runtime", prompts: list[str], stops: list[str], max_new_tokens: int, mlps=None,
              temperature: float = 0.0, seed: int | None = None) -> tuple[list[str], int]:
-    """Batched generation (left-padded, KV cache, via model.generate); texts cut at the first stop string.
+    """Batched generation (left-padded, KV cache, via generate.generate); texts cut at the first stop string.
     Returns (texts, tokens processed = prompt + generated)."""
     tok = rt.tokenizer
     ids = [tok.encode(p)[-(rt.model.config.max_seq_len - max_new_tokens):] for p in prompts]
@@ -256,7 +257,7 @@ def prepare_mmlu(rt: Runtime) -> tuple[list[dict], dict]:
     for d in load_mmlu("test", rt.args.data_dir):
         i = counter[d["subject"]] = counter.get(d["subject"], -1) + 1
         bucket = mmlu_bucket(d)
-        if bucket != "eval" and rt.args.mmlu_items == "eval":  # 20% calibrate the knowledge expert, 10% validate
+        if bucket != "eval" and rt.args.mmlu_items == "eval":  # 20%: knowledge calibration text, 10%: its held-out text
             continue
         shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
         test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
@@ -268,7 +269,7 @@ def prepare_mmlu(rt: Runtime) -> tuple[list[dict], dict]:
         picked = [it for it in test if it["id"] in chosen]
     else:
         picked = select(test, limit_for(rt.args, "mmlu"), rt.args.seed)
-    items = "eval bucket" if rt.args.mmlu_items == "eval" else "all"  # the first: the header of earlier runs
+    items = "eval bucket" if rt.args.mmlu_items == "eval" else "all"  # the value stored results carry
     return picked, {"shots": k, "items": items}
 
 

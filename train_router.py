@@ -25,9 +25,10 @@ Training choices, all in one place:
         HumanEval prompts (code).
     Level 2 (per-layer gates). Loss = KL(dense || routed) per token + w * active FFN fraction (w = --sparsity-weight),
         or with --l2-target nll the routed model's next-token NLL on the domain's text instead of the KL,
-        on calibration windows of each domain routed to that domain's expert (oracle domain: level 2 learns where an
-        expert is safe, independent of level 1 mistakes). Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x)
-        (router.MixedMLP, passed through mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
+        on calibration windows of --l2-seq-len tokens of each domain routed to that domain's expert (the true domain:
+        level 2 learns where an expert is safe, independent of level 1 mistakes), and reported on held-out windows of
+        256 tokens. Relaxation: per layer out = g * expert(x) + (1 - g) * dense(x) (router.MixedMLP, passed through
+        mlps=), g from a Gumbel-sigmoid on the gate logit with temperature tau;
         "st" (default) uses the hard 0/1 gate in the forward pass and the sigmoid's gradient (straight-through), so
         training sees the same model inference runs; "soft" uses the relaxed g. The dense teacher's log-probs are
         computed once per batch and reused across epochs. AdamW on the gate logits only, lr 0.2, no weight decay.
@@ -152,10 +153,10 @@ def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippet
     return prompts, torch.tensor(labels), sources
 
 
-def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, tag: str):
-    """router.prompt_features, cached on disk by a hash of everything that determines them."""
+def cached_features(model, prompts, route_layer, max_tokens, out_dir: Path, tag: str):
+    """router.prompt_features, cached in the --out folder by a hash of everything that determines them."""
     h = hashlib.sha256(json.dumps([model.fingerprint, route_layer, max_tokens, prompts]).encode()).hexdigest()[:16]
-    path = cache_dir / f"l1_features.{tag}.{h}.safetensors"
+    path = out_dir / f"l1_features.{tag}.{h}.safetensors"
     if path.exists():
         try:  # checksummed: a damaged cache would silently train the router on wrong features
             feats = ckpt.read_safetensors(path, checksum=True).get("feats")
@@ -165,7 +166,7 @@ def cached_features(model, prompts, route_layer, max_tokens, cache_dir: Path, ta
         if feats is not None and tuple(feats.shape) == (len(prompts), model.config.n_embd):
             return feats.clone()
     feats = R.prompt_features(model, prompts, route_layer, max_tokens, show=True)  # (N, C)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint}, checksum=True)
     return feats
 
@@ -277,7 +278,8 @@ def train_level2(moe: R.FreeMoE, calib: dict[str, torch.Tensor], sparsity_weight
 
 @torch.no_grad()
 def level2_heldout(moe: R.FreeMoE, heldout: dict[str, torch.Tensor], batch_size: int) -> dict:
-    """Per domain, on held-out windows routed to that domain (oracle): dense vs gated-expert vs full-expert ppl."""
+    """Per domain, on held-out windows routed to that domain (the true domain): dense vs gated-expert vs full-expert
+    ppl."""
     out = {}
     for d, w in heldout.items():
         gated = moe.decision_for((d,))
@@ -306,9 +308,10 @@ def decode_speed(model, prompt: list[int], mlps, n_new: int, repeats: int = 2) -
 def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], speed_prompts: dict[str, list[int]],
                     n_new: int, batch_size: int = 4) -> dict:
     """Held-out perplexity per domain and decode tokens/s for dense, Free-MoE (routed on each window), the
-    oracle-domain expert (true domain, same level 2 gates) and `mixed` pruning at Free-MoE's mean active fraction."""
+    true-domain expert (the window's own domain, with the same level 2 gates) and `mixed` pruning at Free-MoE's mean
+    active fraction."""
     model = moe.model
-    res = {"dense": {}, "freemoe": {}, "oracle": {}, "mixed": {}}
+    res = {"dense": {}, "freemoe": {}, "true-domain": {}, "mixed": {}}
     fracs, hits = [], []
     for d, w in heldout.items():
         res["dense"][d] = perplexity(model, w, None, batch_size)
@@ -316,7 +319,7 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
         res["freemoe"][d] = math.exp(float(nll.mean()))
         fracs += [x.active_fraction for x in decs]
         hits += [x.domains == (d,) for x in decs]
-        res["oracle"][d] = perplexity(model, w, moe.mlps_for(moe.decision_for((d,))), batch_size)
+        res["true-domain"][d] = perplexity(model, w, moe.mlps_for(moe.decision_for((d,))), batch_size)
     frac = sum(fracs) / len(fracs)
     stats = experts.stats if getattr(experts, "stats", None) else None
     if stats:
@@ -327,14 +330,14 @@ def compare_systems(moe: R.FreeMoE, experts, heldout: dict[str, torch.Tensor], s
     for d, w in heldout.items():
         res["mixed"][d] = perplexity(model, w, mixed, batch_size)
     mlps_by_domain = {d: moe.mlps_for(moe.route([p])[0]) for d, p in speed_prompts.items()}
-    speed = {"dense": [], "freemoe": [], "oracle": [], "mixed": []}
+    speed = {"dense": [], "freemoe": [], "true-domain": [], "mixed": []}
     for d, p in speed_prompts.items():
         speed["dense"].append(decode_speed(model, p, None, n_new))
         speed["freemoe"].append(decode_speed(model, p, mlps_by_domain[d], n_new))
-        speed["oracle"].append(decode_speed(model, p, moe.mlps_for(moe.decision_for((d,))), n_new))
+        speed["true-domain"].append(decode_speed(model, p, moe.mlps_for(moe.decision_for((d,))), n_new))
         speed["mixed"].append(decode_speed(model, p, mixed, n_new))
     fractions = {"dense": 1.0, "freemoe": frac,
-                 "oracle": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
+                 "true-domain": sum(moe.decision_for((d,)).active_fraction for d in heldout) / len(heldout),
                  "mixed": kept_fraction(mixed_idx, model)}
     return {"ppl": res, "active_fraction": fractions, "tokens_per_s": {k: sum(v) / len(v) for k, v in speed.items()},
             "freemoe_routing_accuracy": sum(hits) / len(hits)}
@@ -399,7 +402,7 @@ def parse_args(argv=None):
                    help="gate objective: kl = stay close to dense; nll = the domain's own next tokens (lets a gate "
                         "pick an expert that beats dense)")
     g.add_argument("--l2-windows", type=positive_int, default=4, help="calibration windows per domain")
-    g.add_argument("--seq-len", type=int_at_least(2), default=64, help="tokens per level 2 window")
+    g.add_argument("--l2-seq-len", type=int_at_least(2), default=64, help="tokens per level 2 training window")
     g.add_argument("--l2-batch", type=positive_int, default=2)
     g.add_argument("--l2-epochs", type=positive_int, default=3)
     g.add_argument("--l2-lr", type=positive_float, default=0.2)
@@ -410,7 +413,7 @@ def parse_args(argv=None):
     g.add_argument("--skip-level2", action="store_true", help="train level 1 only (every layer stays dense)")
     g = p.add_argument_group("comparison (README figures)")
     g.add_argument("--compare", action="store_true", help="after training: held-out ppl per domain and decode "
-                                                          "tokens/s for dense, freemoe, oracle and mixed")
+                                                          "tokens/s for dense, freemoe, true-domain and mixed")
     g.add_argument("--compare-windows", type=positive_int, default=2, help="held-out windows of 256 tokens per domain")
     g.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode-speed run")
     return p.parse_args(argv)
@@ -469,8 +472,8 @@ def run(args):
     t0 = time.perf_counter()
     l2 = {}
     if not args.skip_level2:
-        calib = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.seq_len,
-                                              args.seed + 1, args.seq_len) for d in domains}
+        calib = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.l2_seq_len,
+                                            args.seed + 1, args.l2_seq_len) for d in domains}
         train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
                      args.seed, args.l2_target, log=lambda s: print(s, file=sys.stderr))
         t_l2 = time.perf_counter() - t0

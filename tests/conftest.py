@@ -13,10 +13,12 @@ there turns a test into a skip with one line saying why and how to get it, inste
 """
 import atexit
 import functools
+import http.server
 import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,47 @@ def hf_real(gguf_path):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     return hf.eval()
+
+
+class TrickleServer:
+    """An HTTP server on 127.0.0.1 in a thread that answers every GET slowly: `routes` maps a path to its body
+    (other paths: 404). trickle="headers" sends the status line and headers one byte every `pace` seconds,
+    trickle="body" the headers at once and then the body byte by byte; paths in `fast` are answered at once. The
+    bytes keep coming, so no read ever times out: only a deadline on the whole request stops the client."""
+
+    def __init__(self, routes: dict[str, bytes], trickle: str, pace: float = 0.05, fast: tuple = ()):
+        self.quit, self.started = threading.Event(), threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                body = routes.get(self.path)
+                head = (f"HTTP/1.1 {200 if body is not None else 404} X\r\nContent-Length: "
+                        f"{len(body or b'')}\r\nConnection: close\r\n\r\n").encode()
+                slow = self.path not in fast
+                try:
+                    for part, dribble in ((head, slow and trickle == "headers"), (body or b"", slow)):
+                        for i in range(len(part)) if dribble else [None]:
+                            self.wfile.write(part if i is None else part[i:i + 1])
+                            self.wfile.flush()
+                            server.started.set()
+                            if i is not None and server.quit.wait(pace):
+                                return
+                except OSError:  # the client gave up
+                    return
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.quit.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def pytest_configure(config):

@@ -33,7 +33,7 @@ def test_forward_flops_match_torch_counter_dense_and_expert():
             assert bench.forward_flops(cfg, [48, 48], 3, 10, 0, 1) - attention_flops(cfg, 3, 10, 0) == counted
             mlps = [blk.mlp.select(torch.arange(0, 48, 2)) for blk in m.layers]  # keep 24 of 48 neurons
             counted = matmul_flops(lambda: m(x, mlps=mlps, last_only=True))
-            kept = bench.kept_per_layer(m, mlps)
+            kept = bench.neurons_per_layer(m, mlps)
             assert kept == [24, 24]
             assert bench.forward_flops(cfg, kept, 3, 10, 0, 1) - attention_flops(cfg, 3, 10, 0) == counted
 
@@ -60,7 +60,7 @@ def test_decode_bytes_count_every_weight_once_per_step():
 
 
 def test_bench_decode_loop_gives_generate_tokens():
-    """The timed loop must be real greedy decoding: the same tokens as model.generate, with and without an expert."""
+    """The timed loop must be real greedy decoding: the same tokens as generate.generate, with and without an expert."""
     m = tiny_model(**TINY)
     x = torch.randint(0, 97, (2, 6))
     mlps = [blk.mlp.select(torch.arange(30)) for blk in m.layers]

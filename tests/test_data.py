@@ -24,8 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
+import downloads  # noqa: E402
 import model as M  # noqa: E402
 from cli import UserError, shared_dir  # noqa: E402
+from conftest import TrickleServer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- domain splits (real files, no model)
@@ -129,11 +131,9 @@ def mirror(tmp_path_factory):
 
 class Server:
     """A file server on 127.0.0.1 in a thread, counting requests; it shuts itself down after `lifetime` seconds.
-    send_only=n: send the headers and the first n bytes, then go quiet (stall=True) or hang up. trickle=s: send one
-    byte every s seconds."""
+    send_only=n: send the headers and the first n bytes, then go quiet (stall=True) or hang up."""
 
-    def __init__(self, root: Path, lifetime: float = 300, send_only: int | None = None, stall: bool = False,
-                 trickle: float | None = None):
+    def __init__(self, root: Path, lifetime: float = 300, send_only: int | None = None, stall: bool = False):
         self.requests, self.sent_part, self.quit = [], threading.Event(), threading.Event()
         server = self
 
@@ -146,20 +146,6 @@ class Server:
 
             def do_GET(self):
                 server.requests.append(self.path)
-                if trickle is not None:  # one byte now and then, never stopping long enough for a read timeout
-                    body = (root / self.path.lstrip("/")).read_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    for b in body:
-                        if server.quit.wait(trickle):
-                            return
-                        try:
-                            self.wfile.write(bytes([b]))
-                            self.wfile.flush()
-                        except OSError:  # the client gave up
-                            return
-                    return
                 if send_only is None:
                     return super().do_GET()
                 body = (root / self.path.lstrip("/")).read_bytes()
@@ -269,16 +255,24 @@ def test_killed_download_leaves_no_file(serve, fresh):
     assert data.verify("gsm8k/test.jsonl", data.data_file("gsm8k/test.jsonl"))
 
 
-def test_trickling_server_is_given_up_in_one_line(serve, fresh, monkeypatch):
-    """A server sending a byte every 0.05 s never trips a read timeout; the download's deadline stops it."""
-    monkeypatch.setattr(data, "DOWNLOAD_GRACE", 1.0)
-    monkeypatch.setattr(data, "DOWNLOAD_MIN_RATE", 10**9)  # the deadline: one second
-    serve(trickle=0.05)
+@pytest.mark.parametrize("trickle", ["headers", "body"])
+def test_trickling_server_is_given_up_in_one_line(fresh, monkeypatch, trickle):
+    """A server sending a byte every 0.05 s, in its headers or its body, never trips a read timeout; the download's
+    deadline (connect, headers and body together) stops it."""
+    monkeypatch.setattr(downloads, "GRACE", 1.0)
+    monkeypatch.setattr(downloads, "MIN_RATE", 10**9)  # the deadline: one second
+    url = data.FILES["gsm8k/test.jsonl"].sources[0].split("://", 1)[1]
+    server = TrickleServer({f"/{url}": b"x" * 1000}, trickle)
+    monkeypatch.setenv("FREE_MOE_DATA_URL", server.url)
     t0 = time.monotonic()
-    with pytest.raises(UserError, match="downloading data/gsm8k/test.jsonl .* is too slow") as e:
-        data.data_file("gsm8k/test.jsonl")
-    assert time.monotonic() - t0 < 10 and "\n" not in str(e.value)
-    assert not fresh.exists() or not any(fresh.rglob("*.jsonl*"))
+    try:
+        with pytest.raises(UserError, match="downloading data/gsm8k/test.jsonl .* is too slow") as e:
+            data.data_file("gsm8k/test.jsonl")
+    finally:
+        server.close()
+    assert time.monotonic() - t0 < 5 and "\n" not in str(e.value)
+    assert f"put data/gsm8k/test.jsonl at {fresh / 'gsm8k' / 'test.jsonl'} by hand" in str(e.value)
+    assert not fresh.exists() or not any(fresh.rglob("*"))
 
 
 def test_edited_or_cut_cache_is_fetched_again(serve, fresh, capsys):

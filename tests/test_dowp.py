@@ -146,7 +146,8 @@ class ScaledNeuron(torch.nn.Module):
         return self.mlp.project(a)
 
 
-def mean_nll(m, w, mlps=None) -> float:
+def token_mean_nll(m, w, mlps=None) -> float:
+    """Mean next-token NLL over every predicted token of all windows, one number."""
     with torch.no_grad():
         logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
@@ -161,7 +162,7 @@ def test_taylor_equals_finite_difference(arch):
     h = 0.03
     for l, j in [(0, 3), (1, 17), (2, 40)]:
         mlps = lambda f: [ScaledNeuron(b.mlp, j, f) if i == l else b.mlp for i, b in enumerate(m.layers)]
-        fd = -(mean_nll(m, w, mlps(1 + h)) - mean_nll(m, w, mlps(1 - h))) / (2 * h)
+        fd = -(token_mean_nll(m, w, mlps(1 + h)) - token_mean_nll(m, w, mlps(1 - h))) / (2 * h)
         assert abs(est["taylor"][l, j].item() - fd) <= 1e-3 * abs(fd) + 2e-5, (l, j, est["taylor"][l, j], fd)
     torch.testing.assert_close(torch.stack([est["taylor_w"][f"{l}.down"].sum(0) for l in range(3)]), est["taylor"],
                                rtol=1e-4, atol=1e-7)
@@ -171,7 +172,7 @@ def test_taylor_equals_finite_difference(arch):
     for f in (1 + h, 1 - h):
         with torch.no_grad():
             old, up[5, 7] = up[5, 7].clone(), up[5, 7] * f
-            fd_w.append(mean_nll(m, w))
+            fd_w.append(token_mean_nll(m, w))
             up[5, 7] = old
     fd = -(fd_w[0] - fd_w[1]) / (2 * h)
     assert abs(est["taylor_w"]["1.up"][5, 7].item() - fd) <= 1e-3 * abs(fd) + 2e-6

@@ -277,7 +277,7 @@ def run_pipeline(tmp: Path, model_dir: Path, device: str, experts=None, router_f
         "--seq-len", 128, "--keep", 0.5, "--no-report", "--out", out / "experts")
     experts = experts or out / "experts" / "experts.safetensors"
     run("train_router.py", "--experts", experts, "--out", out / "router", "--l1-windows", 6, "--l1-snippets", 6,
-        "--l1-heldout", 3, "--l1-epochs", 5, "--l2-windows", 2, "--seq-len", 32, "--l2-epochs", 1, "--l2-heldout", 1)
+        "--l1-heldout", 3, "--l1-epochs", 5, "--l2-windows", 2, "--l2-seq-len", 32, "--l2-epochs", 1, "--l2-heldout", 1)
     router_file = router_file or out / "router" / "router.safetensors"
     run("evaluate.py", "--systems", "dense", "freemoe", "--experts", experts, "--router", router_file, "--tasks",
         "mmlu", "gsm8k", "ppl", "--limit", 2, "--mmlu-shots", 0, "--gsm8k-shots", 0, "--gsm8k-max-tokens", 8,

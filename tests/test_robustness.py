@@ -639,7 +639,7 @@ BAD_FLAGS = [
     (E.parse_args, ["--seed", "-1"]), (E.parse_args, ["--threads", "0"]),
     (P.parse_args, ["--seq-len", "0"]), (P.parse_args, ["--batch-size", "0"]), (P.parse_args, ["--keep", "1.5"]),
     (P.parse_args, ["--tokens", "-3"]),
-    (TR.parse_args, ["--experts", "x", "--seq-len", "0"]), (TR.parse_args, ["--experts", "x", "--l2-batch", "0"]),
+    (TR.parse_args, ["--experts", "x", "--l2-seq-len", "0"]), (TR.parse_args, ["--experts", "x", "--l2-batch", "0"]),
     (TR.parse_args, ["--experts", "x", "--threshold", "1.5"]), (TR.parse_args, ["--experts", "x", "--tau", "0"]),
     (generate_main, ["--max-new-tokens", "-5"]), (generate_main, ["--top-k", "0"]), (generate_main, ["--top-p", "0"]),
     (router_main, ["--threshold", "2"]), (router_main, ["--budget", "0"]), (bench_args, ["--reps", "0"]),

@@ -1,6 +1,7 @@
 """Tests for router.py and train_router.py: fast, exact checks on tiny random models with hand-made DSS-Expert index
 sets (decisions, gates and budgets, fallbacks, routing inside the prefill, the router file, both training levels);
-slow checks on the real SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the lambda sweep of level 2).
+slow checks on the real SmolLM2-135M model (level 1 accuracy on held-out domain prompts, the sparsity-weight
+sweep of level 2).
 """
 import json
 import math
@@ -328,7 +329,8 @@ def test_level1_accuracy_on_heldout_domain_prompts(real, tmp_path):
 
 
 def magnitude_experts(m, keep=0.5):
-    """Cheap stand-in experts for the lambda sweep (no statistics pass): the neurons with the largest weight norms."""
+    """Cheap stand-in experts for the sparsity-weight sweep (no statistics pass): the neurons with the largest
+    weight norms."""
     up = torch.stack([torch.cat(blk.mlp.up_weights(), 1).norm(dim=1) for blk in m.layers])  # (L, F)
     down = torch.stack([blk.mlp.down_weight().norm(dim=0) for blk in m.layers])  # (L, F)
     k = int(keep * m.config.n_ffn)
@@ -337,8 +339,8 @@ def magnitude_experts(m, keep=0.5):
 
 
 @pytest.mark.slow
-def test_lambda_sweep_lowers_active_fraction(real):
-    """Level 2 on the real model: a larger budget penalty gives a smaller (never larger) active fraction;
+def test_sparsity_weight_sweep_lowers_active_fraction(real):
+    """Level 2 on the real model: a larger sparsity weight w gives a smaller (never larger) active fraction;
     the perplexity cost of each point is reported."""
     import train_router as TR
     m, tok = real
@@ -347,17 +349,17 @@ def test_lambda_sweep_lowers_active_fraction(real):
     heldout = data.load_domain_tokens("math", tok, None, "heldout", 2 * 128, 0, 128)  # (2, 128)
     dense_ppl = SC.perplexity(m, heldout)
     rows = []
-    for lam in (0.0, 0.3, 3.0):
+    for w in (0.0, 0.3, 3.0):
         cfg = R.RouterConfig(domains=DOMAINS, n_layer=m.config.n_layer, n_embd=m.config.n_embd, route_layer=7)
         moe = R.FreeMoE(m, experts, R.Router(cfg))
-        TR.train_level2(moe, calib, lam, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0,
+        TR.train_level2(moe, calib, w, epochs=2, lr=0.3, tau=1.0, relax="st", batch_size=2, seed=0,
                         log=lambda s: None)
         dec = moe.decision_for(("math",))
         ppl = SC.perplexity(m, heldout, moe.mlps_for(dec))
-        rows.append((lam, dec.active_fraction, ppl))
-    print("\n| lam | active FFN fraction | held-out math ppl | dense ppl |\n|---|---|---|---|")
-    for lam, frac, ppl in rows:
-        print(f"| {lam} | {frac:.3f} | {ppl:.2f} | {dense_ppl:.2f} |")
+        rows.append((w, dec.active_fraction, ppl))
+    print("\n| w | active FFN | held-out math ppl | dense ppl |\n|---|---|---|---|")
+    for w, frac, ppl in rows:
+        print(f"| {w} | {frac:.3f} | {ppl:.2f} | {dense_ppl:.2f} |")
     fracs = [r[1] for r in rows]
     assert fracs[0] >= fracs[1] >= fracs[2] and fracs[0] > fracs[2]
     assert all(math.isfinite(r[2]) for r in rows)

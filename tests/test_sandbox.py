@@ -13,7 +13,8 @@ Isolation: writes to /tmp, /var/tmp, /run/lock, /dev/shm (also from a shell and 
 shared memory do not persist and are capped; /proc shows only the sandbox; the repository, /work, /home, /sys
 and a world-readable file of ours are invisible; hostile programs (infinite loop, fork bomb, huge allocation or
 file, deleting or writing our files, network, killing us) fail within the timeout; forked children share one
-memory cap. Without isolation the sandbox refuses unless allowed.
+memory cap, and SysV shared memory and memfds cannot hold more than it. Without isolation the sandbox refuses
+unless allowed.
 Slow: every HumanEval canonical solution and MBPP reference passes, empty completions fail.
 """
 import math
@@ -500,7 +501,8 @@ import ctypes, os, subprocess
 for d in PLACES:
     open(f"{d}/TAG", "w").write("planted")
 assert ctypes.CDLL(None).system(b"echo x > /tmp/TAG_system") == 0
-assert ctypes.CDLL(None).shmget(SHMKEY, 4096, 0o1000 | 0o600) >= 0  # a SysV segment, IPC_CREAT
+made = ctypes.CDLL(None).shmget(SHMKEY, 4096, 0o1000 | 0o600) >= 0  # a SysV segment, IPC_CREAT
+assert made == CGROUP  # without a cgroup to charge it to, SysV shared memory is refused
 subprocess.run(["/bin/sh", "-c", "echo x > /var/tmp/TAG_shell"], check=True)
 assert os.path.exists("/tmp/TAG_system") and os.path.exists("/var/tmp/TAG_shell")
 total = 0
@@ -513,7 +515,7 @@ except OSError:
     pass
 assert 8 <= total < 75, total  # the private tmpfs is capped at 64 MiB
 """.replace("TAG", tag).replace("PLACES", repr(places)).replace("SHMKEY", str(shmkey))
-    res = S.run_sandboxed(plant + PASS)
+    res = S.run_sandboxed(plant.replace("CGROUP", str(isolated.cgroup is not None)) + PASS)
     assert res.passed, res
     assert not [line for line in open("/proc/sysvipc/shm") if line.split()[0] == str(shmkey)]
     leftovers = [f"{d}/{n}" for d in places if os.path.isdir(d) for n in os.listdir(d) if n.startswith(tag)]
@@ -616,6 +618,55 @@ def test_one_memory_cap_for_all_processes(isolated):
     res = S.run_sandboxed(_forking_allocators(2, 0.1, 512), timeout=10, memory_mb=512)
     assert res.passed, res
     assert ("cgroup v2" in isolated.describe()) == (isolated.cgroup is not None)
+
+
+# Shared memory held by the kernel, not by a process: without a cgroup it counts in no RLIMIT_AS once unmapped
+SYSV_SHM = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+for i in range(2 * CAP // 16):  # segments of 16 MiB, filled, then detached
+    seg = libc.shmget(0, 16 << 20, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    assert seg >= 0, os.strerror(ctypes.get_errno())
+    addr = libc.shmat(seg, None, 0)
+    assert addr not in (None, 2**64 - 1), os.strerror(ctypes.get_errno())
+    ctypes.memset(addr, 1, 16 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+"""
+MEMFDS = """
+import os, time
+kids = []
+for k in range(3):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fds, chunk = [], b"x" * (1 << 20)
+            for i in range(2 * CAP // 3 // 8):  # memfds of 8 MiB, written, never mapped
+                fds.append(os.memfd_create(f"m{i}"))
+                for _ in range(8):
+                    os.write(fds[-1], chunk)
+            time.sleep(1)
+            os._exit(0)
+        except BaseException as e:
+            print(repr(e), flush=True)
+            os._exit(1)
+    kids.append(pid)
+assert all(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) == 0 for k in kids)
+"""
+
+
+@pytest.mark.parametrize("name", ["sysv_shm", "memfds"])
+def test_shared_memory_cannot_exceed_the_cap(name, isolated):
+    """Twice the cap in SysV segments (detached) or in memfds spread over 3 processes: without the guards both are
+    held in full where there is no cgroup; with them, a cgroup charges the pages, or the calls are refused."""
+    source = {"sysv_shm": SYSV_SHM, "memfds": MEMFDS}[name].replace("CAP", "256")
+    res = S.run_sandboxed(source + PASS, timeout=20, memory_mb=256)
+    assert not res.passed, res
+    assert res.status == "failed", res
+    if isolated.cgroup is None:  # refused at once, not stopped by some other limit
+        refusal = "No space left on device" if name == "sysv_shm" else "Operation not permitted"
+        assert refusal in res.detail, res
+    _assert_nothing_left(res)
 
 
 def test_without_isolation_refuses_unless_allowed(unsandboxed):

@@ -18,7 +18,7 @@ import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
 import search  # noqa: E402
 from conftest import tiny_model  # noqa: E402
-from test_dowp import TINY, ScaledNeuron, mean_nll  # noqa: E402
+from test_dowp import TINY, ScaledNeuron, token_mean_nll  # noqa: E402
 
 
 def harmful_model():
@@ -40,7 +40,7 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     calib, val = w(1), w(2)
     without = [b.mlp for b in m.layers]
     without[2] = ScaledNeuron(without[2], 5, 0.0)
-    assert mean_nll(m, calib, without) < mean_nll(m, calib) - 1  # the truth: removal lowers the loss a lot
+    assert token_mean_nll(m, calib, without) < token_mean_nll(m, calib) - 1  # the truth: removal lowers the loss a lot
     taylor = dowp.loss_aware_stats(m, calib)["taylor"]  # (L, F)
     assert taylor.flatten().argmin().item() == 2 * 48 + 5 and taylor[2, 5] < 0  # ranked first to remove
     assert 5 not in dowp.select_neurons(taylor, 47 / 48)[2].tolist()
@@ -60,7 +60,7 @@ def test_taylor_ranks_a_harmful_neuron_first_and_auto_removes_it():
     sc = {"stats": dowp.collect_stats(m, calib), **dowp.loss_aware_stats(m, calib, weights=True)}
     mlps, trials = S.greedy_weights(m, sc, val, 8)
     assert mlps[2] is not None and 2 in [t["layer"] for t in trials if t["accepted"]]
-    assert mean_nll(m, val, [x or b.mlp for x, b in zip(mlps, m.layers)]) < mean_nll(m, val) - 1
+    assert token_mean_nll(m, val, [x or b.mlp for x, b in zip(mlps, m.layers)]) < token_mean_nll(m, val) - 1
     masked = [EX.MaskedMLP(b.mlp, i) for b, i in zip(m.layers, idx)]  # the mask and the compact expert agree
     with torch.no_grad():
         assert (m(val, mlps=EX.materialize(m, idx)) - m(val, mlps=masked)).abs().max() <= 1e-5
