@@ -3,14 +3,13 @@
 Nothing here knows about transformers. Each stage script builds its parser with `add_common_args` (the shared
 flags mean the same everywhere) and runs its main through `run_cli`, so a user mistake (`UserError`) prints one
 line and exits with code 2 instead of a traceback. Outputs: `write_atomic` (a reader sees the old file or the
-new one), `locked_dir` (one run per --out), `RowCache` (finished rows of a long job, resumed after a kill),
-`progress` (bars on a terminal only), `markdown_table` and the optional matplotlib figure.
+new one), `locked_dir` (one run per --out), `progress` (bars on a terminal only), `markdown_table` and the optional
+matplotlib figure. Caches of long computations live in cache.py, built on `write_atomic`.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import math
 import os
 import signal
@@ -224,29 +223,6 @@ def locked_dir(path, what: str = "another run"):
         yield
     finally:
         f.close()  # releases the lock; the file itself is harmless
-
-
-class RowCache:
-    """Results of a long job, one row per name, written atomically after each row to a JSON file, so a killed run
-    resumes without recomputing what finished. `key` describes everything the rows depend on (model, data,
-    settings): a file written with another key is ignored, so a changed setting never reuses stale rows."""
-
-    def __init__(self, path, key: dict):
-        self.path, self.key, self.rows = Path(path), key, {}
-        if self.path.exists():
-            try:
-                saved = json.loads(self.path.read_text())
-                if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("rows"), dict):
-                    self.rows = saved["rows"]
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                print(f"{self.path} is not readable JSON: recomputing its rows", file=sys.stderr)
-
-    def get(self, name: str, compute):
-        """The row called `name`: from the file, or `compute()` now and saved before it is returned."""
-        if name not in self.rows:
-            self.rows[name] = compute()
-            write_atomic(self.path, json.dumps({"key": self.key, "rows": self.rows}))
-        return self.rows[name]
 
 
 # ----------------------------------------------------------------------------- tables and figures

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoints as ckpt
 import data
 import model as M
-from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, fraction, int_at_least,
+from cache import RowCache, load_tensors, save_tensors
+from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, fraction, int_at_least,
                  locked_dir, markdown_table, nonneg_float, out_dir, positive_int, progress, pyplot, run_cli,
                  save_figure, write_atomic)
 from dowp import (BASELINES, DEFAULT_CONTRAST, PROTECT_FACTOR, SCORES, STATS, allocate_keep, collect_stats,
@@ -66,23 +66,16 @@ def load_or_collect_stats(model, windows, spec: str, out_dir: Path, batch_size: 
     and budget reuses them (so a killed run resumes after the last finished domain)."""
     name = data.parse_domain(spec)[0]
     path = out_dir / f"stats.{name}.safetensors"
-    if path.exists():
-        try:  # checksummed: a damaged cache would silently change every expert built from it
-            tensors, md = ckpt.read_safetensors(path, with_metadata=True, checksum=True)
-            shape = (model.config.n_layer, model.config.n_ffn)
-            if (json.loads(md.get("key", "{}")) == key and all(k in tensors for k in STATS + ("count",))
-                    and all(tuple(tensors[k].shape) == shape for k in STATS)):
-                return {k: tensors[k].clone().reshape(()) if k == "count" else tensors[k].clone()
-                        for k in STATS + ("count",)}
-        except (UserError, json.JSONDecodeError) as e:
-            print(f"not reusing the statistics cache ({e}): recomputing", file=sys.stderr)
+    cached = load_tensors(path, key)  # checksummed: a damaged cache would silently change every expert built from it
+    shape = (model.config.n_layer, model.config.n_ffn)
+    if (cached is not None and all(k in cached for k in STATS + ("count",))
+            and all(tuple(cached[k].shape) == shape for k in STATS)):
+        return {k: cached[k].reshape(()) if k == "count" else cached[k] for k in STATS + ("count",)}
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {name}")
     print(f"stats {name}: {int(stats['count'])} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    ckpt.write_safetensors(path, {**stats, "count": stats["count"].reshape(1)}, {"key": json.dumps(key)},
-                           checksum=True)
+    save_tensors(path, key, {**stats, "count": stats["count"].reshape(1)})
     return stats
-
 
 
 # ----------------------------------------------------------------------------- DOWP step 7: report
@@ -186,17 +179,7 @@ def run(args):
         val = {n: w[len(w) - max(1, len(w) // 4):] for n, w in calib.items()}
         calib = {n: w[:len(w) - len(val[n])] for n, w in calib.items()}
     # DOWP step 2: statistics, one streamed pass per domain (cached per domain)
-    stats = {}
-    for n, s in zip(args.names, args.specs):
-        key = {"fingerprint": model.fingerprint, "domain": s, "tokens": args.tokens, "seed": args.seed,
-               "seq_len": args.seq_len, "n_windows": len(calib[n]),
-               "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
-        stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
-        if args.score in ("taylor", "taylor_abs"):  # the loss-aware pass (a forward + backward per batch; not cached)
-            t0 = time.perf_counter()
-            stats[n]["taylor"] = loss_aware_stats(model, calib[n], max(1, args.batch_size // 4), desc=f"taylor {n}")[
-                "taylor"]
-            print(f"taylor {n}: {calib[n].numel()} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    stats = domain_statistics(args, model, calib, out_dir)
 
     # DOWP step 4: protection and budget
     protected = super_neurons(stats, args.protect)  # (L, F) bool: the super neurons every method keeps
@@ -214,16 +197,7 @@ def run(args):
     # DOWP step 3 + 5: scores -> DSS-Experts; baselines at the same per-layer budget
     auto = {}
     if args.auto:  # chosen per domain on that domain's validation windows
-        experts = {}
-        for d in args.names:
-            scores = score_neurons(stats, model, args.score, d, args.contrast, args.seed)
-            if args.auto == "threshold":
-                tau, trials = auto_threshold(model, scores, val[d], protected, args.batch_size)
-                experts[d], auto[d] = select_above(scores, tau, protected), {"threshold": tau, "trials": trials}
-            else:
-                experts[d], trials = greedy_layers(model, scores, val[d], protected, args.batch_size)
-                auto[d] = {"trials": trials}
-            print(f"auto {d}: removes {1 - kept_fraction(experts[d], model):.4f} of the neurons", file=sys.stderr)
+        experts, auto = auto_experts(args, model, stats, val, protected)
         keep = sum(kept_fraction(e, model) for e in experts.values()) / len(experts)  # baselines: the mean budget
     else:
         experts = build_experts(stats, model, args.names, args.score, keep, args.contrast, protected, args.seed)
@@ -242,22 +216,58 @@ def run(args):
     print(f"wrote {experts_path}: {len(experts)} experts, active FFN "
           f"{kept_fraction(next(iter(experts.values())), model):.3f}", file=sys.stderr)
 
-    # DOWP step 6: export
-    if args.export:
-        d = args.export_domain or args.names[0]
-        tok_dir, tok_files = None, None
-        path = M.default_model_path() if args.model is None else Path(args.model)
-        if path.is_dir():
-            tok_dir = path
-        elif path.suffix == ".gguf" and path.is_file():  # the tokenizer lives inside the GGUF: write it out
-            tok_files = gguf_tokenizer_files(path)
-        info = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta}, tok_files,
-                         None if args.export_dtype == "auto" else args.export_dtype)
-        print(f"exported expert {d} to {args.export}: model.safetensors {info['bytes'] / 1e6:.0f} MB in "
-              f"{info['dtype']}; tokenizer files: {', '.join(info['tokenizer_files']) or 'none'}", file=sys.stderr)
+    if args.export:  # DOWP step 6
+        export_expert(args, model, experts, meta)
 
     if not args.no_report:
         report(args, model, tok, stats, experts, baselines, protected, keep, sens, meta, out_dir)
+
+
+def domain_statistics(args, model, calib: dict[str, torch.Tensor], out_dir: Path) -> dict[str, dict]:
+    """DOWP step 2: each domain's statistics (cached), and with --score taylor / taylor_abs the loss-aware pass."""
+    stats = {}
+    for n, s in zip(args.names, args.specs):
+        key = {"fingerprint": model.fingerprint, "domain": s, "tokens": args.tokens, "seed": args.seed,
+               "seq_len": args.seq_len, "n_windows": len(calib[n]),
+               "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
+        stats[n] = load_or_collect_stats(model, calib[n], s, out_dir, args.batch_size, key)
+        if args.score in ("taylor", "taylor_abs"):  # the loss-aware pass (a forward + backward per batch; not cached)
+            t0 = time.perf_counter()
+            stats[n]["taylor"] = loss_aware_stats(model, calib[n], max(1, args.batch_size // 4), desc=f"taylor {n}")[
+                "taylor"]
+            print(f"taylor {n}: {calib[n].numel()} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return stats
+
+
+def auto_experts(args, model, stats: dict, val: dict[str, torch.Tensor], protected) -> tuple[dict, dict]:
+    """--auto: each domain's expert chosen on its validation windows (one global threshold, or the greedy layer-wise
+    search). Returns the experts and, per domain, what the search chose ({"threshold", "trials"} or {"trials"})."""
+    experts, auto = {}, {}
+    for d in args.names:
+        scores = score_neurons(stats, model, args.score, d, args.contrast, args.seed)
+        if args.auto == "threshold":
+            tau, trials = auto_threshold(model, scores, val[d], protected, args.batch_size)
+            experts[d], auto[d] = select_above(scores, tau, protected), {"threshold": tau, "trials": trials}
+        else:
+            experts[d], trials = greedy_layers(model, scores, val[d], protected, args.batch_size)
+            auto[d] = {"trials": trials}
+        print(f"auto {d}: removes {1 - kept_fraction(experts[d], model):.4f} of the neurons", file=sys.stderr)
+    return experts, auto
+
+
+def export_expert(args, model, experts: dict, meta: dict):
+    """DOWP step 6: --export-domain's expert as an HF checkpoint, with the tokenizer of --model beside it."""
+    d = args.export_domain or args.names[0]
+    tok_dir, tok_files = None, None
+    path = M.default_model_path() if args.model is None else Path(args.model)
+    if path.is_dir():
+        tok_dir = path
+    elif path.suffix == ".gguf" and path.is_file():  # the tokenizer lives inside the GGUF: write it out
+        tok_files = gguf_tokenizer_files(path)
+    info = export_hf(model, experts[d], args.export, tok_dir, {"domain": d, **meta}, tok_files,
+                     None if args.export_dtype == "auto" else args.export_dtype)
+    print(f"exported expert {d} to {args.export}: model.safetensors {info['bytes'] / 1e6:.0f} MB in "
+          f"{info['dtype']}; tokenizer files: {', '.join(info['tokenizer_files']) or 'none'}", file=sys.stderr)
 
 
 def report(args, model, tok, stats, experts, baselines, protected, keep, sens, meta, out_dir: Path):

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+from dataclasses import dataclass, field
 import json
 import math
 import sys
@@ -71,11 +72,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoints as ckpt
 import data
 import model as M
-from cli import (ArgumentParser, DefaultsHelpFormatter, RowCache, UserError, add_common_args, locked_dir, positive_int,
-                 progress, pyplot, run_cli, save_figure, write_atomic)
+from cache import RowCache, load_tensors, save_tensors
+from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, locked_dir, positive_int, progress,
+                 pyplot, run_cli, save_figure, write_atomic)
 from dowp import (BASELINES, PROTECT_FACTOR, STATS, collect_stats, loss_aware_stats, score_neurons, select_above,
                   select_neurons, super_neurons)
 from experts import kept_fraction, materialize, save_experts
@@ -94,12 +95,9 @@ def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_siz
     """Statistics (collect_stats) and the loss-aware pass on `windows` (with weights=True also the per-weight scores,
     320 MB for SmolLM2), cached in `path`. Returns {"stats": {...}, "taylor": (L, F), "in_norm": (L, C),
     "taylor_w": {"{l}.{name}": W's shape} or {}}."""
-    if path.exists():
-        tensors, md = ckpt.read_safetensors(path, with_metadata=True)
-        if json.loads(md.get("key", "{}")) == key and (not weights or any(k.startswith("taylor_w.") for k in tensors)):
-            return unpack(tensors)
-        print(f"{path} was made with {md.get('key')}, not {key}{' with weights' * weights}: recomputing",
-              file=sys.stderr)
+    tensors = load_tensors(path, key)
+    if tensors is not None and (not weights or any(k.startswith("taylor_w.") for k in tensors)):
+        return unpack(tensors)  # a file with the per-weight scores also serves a sweep that needs none
     t0 = time.perf_counter()
     stats = collect_stats(model, windows, batch_size, desc=f"stats {path.stem}")
     loss = loss_aware_stats(model, windows, max(1, batch_size // 4), weights=weights, desc=f"taylor {path.stem}")
@@ -108,7 +106,7 @@ def domain_scores(model, windows: torch.Tensor, path: Path, key: dict, batch_siz
     tensors = {**{f"stats.{k}": v.reshape(1) if k == "count" else v for k, v in stats.items()},
                "taylor": loss["taylor"], "in_norm": loss["in_norm"],
                **{f"taylor_w.{k}": v for k, v in loss.get("taylor_w", {}).items()}}
-    ckpt.write_safetensors(path, tensors, {"key": json.dumps(key)})
+    save_tensors(path, key, tensors)
     return unpack(tensors)
 
 
@@ -217,20 +215,17 @@ def removal_deltas(model, windows: torch.Tensor, neurons: list[tuple[int, int]],
 
 def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, path: Path, key: dict, seed: int) -> dict:
     """Estimate vs truth on one batch of calibration windows: `n_random` neurons sampled evenly over layers, plus the
-    `n_lowest` neurons with the most negative estimate (the ones the purification removes first)."""
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    if saved.get("key") != key:
-        saved = {"key": key, "exact": {}}
-    if "estimate" not in saved:
-        saved["estimate"] = loss_aware_stats(model, windows, 2, desc="taylor (check)")["taylor"].tolist()
-        write_atomic(path, json.dumps(saved))
-    est = torch.tensor(saved["estimate"])  # (L, F)
+    `n_lowest` neurons with the most negative estimate (the ones the purification removes first). Cached in `path`
+    as rows "estimate" (L, F), "exact" {"l.j": change} (saved as it grows) and "result"."""
+    saved = RowCache(path, key)
+    est = torch.tensor(saved.get("estimate", lambda: loss_aware_stats(model, windows, 2, desc="taylor (check)")
+                                 ["taylor"].tolist()))  # (L, F)
     L, n_ffn = est.shape
     g = torch.Generator().manual_seed(seed)
     random = [(l, int(j)) for l in range(L) for j in torch.randperm(n_ffn, generator=g)[:max(1, n_random // L)]]
     lowest = [(int(i) // n_ffn, int(i) % n_ffn) for i in est.flatten().argsort()[:n_lowest]]
-    write = lambda done: write_atomic(path, json.dumps({**saved, "exact": done}))
-    exact = removal_deltas(model, windows, list(dict.fromkeys(random + lowest)), saved["exact"], write)
+    exact = removal_deltas(model, windows, list(dict.fromkeys(random + lowest)), saved.rows.get("exact", {}),
+                           lambda done: saved.put("exact", done))
     pick = lambda pairs: (torch.tensor([est[l, j].item() for l, j in pairs], dtype=torch.float64),
                           torch.tensor([exact[f"{l}.{j}"] for l, j in pairs], dtype=torch.float64))
     e_r, x_r = pick(random)
@@ -243,15 +238,64 @@ def check_taylor(model, windows: torch.Tensor, n_random: int, n_lowest: int, pat
               "lowest_truly_negative": int((x_l < 0).sum()), "lowest_estimate_mean": float(e_l.mean()),
               "lowest_exact_mean": float(x_l.mean()), "spearman_lowest": spearman(e_l, x_l),
               "estimated_negative_all": int((est < 0).sum()), "neurons_all": est.numel()}
-    write_atomic(path, json.dumps({**saved, "exact": exact, "result": result}, indent=1))
+    saved.put("result", result)
     return result
 
 
 # ----------------------------------------------------------------------------- the sweep
 
+@dataclass
+class Sweep:
+    """What every step of one sweep reads: the settings, the model, the three splits of each domain's text, the
+    cached scores, and the row caches the steps fill. Splits: A (3/4 of the calibration windows) gives the scores and
+    statistics, B (the last 1/4) validates the searches, held-out measures every system."""
+    args: argparse.Namespace
+    model: M.Transformer
+    tok: object
+    split_a: dict[str, torch.Tensor]  # {domain: (N, T) windows}
+    split_b: dict[str, torch.Tensor]
+    heldout: dict[str, torch.Tensor]
+    scores: dict[str, dict]  # {domain: domain_scores(...)}
+    stats: dict[str, dict]  # {domain: statistics with "taylor"}, what score_neurons reads
+    protected: torch.Tensor  # (L, F) super neurons, kept by every neuron-level method
+    results: RowCache  # "{domain}|{system}" -> held-out NLL per window and the active fraction
+    choices: RowCache  # what the searches chose: kept when only the held-out text changes
+    frontier_costs: RowCache  # measured removal costs per domain
+    experts: dict[str, dict] = field(default_factory=dict)  # "score:keep" -> {domain: index sets}, --write-experts
+
+
+def wanted(args, system: str) -> bool:
+    """Whether --systems asks for `system` (shell-style patterns)."""
+    return any(fnmatch.fnmatchcase(system, p) for p in args.systems)
+
+
 def sweep(args, model, tok) -> tuple[dict, dict]:
-    out, L = Path(args.out), model.config.n_layer
-    bs = args.batch_size
+    """Every system --systems asks for, on every domain: its held-out NLL (cached rows), then the cross-domain rows,
+    the Taylor check and --write-experts. Returns the rows and what the report says about the data."""
+    sw = prepare(args, model, tok)
+    t0 = time.perf_counter()
+    for d in args.domains:
+        domain_rows(sw, d)
+        print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
+    cross_rows(sw)
+    check = taylor_check(sw) if args.check_neurons else None
+    for spec in args.write_experts or []:
+        write_experts(Path(args.out), spec, sw.experts, model, args, sw.stats, sw.protected)
+    return sw.results.rows, {"check": check, "n_protected": int(sw.protected.sum()),
+                             "tokens": {"A": {d: w.numel() for d, w in sw.split_a.items()},
+                                        "B": {d: w.numel() for d, w in sw.split_b.items()},
+                                        "heldout": {d: w.numel() for d, w in sw.heldout.items()}}}
+
+
+def sweep_key(args, model) -> dict:
+    """What the scores and the searches depend on (the held-out text is added where rows depend on it)."""
+    return {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
+            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
+
+
+def prepare(args, model, tok) -> Sweep:
+    """Load the splits, score every domain (cached per domain) and open the row caches."""
+    out = Path(args.out)
     calib = {d: data.load_domain_tokens(args.specs[d], tok, args.data_dir, "calib", args.tokens, args.seed,
                                         args.seq_len) for d in args.domains}
     if min(len(w) for w in calib.values()) < 2:
@@ -261,125 +305,142 @@ def sweep(args, model, tok) -> tuple[dict, dict]:
     split_b = {d: w[len(w) - n_b[d]:] for d, w in calib.items()}  # B: the --auto threshold only
     heldout = {d: data.load_domain_tokens(args.specs[d], tok, args.data_dir, "heldout", args.heldout_tokens, 0,
                                           args.seq_len) for d in args.domains}
-    key = {"fingerprint": model.fingerprint, "tokens": args.tokens, "seed": args.seed, "seq_len": args.seq_len,
-           "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}  # resolved: auto is bf16 or fp32
-    wanted = lambda system: any(fnmatch.fnmatchcase(system, p) for p in args.systems)  # noqa: E731
-    weights = any(wanted(f"weight:{w}:{s}") for w in WEIGHT_SCORES for s in [*args.sparsities, "greedy"])
-    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": args.specs[d]}, bs,
-                           weights) for d in args.domains}
+    key = sweep_key(args, model)
+    weights = any(wanted(args, f"weight:{w}:{s}") for w in WEIGHT_SCORES for s in [*args.sparsities, "greedy"])
+    sc = {d: domain_scores(model, split_a[d], out / f"scores.{d}.safetensors", {**key, "domain": args.specs[d]},
+                           args.batch_size, weights) for d in args.domains}
     stats = {d: {**s["stats"], "taylor": s["taylor"]} for d, s in sc.items()}
-    protected = super_neurons(stats)  # (L, F): kept by every neuron-level method, as in purify.py
+    return Sweep(args, model, tok, split_a, split_b, heldout, sc, stats,
+                 protected=super_neurons(stats),  # (L, F): kept by every neuron-level method, as in purify.py
+                 results=RowCache(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens, "format": 2}),
+                 choices=RowCache(out / "choices.json", key),
+                 frontier_costs=RowCache(out / "frontier.json", {**key, "steps": list(FRONTIER_STEPS)}))
 
-    results = RowCache(out / "results.json", {**key, "heldout_tokens": args.heldout_tokens, "format": 2})
-    choices = RowCache(out / "choices.json", key)  # what the searches chose: kept when only the held-out text changes
-    experts: dict[str, dict] = {}  # "score:keep" -> {domain: index sets}, for --write-experts
 
-    def searched(name: str, search) -> dict:
-        """A search's choice: saved by an earlier sweep (its choices, or its row), else search() now and saved."""
-        row = results.rows.get(name)
-        saved = {k: row[k] for k in ("threshold", "removed", "trials") if k in row} if row else None
-        return choices.get(name, lambda: saved or search())
+def domain_rows(sw: Sweep, d: str):
+    """Every wanted system of domain d on its own held-out text: dense, the neuron-level keeps and searches, the
+    frontier, the weight-level masks."""
+    args, results = sw.args, sw.results
+    results.get(f"{d}|dense", lambda: {"nll": mean_nll(sw.model, sw.heldout[d], None, args.batch_size),
+                                       "active_fraction": 1.0})
+    for score in NEURON_SCORES:
+        for keep in [*args.keeps, *(SEARCHES if score != "taylor_abs" else ())]:
+            if keep == "greedy-task" and d not in data.TASK_DOMAINS:
+                continue
+            if wanted(args, f"neuron:{score}:{keep}"):
+                results.get(f"{d}|neuron:{score}:{keep}", neuron_row(sw, d, score, keep))
+    for target in args.frontier:
+        if wanted(args, f"neuron:frontier:{target}"):
+            results.get(f"{d}|neuron:frontier:{target}", frontier_row(sw, d, target))
+    for score in WEIGHT_SCORES:
+        for s in args.sparsities:
+            if wanted(args, f"weight:{score}:{s}"):
+                results.get(f"{d}|weight:{score}:{s}", lambda: weight_row(sw, d, score, s))
+    if wanted(args, "weight:taylor:greedy"):
+        results.get(f"{d}|weight:taylor:greedy", lambda: weight_greedy_row(sw, d))
 
-    def neuron_row(d, score, keep):
-        name, s = f"{d}|neuron:{score}:{keep}", score_neurons(stats, model, score, d)
-        if keep == "auto":  # one global threshold, chosen on split B
-            extra = searched(name, lambda: dict(zip(("threshold", "trials"),
-                                                    auto_threshold(model, s, split_b[d], protected, bs))))
-            idx = select_above(s, extra["threshold"], protected)
-        elif keep in ("greedy", "greedy-task"):  # layer-wise removals, each kept only if the validation loss drops
-            def search():
-                if keep == "greedy":  # validated on split B, every token of the text
-                    idx, trials = greedy_layers(model, s, split_b[d], protected, bs)
-                else:  # validated by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs
-                    windows, weights = task_windows(tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
-                                                    args.task_tokens)
-                    idx, trials = greedy_layers(model, s, windows, protected, bs, loss_weights=weights)
-                gone = {str(l): sorted(set(range(model.config.n_ffn)) - set(i.tolist())) for l, i in enumerate(idx)}
-                return {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
-            extra = searched(name, search)
-            kept = torch.ones(L, model.config.n_ffn, dtype=torch.bool)  # (L, F)
-            for l, js in extra["removed"].items():
-                kept[int(l), js] = False
-            idx = [r.nonzero().flatten() for r in kept]
-        else:
-            idx, extra = select_neurons(s, keep, protected), {}
-        experts.setdefault(f"{score}:{keep}", {})[d] = idx
-        return lambda: {"nll": mean_nll(model, heldout[d], materialize(model, idx), bs),
-                        "active_fraction": kept_fraction(idx, model), **extra}
 
-    frontier_costs = RowCache(out / "frontier.json", {**key, "steps": list(FRONTIER_STEPS)})
+def held_out_row(sw: Sweep, d: str, idx: list, **extra) -> dict:
+    """A neuron-level system's row: held-out NLL of domain d's text with the compact FFNs of `idx`."""
+    return {"nll": mean_nll(sw.model, sw.heldout[d], materialize(sw.model, idx), sw.args.batch_size),
+            "active_fraction": kept_fraction(idx, sw.model), **extra}
 
-    def frontier_row(d, target):  # |taylor| removals on top of the validated greedy ones, placed by measured cost
-        base = experts.get("taylor:greedy", {}).get(d)
-        order = score_neurons(stats, model, "taylor_abs", d).argsort(dim=1)  # (L, F) least important first
-        costs = torch.tensor(frontier_costs.get(d, lambda: removal_costs(
-            model, order, split_b[d], base or [None] * L, FRONTIER_STEPS, bs).tolist()))
-        idx, info = budgeted_removal(model, order, split_b[d], target, base, protected, bs, costs)
-        experts.setdefault(f"frontier:{target}", {})[d] = idx
-        return lambda: {"nll": mean_nll(model, heldout[d], materialize(model, idx), bs),
-                        "active_fraction": kept_fraction(idx, model), "per_layer": info["per_layer"]}
 
-    def weight_row(d, score, sparsity):
-        def run():
-            mlps = [weight_masked(model.layers[l].mlp, weight_scores(model, score, sc[d], l), sparsity)
-                    for l in range(L)]
-            return {"nll": mean_nll(model, heldout[d], mlps, bs), "active_fraction": 1 - sparsity}
-        return run
+def searched(sw: Sweep, name: str, search) -> dict:
+    """A search's choice: saved by an earlier sweep (its choices, or its row), else search() now and saved."""
+    row = sw.results.rows.get(name)
+    saved = {k: row[k] for k in ("threshold", "removed", "trials") if k in row} if row else None
+    return sw.choices.get(name, lambda: saved or search())
 
-    def weight_greedy_row(d):
-        def run():
-            mlps, trials = greedy_weights(model, sc[d], split_b[d], bs)
-            total = sum(w.numel() for blk in model.layers for w in (*blk.mlp.up_weights(), blk.mlp.down_weight()))
-            removed = sum(t["removed"] for t in trials if t["accepted"])
-            return {"nll": mean_nll(model, heldout[d], mlps, bs), "active_fraction": 1 - removed / total,
-                    "trials": trials}
-        return run
 
-    t0 = time.perf_counter()
-    for d in args.domains:
-        results.get(f"{d}|dense", lambda: {"nll": mean_nll(model, heldout[d], None, bs), "active_fraction": 1.0})
-        for score in NEURON_SCORES:
-            for keep in [*args.keeps, *(SEARCHES if score != "taylor_abs" else ())]:
-                if keep == "greedy-task" and d not in data.TASK_DOMAINS:
-                    continue
-                if wanted(f"neuron:{score}:{keep}"):
-                    results.get(f"{d}|neuron:{score}:{keep}", neuron_row(d, score, keep))
-        for target in args.frontier:
-            if wanted(f"neuron:frontier:{target}"):
-                results.get(f"{d}|neuron:frontier:{target}", frontier_row(d, target))
-        for score in WEIGHT_SCORES:
-            for s in args.sparsities:
-                if wanted(f"weight:{score}:{s}"):
-                    results.get(f"{d}|weight:{score}:{s}", weight_row(d, score, s))
-        if wanted("weight:taylor:greedy"):
-            results.get(f"{d}|weight:taylor:greedy", weight_greedy_row(d))
-        print(f"{d}: done ({time.perf_counter() - t0:.0f}s so far)", file=sys.stderr)
-    for system in [c for c in args.cross if wanted(c)]:  # a system purified for d, on every other domain's text e
+def neuron_row(sw: Sweep, d: str, score: str, keep):
+    """Choose the kept neurons of one neuron-level system now (the experts need them even when its row is cached);
+    returns the computation of its row."""
+    name, s = f"{d}|neuron:{score}:{keep}", score_neurons(sw.stats, sw.model, score, d)
+    if keep == "auto":  # one global threshold, chosen on split B
+        extra = searched(sw, name, lambda: dict(zip(("threshold", "trials"), auto_threshold(
+            sw.model, s, sw.split_b[d], sw.protected, sw.args.batch_size))))
+        idx = select_above(s, extra["threshold"], sw.protected)
+    elif keep in ("greedy", "greedy-task"):  # layer-wise removals, each kept only if the validation loss drops
+        extra = searched(sw, name, lambda: greedy_search(sw, d, s, keep))
+        kept = torch.ones(sw.model.config.n_layer, sw.model.config.n_ffn, dtype=torch.bool)  # (L, F)
+        for l, js in extra["removed"].items():
+            kept[int(l), js] = False
+        idx = [r.nonzero().flatten() for r in kept]
+    else:
+        idx, extra = select_neurons(s, keep, sw.protected), {}
+    sw.experts.setdefault(f"{score}:{keep}", {})[d] = idx
+    return lambda: held_out_row(sw, d, idx, **extra)
+
+
+def greedy_search(sw: Sweep, d: str, s: torch.Tensor, keep: str) -> dict:
+    """The greedy layer-wise search on scores s (L, F): validated on split B, every token of the text ("greedy"), or
+    by the task: the answers' tokens of --task-tokens of (prompt, answer) pairs ("greedy-task")."""
+    model, args = sw.model, sw.args
+    if keep == "greedy":
+        idx, trials = greedy_layers(model, s, sw.split_b[d], sw.protected, args.batch_size)
+    else:
+        windows, weights = task_windows(sw.tok, data.task_pairs(d, args.seed, args.data_dir), args.seq_len,
+                                        args.task_tokens)
+        idx, trials = greedy_layers(model, s, windows, sw.protected, args.batch_size, loss_weights=weights)
+    gone = {str(l): sorted(set(range(model.config.n_ffn)) - set(i.tolist())) for l, i in enumerate(idx)}
+    return {"removed": {l: js for l, js in gone.items() if js}, "trials": trials}
+
+
+def frontier_row(sw: Sweep, d: str, target: float):
+    """|taylor| removals on top of the validated greedy ones, placed by measured cost; returns the computation of
+    its row."""
+    model, bs, L = sw.model, sw.args.batch_size, sw.model.config.n_layer
+    base = sw.experts.get("taylor:greedy", {}).get(d)
+    order = score_neurons(sw.stats, model, "taylor_abs", d).argsort(dim=1)  # (L, F) least important first
+    costs = torch.tensor(sw.frontier_costs.get(d, lambda: removal_costs(
+        model, order, sw.split_b[d], base or [None] * L, FRONTIER_STEPS, bs).tolist()))
+    idx, info = budgeted_removal(model, order, sw.split_b[d], target, base, sw.protected, bs, costs)
+    sw.experts.setdefault(f"frontier:{target}", {})[d] = idx
+    return lambda: held_out_row(sw, d, idx, per_layer=info["per_layer"])
+
+
+def weight_row(sw: Sweep, d: str, score: str, sparsity: float) -> dict:
+    """A weight-level mask at a fixed sparsity (reference: no speedup) on domain d's held-out text."""
+    model = sw.model
+    mlps = [weight_masked(model.layers[l].mlp, weight_scores(model, score, sw.scores[d], l), sparsity)
+            for l in range(model.config.n_layer)]
+    return {"nll": mean_nll(model, sw.heldout[d], mlps, sw.args.batch_size), "active_fraction": 1 - sparsity}
+
+
+def weight_greedy_row(sw: Sweep, d: str) -> dict:
+    """The weight-level greedy search (reference: no speedup) on domain d's held-out text."""
+    model = sw.model
+    mlps, trials = greedy_weights(model, sw.scores[d], sw.split_b[d], sw.args.batch_size)
+    total = sum(w.numel() for blk in model.layers for w in (*blk.mlp.up_weights(), blk.mlp.down_weight()))
+    removed = sum(t["removed"] for t in trials if t["accepted"])
+    return {"nll": mean_nll(model, sw.heldout[d], mlps, sw.args.batch_size), "active_fraction": 1 - removed / total,
+            "trials": trials}
+
+
+def cross_rows(sw: Sweep):
+    """--cross: each system purified for domain d, measured on every other domain's held-out text e."""
+    for system in [c for c in sw.args.cross if wanted(sw.args, c)]:
         score, keep = system.split(":")[1:] if system.count(":") == 2 else ("", "")
-        if f"{score}:{keep}" not in experts:
+        if f"{score}:{keep}" not in sw.experts:
             raise UserError(f"--cross {system!r}: not a neuron-level system of this sweep (e.g. neuron:taylor:greedy)")
-        for d in args.domains:
-            idx = experts[f"{score}:{keep}"][d]
-            for e in args.domains:
+        for d in sw.args.domains:
+            idx = sw.experts[f"{score}:{keep}"][d]
+            for e in sw.args.domains:
                 if e != d:
-                    results.get(f"cross|{d}|{system}|{e}", lambda: {
-                        "nll": mean_nll(model, heldout[e], materialize(model, idx), bs),
-                        "active_fraction": kept_fraction(idx, model)})
+                    sw.results.get(f"cross|{d}|{system}|{e}", lambda: held_out_row(sw, e, idx))
 
-    check = None
-    if args.check_neurons:
-        d = args.check_domain or args.domains[0]
-        w = split_a[d][:max(1, args.check_tokens // args.seq_len)]
-        check = check_taylor(model, w, args.check_neurons, args.check_lowest, out / "check.json",
-                             {**key, "domain": d, "n": w.numel(), "random": args.check_neurons,
-                              "lowest": args.check_lowest}, args.seed)
-        check["domain"] = d
-    for spec in args.write_experts or []:
-        write_experts(out, spec, experts, model, args, stats, protected)
-    return results.rows, {"check": check, "n_protected": int(protected.sum()),
-                          "tokens": {"A": {d: w.numel() for d, w in split_a.items()},
-                                     "B": {d: w.numel() for d, w in split_b.items()},
-                                     "heldout": {d: w.numel() for d, w in heldout.items()}}}
+
+def taylor_check(sw: Sweep) -> dict:
+    """check_taylor on the first --check-tokens of split A of --check-domain."""
+    args = sw.args
+    d = args.check_domain or args.domains[0]
+    w = sw.split_a[d][:max(1, args.check_tokens // args.seq_len)]
+    check = check_taylor(sw.model, w, args.check_neurons, args.check_lowest, Path(args.out) / "check.json",
+                         {**sweep_key(args, sw.model), "domain": d, "n": w.numel(), "random": args.check_neurons,
+                          "lowest": args.check_lowest}, args.seed)
+    check["domain"] = d
+    return check
 
 
 def write_experts(out: Path, spec: str, experts: dict, model, args, stats, protected):

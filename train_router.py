@@ -51,12 +51,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import checkpoints as ckpt
 import data
 import generate as G
 import model as M
-from cli import (ArgumentParser, DefaultsHelpFormatter, UserError, add_common_args, int_at_least, nonneg_float,
-                 locked_dir, nonneg_int, positive_float, positive_int, probability, progress, run_cli)
+from cache import key_digest, load_tensors, save_tensors
+from cli import (ArgumentParser, DefaultsHelpFormatter, add_common_args, int_at_least, locked_dir, nonneg_float,
+                 nonneg_int, positive_float, positive_int, probability, progress, run_cli, write_atomic)
 import router as R
 from experts import baseline_indices, experts_identity, kept_fraction, load_experts, materialize
 from scoring import next_token_nll, perplexity
@@ -154,20 +154,17 @@ def level1_prompts(domains, tok, data_dir, split: str, n_windows: int, n_snippet
 
 
 def cached_features(model, prompts, route_layer, max_tokens, out_dir: Path, tag: str):
-    """router.prompt_features, cached in the --out folder by a hash of everything that determines them."""
-    h = hashlib.sha256(json.dumps([model.fingerprint, route_layer, max_tokens, prompts]).encode()).hexdigest()[:16]
-    path = out_dir / f"l1_features.{tag}.{h}.safetensors"
-    if path.exists():
-        try:  # checksummed: a damaged cache would silently train the router on wrong features
-            feats = ckpt.read_safetensors(path, checksum=True).get("feats")
-        except UserError as e:
-            feats = None
-            print(f"not reusing the feature cache ({e}): recomputing", file=sys.stderr)
-        if feats is not None and tuple(feats.shape) == (len(prompts), model.config.n_embd):
-            return feats.clone()
+    """router.prompt_features, cached on disk under a key of everything that determines them; the prompts enter the
+    key as their sha256 (the key stays small) and the key's digest names the file (several settings coexist)."""
+    key = {"fingerprint": model.fingerprint, "route_layer": route_layer, "max_tokens": max_tokens,
+           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    path = out_dir / f"l1_features.{tag}.{key_digest(key)[:16]}.safetensors"
+    feats = (load_tensors(path, key) or {}).get("feats")  # checksummed: wrong features would train a wrong router
+    if feats is not None and tuple(feats.shape) == (len(prompts), model.config.n_embd):
+        return feats
     feats = R.prompt_features(model, prompts, route_layer, max_tokens, show=True)  # (N, C)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_safetensors(path, {"feats": feats}, {"fingerprint": model.fingerprint}, checksum=True)
+    save_tensors(path, key, {"feats": feats})
     return feats
 
 
@@ -442,13 +439,40 @@ def run(args):
     print(f"router: {n_router} params = {100 * n_router / n_model:.4f}% of the model's {n_model}; "
           f"level 1 reads layer {cfg.route_layer}/{cfg.n_layer}", file=sys.stderr)
     specs = experts.meta.get("domain_specs", {})
-    spec = lambda d: specs.get(d, d)  # user domains are stored as NAME=path
+    domain_specs = [specs.get(d, d) for d in domains]  # user domains are stored as NAME=path
 
-    # Level 1: prompts -> cached pooled features -> domain head
+    level1, seconds = run_level1(args, model, tok, router, domain_specs, out_dir)
+    l2, seconds["level2_train"] = run_level2(args, moe, tok, domain_specs)
+
+    hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    R.save_router(out, router, model, experts, hparams)
+    seconds["train_total"] = time.perf_counter() - t_start
+    comparison = None
+    if args.compare:
+        heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.compare_windows * 256, 0, 256)
+                   for d, s in zip(domains, domain_specs)}
+        speed_prompts = {d: w[-1, :48].tolist() for d, w in heldout.items()}  # (48,) a short real prompt per domain
+        comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
+        comparison["fallbacks"] = compare_fallbacks(moe, heldout)
+    seconds["total"] = time.perf_counter() - t_start
+    report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
+              "experts_identity": experts_identity(experts), "router_params": n_router, "model_params": n_model,
+              "level1": level1, "level2": l2, "hparams": hparams, "seconds": seconds, "comparison": comparison}
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1))
+    md = report_markdown(out, report, args)
+    write_atomic(out.with_suffix(".md"), md)
+    print(md, end="")
+    print(f"wrote {out} (+ .json, .md)", file=sys.stderr)
+
+
+def run_level1(args, model, tok, router: R.Router, domain_specs: list[str], out_dir: Path) -> tuple[dict, dict]:
+    """Level 1: prompts -> cached pooled features -> domain head, trained, then measured on the held-out prompts.
+    Returns the report's "level1" section and the seconds of its two parts."""
     t0 = time.perf_counter()
-    tr_p, tr_y, _ = level1_prompts([spec(d) for d in domains], tok, args.data_dir, "calib", args.l1_windows,
-                                   args.l1_snippets, 0, args.seed)
-    va_p, va_y, va_src = level1_prompts([spec(d) for d in domains], tok, args.data_dir, "heldout", args.l1_heldout,
+    cfg = router.cfg
+    tr_p, tr_y, _ = level1_prompts(domain_specs, tok, args.data_dir, "calib", args.l1_windows, args.l1_snippets, 0,
+                                   args.seed)
+    va_p, va_y, va_src = level1_prompts(domain_specs, tok, args.data_dir, "heldout", args.l1_heldout,
                                         args.l1_heldout, args.l1_heldout, args.seed)
     tr_f = cached_features(model, tr_p, cfg.route_layer, cfg.max_route_tokens, out_dir, "calib")
     va_f = cached_features(model, va_p, cfg.route_layer, cfg.max_route_tokens, out_dir, "heldout")
@@ -460,54 +484,45 @@ def run(args):
     with torch.no_grad():
         probs = router.domain_probs(va_f).cpu()  # (N, D)
     pred = probs.argmax(-1)
-    conf = confusion(pred, va_y, len(domains))
+    conf = confusion(pred, va_y, len(cfg.domains))
     by_source = {s: float((pred[idx] == va_y[idx]).float().mean())
                  for s in sorted(set(va_src)) for idx in [torch.tensor([i for i, x in enumerate(va_src) if x == s])]}
     fallback = float((probs.max(-1).values < cfg.threshold).float().mean())
     print(f"level 1 held-out accuracy {acc:.3f} on {len(va_y)} prompts ({len(tr_y)} training prompts); "
           f"by source {json.dumps({k: round(v, 3) for k, v in by_source.items()})}; "
           f"below threshold {fallback:.3f}", file=sys.stderr)
+    level1 = {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
+              "below_threshold": fallback, "confusion": conf.tolist(), "domains": list(cfg.domains)}
+    return level1, {"level1_features": t_feat, "level1_train": t_l1}
 
-    # Level 2: per-layer gates with KL(dense || routed) + sparsity_weight * active fraction
-    t0 = time.perf_counter()
-    l2 = {}
-    if not args.skip_level2:
-        calib = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "calib", args.l2_windows * args.l2_seq_len,
-                                            args.seed + 1, args.l2_seq_len) for d in domains}
-        train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
-                     args.seed, args.l2_target, log=lambda s: print(s, file=sys.stderr))
-        t_l2 = time.perf_counter() - t0
-        heldout = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
-                   for d in domains}
-        l2 = level2_heldout(moe, heldout, batch_size=4)
-    else:
+
+def run_level2(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict, float]:
+    """Level 2: per-layer gates with KL(dense || routed) + sparsity_weight * active fraction, then measured on the
+    held-out text. Returns the report's "level2" section ({} with --skip-level2) and the training seconds."""
+    domains = list(moe.router.cfg.domains)
+    if args.skip_level2:
         with torch.no_grad():
-            router.gate_logits.fill_(-1.0)  # level 1 only: every layer stays dense
-        t_l2 = 0.0
+            moe.router.gate_logits.fill_(-1.0)  # level 1 only: every layer stays dense
+        return {}, 0.0
+    t0 = time.perf_counter()
+    calib = {d: data.load_domain_tokens(s, tok, args.data_dir, "calib", args.l2_windows * args.l2_seq_len,
+                                        args.seed + 1, args.l2_seq_len) for d, s in zip(domains, domain_specs)}
+    train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
+                 args.seed, args.l2_target, log=lambda s: print(s, file=sys.stderr))
+    t_l2 = time.perf_counter() - t0
+    heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
+               for d, s in zip(domains, domain_specs)}
+    return level2_heldout(moe, heldout, batch_size=4), t_l2
 
-    hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    R.save_router(out, router, model, experts, hparams)
-    t_train = time.perf_counter() - t_start
-    comparison = None
-    if args.compare:
-        heldout = {d: data.load_domain_tokens(spec(d), tok, args.data_dir, "heldout", args.compare_windows * 256, 0,
-                                                256) for d in domains}
-        speed_prompts = {d: w[-1, :48].tolist() for d, w in heldout.items()}  # (48,) a short real prompt per domain
-        comparison = compare_systems(moe, experts, heldout, speed_prompts, args.decode_tokens)
-        comparison["fallbacks"] = compare_fallbacks(moe, heldout)
-    report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
-              "experts_identity": experts_identity(experts), "router_params": n_router, "model_params": n_model,
-              "level1": {"heldout_accuracy": acc, "by_source": by_source, "n_train": len(tr_y), "n_heldout": len(va_y),
-                         "below_threshold": fallback, "confusion": conf.tolist(), "domains": domains},
-              "level2": l2, "hparams": hparams,
-              "seconds": {"level1_features": t_feat, "level1_train": t_l1, "level2_train": t_l2,
-                          "train_total": t_train, "total": time.perf_counter() - t_start},
-              "comparison": comparison}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+
+def report_markdown(out: Path, report: dict, args) -> str:
+    """router.md: level 1 accuracy and confusion, level 2 perplexities, the --compare table and the seconds."""
+    n_router, n_model, l1, l2 = report["router_params"], report["model_params"], report["level1"], report["level2"]
+    domains, comparison = l1["domains"], report["comparison"]
     md = [f"# router {out.name}", "", f"router params: {n_router} ({100 * n_router / n_model:.4f}% of the model)", "",
-          f"## level 1: held-out accuracy {acc:.3f} (chance {1 / len(domains):.3f})", "",
-          confusion_markdown(conf, domains),
-          "", "by source: " + ", ".join(f"{k} {v:.3f}" for k, v in by_source.items()), ""]
+          f"## level 1: held-out accuracy {l1['heldout_accuracy']:.3f} (chance {1 / len(domains):.3f})", "",
+          confusion_markdown(torch.tensor(l1["confusion"]), domains),
+          "", "by source: " + ", ".join(f"{k} {v:.3f}" for k, v in l1["by_source"].items()), ""]
     if l2:
         md += [f"## level 2 (sparsity weight {args.sparsity_weight}): held-out perplexity with the true domain's "
                "expert", "",
@@ -522,9 +537,7 @@ def run(args):
                    f"{fb}: ppl {r['ppl']:.2f}, active FFN {r['active_fraction']:.3f}, fell back {r['fell_back']:.2f}"
                    for fb, r in comparison["fallbacks"].items() if isinstance(r, dict))]
     md += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items())]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    print(f"wrote {out} (+ .json, .md)", file=sys.stderr)
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """Tests for cli.py, the plumbing every script shares, and for the Makefile that runs them: progress bars draw only on a
-terminal (a log file gets no escape codes), RowCache resumes finished rows and ignores rows made with other
-settings, one cache folder, and `make` picks the right Python (an active virtual environment, a .venv/ made here
-when the system Python refuses pip installs, else python3) and prints the demo's table once.
+terminal (a log file gets no escape codes), one cache folder, and `make` picks the right Python (an active virtual
+environment, a .venv/ made here when the system Python refuses pip installs, else python3) and prints the demo's table
+once.
 """
-import json
 import os
 import subprocess
 import sys
@@ -27,20 +26,6 @@ def test_progress_writes_nothing_into_a_log_file(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(REPO)], stderr=f, check=True, timeout=60)
     text = log.read_text()
     assert text == "done\n", repr(text)
-
-
-def test_row_cache_resumes_and_ignores_other_settings(tmp_path):
-    path, calls = tmp_path / "rows.json", []
-    compute = lambda v: lambda: calls.append(v) or {"value": v}  # noqa: E731
-    rows = cli.RowCache(path, {"model": "a"})
-    assert rows.get("x", compute(1)) == {"value": 1} and rows.get("x", compute(2)) == {"value": 1}
-    again = cli.RowCache(path, {"model": "a"})  # a new process: the finished row is read back
-    assert again.get("x", compute(3)) == {"value": 1} and calls == [1]
-    other = cli.RowCache(path, {"model": "b"})  # other settings: nothing reused
-    assert other.get("x", compute(4)) == {"value": 4}
-    assert json.loads(path.read_text())["key"] == {"model": "b"}
-    path.write_text("{not json")
-    assert cli.RowCache(path, {"model": "b"}).rows == {}  # unreadable: recomputed, with a line on stderr
 
 
 def test_one_cache_folder(monkeypatch, tmp_path):

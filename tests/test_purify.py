@@ -17,6 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cache  # noqa: E402
 import data  # noqa: E402
 import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
@@ -149,7 +150,8 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
             accepted = sum(t["removed"] for t in row["trials"] if t["accepted"])
             assert accepted == sum(map(len, row["removed"].values())) == round((1 - row["active_fraction"]) * 80)
     frontier = rep["table"]["python"]["neuron:frontier:0.1"]  # 10% removed on top of the greedy removals
-    assert frontier["active_fraction"] == pytest.approx(0.9, abs=1 / 40)
+    greedy = rep["table"]["python"]["neuron:taylor:greedy"]  # the text is the repository's own: its removals vary
+    assert frontier["active_fraction"] == pytest.approx(greedy["active_fraction"] - 0.1, abs=1 / 80)
     assert (tmp_path / "sweep" / "experts.frontier.0.1.safetensors").exists()
     if cli.pyplot() is not None:
         assert (tmp_path / "sweep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -165,7 +167,7 @@ def test_cli_taylor_auto_and_sweep_on_tiny_model(tmp_path):
     choices = saved["rows"]
     assert choices["python|neuron:taylor:greedy"]["removed"] == rows["python|neuron:taylor:greedy"]["removed"]
     marked = {n: {**c, "trials": []} for n, c in choices.items()}  # a new search would have trials
-    (tmp_path / "sweep" / "choices.json").write_text(json.dumps({"key": saved["key"], "rows": marked}))
+    cache.save_rows(tmp_path / "sweep" / "choices.json", saved["key"], marked)  # checksummed, as the sweep writes it
     r = subprocess.run([*argv[:-1], str(tmp_path / "sweep"), "--heldout-tokens", "128"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
