@@ -276,6 +276,7 @@ def main(argv=None):
         total, best = sum(r["score"] for r in rows), sum(r["max_score"] for r in rows)
         print(f"\ntotal: {total:g} / {best}")
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(args.json, json.dumps(autograder_json(results, rows), indent=2) + "\n")
 
 
