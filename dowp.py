@@ -138,7 +138,7 @@ def wanda_importance(stats: dict) -> torch.Tensor:
 def domain_importance(stats: dict) -> torch.Tensor:
     """DOWP step 3: how much neuron (l, j) matters on one domain's text, (L, F); higher = keep first.
 
-    The score a DSS-Expert is built from, and the one to edit to try another (README, Exercise 1). Today it is the
+    The score a DSS-Expert is built from, and the one to edit to try another (docs/course.md, lab 1). Today it is the
     structured Wanda importance of the domain's statistics, the same formula the one-mask baselines use."""
     return wanda_importance(stats)
 
