@@ -20,6 +20,7 @@ import ast
 import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,14 +142,15 @@ def stubs_by_file(parts=PARTS) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def make_copy(out: Path, root: Path = ROOT) -> list[str]:
-    """Write the student copy into `out` (a new or empty folder); returns the files written."""
+def make_copy(out: Path, root: Path = ROOT, parts=PARTS) -> list[str]:
+    """Write the student copy into `out` (a new or empty folder), with the bodies of `parts` (default: every part)
+    replaced by stubs; returns the files written."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the student copy")
     if out.resolve().is_relative_to(root.resolve()) and out.resolve().parts[len(root.resolve().parts)] not in SKIP_DIRS:
         raise UserError(f"{out} is inside the repository: write the student copy outside it (or to assignment/)")
-    files, stubs = repository_files(root), stubs_by_file()
+    files, stubs = repository_files(root), stubs_by_file(parts)
     for f in files:
         dst = out / f
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +245,38 @@ def autograder_json(results: dict, rows: list[dict]) -> dict:
         tests.append({"name": f"part {n}: {test_id.split('::', 1)[-1]}", "score": round(share if ok else 0.0, 4),
                       "max_score": round(share, 4), "output": "passed" if ok else text})
     return {"score": round(sum(r["score"] for r in rows), 2), "tests": tests}
+
+
+def grade_variants(variants: list[dict[str, str]], numbers: list[int]) -> list[list[dict]]:
+    """Grade several versions of this folder's code in one process (one torch import, not one per version): each
+    variant {file: source} is written in place, its modules imported afresh and the parts `numbers` graded, then
+    every file is restored. Returns each variant's `score` rows. For checking the grader on wrong implementations
+    in a copy of the reference (tests/test_course.py), never in a working tree one cares about."""
+    originals = {}
+    out = []
+    try:
+        for variant in variants:
+            for file, source in variant.items():
+                originals.setdefault(file, (ROOT / file).read_text(encoding="utf-8"))
+                (ROOT / file).write_text(source, encoding="utf-8")
+            fresh_imports()
+            out.append(score(run_tests(numbers), numbers))
+            for file in variant:
+                (ROOT / file).write_text(originals[file], encoding="utf-8")
+    finally:
+        for file, source in originals.items():
+            (ROOT / file).write_text(source, encoding="utf-8")
+    return out
+
+
+def fresh_imports():
+    """Forget the project's modules, the tests' and their cached bytecode, so the next import reads the sources as
+    they are now (a one-character edit in the same second would otherwise reuse the old bytecode)."""
+    mine = {p.stem for p in ROOT.glob("*.py")} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    for name in [m for m in sys.modules if m.split(".")[0] in mine - {"course", "cli"}]:
+        del sys.modules[name]
+    for folder in (ROOT / "__pycache__", ROOT / "tests" / "__pycache__"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -149,24 +149,51 @@ def test_make_refuses_a_folder_with_files(tmp_path):
         course.make_copy(REPO / "docs" / "copy")  # inside the repository
 
 
+def mutant_source(root: Path, function: str, right: str, wrong: str) -> tuple[str, str]:
+    """(file, its source with `right` replaced by `wrong` inside `function`'s body, where it must stand once)."""
+    file, qualname = course.split_name(function)
+    source = (root / file).read_text()
+    start, end = course.body_lines(course.find_function(ast.parse(source), qualname))
+    lines = source.splitlines(keepends=True)
+    body = "".join(lines[start - 1:end])
+    assert body.count(right) == 1, f"{function}: {right!r} is not in its body once"
+    lines[start - 1:end] = [body.replace(right, wrong)]
+    return file, "".join(lines)
+
+
+def grade_in_copy(reference: Path, variants: list[dict], numbers: list[int]) -> list[list[dict]]:
+    """course.grade_variants in a fresh process in a copy of the reference: each variant's score rows."""
+    (reference / "variants.json").write_text(json.dumps(variants))
+    code = ("import course, json, sys; v = json.load(open('variants.json')); "
+            f"print(json.dumps(course.grade_variants(v, {numbers!r})))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=reference, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return plain_copy(tmp_path_factory.mktemp("reference"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n, function, right, wrong", MUTATIONS,
-                         ids=[f"part{m[0]}-{i}" for i, m in enumerate(MUTATIONS)])
-def test_a_wrong_implementation_loses_its_parts_points(reference, tmp_path, n, function, right, wrong):
-    file, qualname = course.split_name(function)
-    folder = tmp_path / "mutant"
-    shutil.copytree(reference, folder)
-    source = (folder / file).read_text()
-    start, end = course.body_lines(course.find_function(ast.parse(source), qualname))
-    lines = source.splitlines(keepends=True)
-    body = "".join(lines[start - 1:end])
-    assert body.count(right) == 1, f"{function}: {right!r} is not in its body once"
-    lines[start - 1:end] = [body.replace(right, wrong)]
-    (folder / file).write_text("".join(lines))
-    got, full = points(grade(folder, [n]), n)
-    assert full > 0 and got < full, f"part {n} still scores {got} / {full} with {wrong!r}"
+def test_every_wrong_implementation_loses_its_parts_points(reference):
+    caught = []
+    for n in sorted({m[0] for m in MUTATIONS}):  # one process per part, its mutations graded one after another
+        mine = [m for m in MUTATIONS if m[0] == n]
+        variants = [dict([mutant_source(REPO, function, right, wrong)]) for _, function, right, wrong in mine]
+        for (_, function, _, wrong), (row,) in zip(mine, grade_in_copy(reference, variants, [n])):
+            caught.append(row["score"] < row["max_score"] or f"part {n}: {wrong!r} in {function} still scores full")
+    assert all(c is True for c in caught), [c for c in caught if c is not True]
+
+
+@pytest.mark.slow
+def test_a_stub_costs_its_own_part_only(reference):
+    variants = []
+    for p in course.PARTS:
+        stubs = course.stubs_by_file([p])
+        variants.append({f: course.stub_source((REPO / f).read_text(), s) for f, s in stubs.items()})
+    rows = grade_in_copy(reference, variants, [p.number for p in course.PARTS])
+    for p, got in zip(course.PARTS, rows):
+        for r in got:
+            assert r["score"] == (0 if r["part"] == p.number else r["max_score"]), (p.number, r)

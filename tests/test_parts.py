@@ -319,14 +319,14 @@ def test_taylor_predicts_the_sign_of_a_real_removal():
 
 # ----------------------------------------------------------------------------- part 7: validated greedy removal
 
-def proposals(m, w):
-    """For each layer: a removal that hurts (the neuron the loss needs most) then the removal of the neuron whose
-    removal helps most (found by trying each one), by exact loss."""
+def proposals(m, w, tried=16):
+    """For each layer: a removal that hurts (of the first `tried` neurons, the one the loss needs most) then the
+    removal that helps most among them, by exact loss."""
     base_mlps = [b.mlp for b in m.layers]
     out = {}
     for l in range(m.config.n_layer):
         deltas = []
-        for j in range(m.config.n_ffn):
+        for j in range(tried):
             mlps = list(base_mlps)
             mlps[l] = without(m.layers[l].mlp, [j])
             deltas.append(nll(m, w, mlps))
