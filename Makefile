@@ -1,6 +1,8 @@
 # make demo       install what is missing, then run the pipeline on the default model (SmolLM2-135M GGUF)
 # make test       the whole test suite (slow real-model tests included, as CI runs it); make test-fast: tiny models
 # make data       fetch every data file ahead of time (otherwise each is fetched, verified and cached on first use)
+# make assignment  the course edition: a student copy in assignment/ (graded bodies replaced by NotImplementedError)
+# make grade       in a student copy (or here): each graded part's tests, a points table and results/grade.json
 # make gpu-check  on a CUDA machine: the GPU tests, the demo on the GPU and a quick GPU bench (installs nothing)
 #
 # Which Python: an active virtual environment's; else, where the system Python refuses pip installs (Debian and
@@ -20,7 +22,7 @@ endif
 RUNTIME_IMPORTS := import torch, numpy, tiktoken, tqdm
 DEV_IMPORTS := import pytest, transformers, gguf, safetensors, ruff
 
-.PHONY: install install-dev data demo gpu-check lint test test-fast
+.PHONY: install install-dev data demo assignment grade gpu-check lint test test-fast
 
 .venv/bin/python:
 	@echo "creating .venv/ (this Python does not take pip installs; everything goes into the project's own folder)"
@@ -80,6 +82,17 @@ gpu-check:
 	$(GPU_PY) -m pytest -q -m cuda tests/test_gpu.py
 	$(MAKE) demo DEMO=$(GPU_DEMO) FORCE=1 PY=$(GPU_PY)
 	$(GPU_PY) bench.py --device cuda --quick --sections dense,scoring --out $(GPU_DEMO)/bench
+
+# The course edition (docs/course.md): course.py lists the graded parts. ASSIGNMENT must be a new folder.
+ASSIGNMENT ?= assignment
+GRADE_JSON ?= results/grade.json
+
+assignment:
+	$(PY) course.py make --out $(ASSIGNMENT)
+
+grade: install
+	@$(PY) -c "import pytest" 2>/dev/null || $(PY) -m pip install pytest
+	$(PY) course.py grade --json $(GRADE_JSON)
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -69,6 +69,10 @@ class RecordingMLP(nn.Module):
         self.max_abs = torch.zeros(n, dtype=torch.float32, device=dev)
 
     def forward(self, x):
+        """x (B, T, C) -> the wrapped FFN's output (B, T, C), unchanged. On the way, for the B*T tokens: count += B*T,
+        and per neuron j (float64 sums): sum_abs += sum |a_j|, sum_sq += sum a_j^2, n_fire += the number of tokens
+        where |a_j| > FIRE_REL x that token's RMS over the layer's F activations; max_abs = max(max_abs, max |a_j|).
+        a = self.mlp.neurons(x), computed once and projected (self.mlp.project) once."""
         a = self.mlp.neurons(x)  # (B, T, F)
         flat = a.detach().reshape(-1, a.shape[-1]).float()  # (B*T, F)
         mag = flat.abs()
@@ -92,7 +96,9 @@ def collect_stats(model: M.Transformer, windows: torch.Tensor, batch_size: int =
     """DOWP step 2: one streamed pass over `windows` (N, T); returns {stat: (L, F) float32} + "count" (tokens).
 
     mean_abs = E|a_j|, mean_sq = E a_j^2, fire_rate = P(|a_j| > FIRE_REL * rms_token), max_abs = max |a_j|,
-    down_norm = ||W_down[:, j]||; expectations over every token of every window."""
+    down_norm = ||W_down[:, j]||; expectations over every token of every window. Each batch of `batch_size`
+    windows runs through `model(batch, mlps=[RecordingMLP per layer], last_only=True)`; the result does not depend
+    on batch_size. Windows that are not a non-empty (N, T) tensor: UserError."""
     if windows.ndim != 2 or windows.numel() == 0:
         raise UserError(f"need (N, T) token windows, got shape {tuple(windows.shape)}")
     recorders = [RecordingMLP(blk.mlp) for blk in model.layers]
@@ -132,7 +138,7 @@ def wanda_importance(stats: dict) -> torch.Tensor:
 def domain_importance(stats: dict) -> torch.Tensor:
     """DOWP step 3: how much neuron (l, j) matters on one domain's text, (L, F); higher = keep first.
 
-    The score a DSS-Expert is built from, and the one to edit to try another (README, Exercise 1). Today it is the
+    The score a DSS-Expert is built from, and the one to edit to try another (docs/course.md, lab 1). Today it is the
     structured Wanda importance of the domain's statistics, the same formula the one-mask baselines use."""
     return wanda_importance(stats)
 
@@ -143,7 +149,8 @@ def score_dowp(stats_by_domain: dict[str, dict], domain: str, contrast: float = 
 
     λ = 0: Wanda on domain d alone. λ > 0: neurons relatively more important for d than on average across
     all domains gain rank; a neuron equally important everywhere keeps its plain importance; one important
-    only for other domains is pushed down (purified). Computed in log space for stability."""
+    only for other domains is pushed down (purified). Computed in log space for stability: I~ and the reference
+    clamped at 1e-12 before their logs. Returns (L, F). A domain without statistics, or λ < 0: UserError."""
     if domain not in stats_by_domain:
         raise UserError(f"no statistics for domain {domain!r} (have {', '.join(stats_by_domain)})")
     if contrast < 0:
@@ -184,6 +191,10 @@ class TaylorMLP(nn.Module):
         self.count = 0
 
     def forward(self, x):
+        """x (B, T, C) -> the wrapped FFN's output, unchanged. Keeps its activations a = self.mlp.neurons(x) in
+        self.a with their gradient retained (a.retain_grad(); where a needs no gradient yet, as in the first layer
+        of a frozen model, a.requires_grad_() first), adds sum over tokens of x_c^2 to in_sq (float64) and B*T to
+        count."""
         a = self.mlp.neurons(x)  # (B, T, F)
         if not a.requires_grad:  # first layer of a frozen model: nothing before it needs a gradient, the graph
             a.requires_grad_()  # starts at these activations
@@ -194,6 +205,7 @@ class TaylorMLP(nn.Module):
         return self.mlp.project(a)
 
     def after_backward(self):
+        """After loss.backward(): taylor_j -= sum over this batch's tokens of a_j * dL/da_j (float64); self.a = None."""
         self.taylor -= (self.a.detach().float() * self.a.grad.float()).sum((0, 1)).double()
         self.a = None
 
@@ -283,7 +295,10 @@ def super_neurons(stats_by_domain: dict[str, dict], factor: float = PROTECT_FACT
 def select_neurons(scores: torch.Tensor, keep, protected: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per layer, the indices (sorted) of the round(keep_l * F) highest-scoring neurons; protected ones first.
 
-    keep: a float for every layer, or a list of L floats. protected: (L, F) bool or None."""
+    keep: a float for every layer, or a list of L floats. protected: (L, F) bool or None. The budget of layer l is
+    k = round(keep_l * F) (Python's round), at least 1 and at most F; protected neurons count towards it. Returns
+    L long tensors of sorted indices. UserError: a keep outside (0, 1], a list of the wrong length, or more
+    protected neurons in a layer than its budget."""
     L, n = scores.shape
     keeps = [float(keep)] * L if isinstance(keep, (int, float)) else [float(k) for k in keep]
     if len(keeps) != L:

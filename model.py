@@ -268,7 +268,9 @@ class MLP(nn.Module):
         """A new, smaller MLP keeping only neurons `idx` (k,): gathered rows of up/gate and columns of down.
 
         This is how a DSS-Expert becomes real compute savings: its matmuls are (k, C) and (C, k), not masked (F, C).
-        """
+        The new MLP has the same kind (gated, bias, act), device and dtype, and its own copies of the weights; up's
+        bias keeps the chosen entries, down's bias is copied whole. Its output equals this FFN's with every other
+        neuron removed."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.up.weight.device)
         w = self.up.weight
         small = MLP(self.up.in_features, len(idx), self.gated, self.up.bias is not None, self.act).to(w.device, w.dtype)

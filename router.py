@@ -244,7 +244,12 @@ class FreeMoE:
                         self.active_fraction(domains, use_expert), fell_back)
 
     def gate_pattern(self, domains: tuple[str, ...]) -> tuple[bool, ...]:
-        """Level 2: which layers run the purified expert. Sign of the logit, or the budget rule if a budget is set."""
+        """Level 2: which layers run the purified expert, a tuple of L bools.
+
+        The logit of a layer for a set of domains is the smallest of their gate logits (a union needs every gate
+        open). Without a budget: open where that logit > 0. With self.budget set: start with every layer dense and
+        open layers in order of falling logit (the safest first, whatever its sign), stopping as soon as
+        self.active_fraction(domains, use) <= budget (possibly with none open, or with all open)."""
         rows = [self.router.cfg.domains.index(d) for d in domains]
         logits = self.router.gate_logits.detach()[rows].min(0).values.cpu()  # (L,) a union needs both gates open
         if self.budget is None:
@@ -381,7 +386,8 @@ class _SplitBatch(Exception):
 def relaxed_gates(logits, tau: float, relax: str, generator):
     """Relaxed Bernoulli gates (L,): sigmoid((logit + logistic noise) / tau); "st" = hard 0/1 forward with the
     sigmoid's gradient (straight-through), so training sees the model inference runs; "soft" = the relaxed value.
-    The noise is drawn on the host (generator) and moved: the same draws on any device."""
+    The noise is drawn on the host and moved: the same draws on any device. Exactly: u = torch.rand(logits.shape,
+    generator=generator) clamped to [1e-6, 1 - 1e-6]; noise = log u - log(1 - u); hard = 1 where soft > 0.5."""
     u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     if relax == "soft":
@@ -391,7 +397,9 @@ def relaxed_gates(logits, tau: float, relax: str, generator):
 
 
 def expected_fraction(g, kept: torch.Tensor, n_ffn: int):
-    """Active FFN fraction for gates g (L,): layer l costs k_l neurons with the expert, F without."""
+    """Active FFN fraction for gates g (L,), differentiable in g: layer l costs k_l neurons (kept (L,)) with the
+    expert open (g_l = 1) and n_ffn without; a relaxed g_l in between costs g_l k_l + (1 - g_l) n_ffn. The sum
+    over layers, divided by L * n_ffn."""
     return (g * kept + (1 - g) * n_ffn).sum() / (len(kept) * n_ffn)
 
 
@@ -406,6 +414,7 @@ class MixedMLP(nn.Module):
         self.g = torch.tensor(0.0)
 
     def forward(self, x):
+        """g * expert(x) + (1 - g) * dense(x), differentiable in g."""
         return self.g * self.expert(x) + (1 - self.g) * self.dense(x)
 
 

@@ -55,6 +55,10 @@ def greedy_by_layer(model: M.Transformer, val_windows: torch.Tensor, propose, ba
     loss_weights (N, T): how much each token's prediction counts (1 for the answer tokens of a task, 0 for the
     question and the padding: `task_windows`); None = every token of the text alike.
 
+    The loss is the mean next-token NLL; a candidate is kept only when its loss is strictly lower than the best so
+    far (the dense model's loss at the start), and later layers are judged with the kept choices in place. Each
+    trial is {"layer": l, "removed": len(label), "val_loss": its loss, "accepted": bool}, in the order tried.
+
     Cost: a trial at layer l runs layers l..L-1 only: the residual stream entering l is kept per batch."""
     L, device = model.config.n_layer, model.tok_emb.weight.device
     batches, weights = [], []

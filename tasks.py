@@ -207,7 +207,8 @@ def numbers_in(text: str) -> list[str]:
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
-    """The first number after the last "####" if there is one, else the last number in the text; None if none."""
+    """The first number after the last "####" if there is one, else the last number in the text; None if none.
+    Numbers are read by `numbers_in` (commas dropped, "3.50" -> "3.5"), as the references are."""
     if "####" in text:
         after = numbers_in(text.rsplit("####", 1)[1])
         if after:
@@ -221,7 +222,9 @@ def gsm8k_reference(doc: dict) -> str:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    """Unbiased pass@k (Chen et al. 2021) of n samples of which c pass: 1 - C(n-c, k) / C(n, k), the chance that k
+    samples drawn without replacement hold a passing one; computed as a product (no huge binomials). 1.0 when
+    fewer than k samples fail."""
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))

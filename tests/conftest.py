@@ -366,3 +366,10 @@ class TrickleServer:
         self.quit.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def pytest_configure(config):
+    """One marker per graded part of the course edition, from the one list of parts (course.PARTS)."""
+    import course
+    for p in course.PARTS:
+        config.addinivalue_line("markers", f"{p.marker}: graded part {p.number} of the course edition ({p.title})")

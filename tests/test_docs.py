@@ -106,8 +106,19 @@ def script_flags(script: str, monkeypatch) -> set[str]:
         try:
             (module.parse_args if hasattr(module, "parse_args") else module.main)()
         except Parsed as p:
-            return {s for action in p.parser._actions for s in action.option_strings}
+            return parser_flags(p.parser)
     raise AssertionError(f"{script}.py built no parser")
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and of its subcommands (course.py grade --part)."""
+    flags = set()
+    for action in parser._actions:
+        flags |= set(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= parser_flags(sub)
+    return flags
 
 
 def commands(text: str) -> list[tuple[str, list[str]]]:
