@@ -255,6 +255,41 @@ class MLP(nn.Module):
     def project(self, a):
         return self.down(a)  # (B, T, F) -> (B, T, C)
 
+    # --- level 3 (router.SkippingMLP): the gate decides per token which neurons run at all
+    def gate_acts(self, x):
+        """What decides a neuron's share before `up` multiplies in, (B, T, C) -> (B, T, F): act(gate x) in a gated
+        FFN; in GPT-2's, which has no gate, the whole activation act(up x + b)."""
+        if not self.gated:
+            return F.gelu(self.up(x), approximate="tanh")
+        g = self.gate(x)
+        return F.gelu(g, approximate="tanh") if self.act == "gelu_tanh" else F.silu(g)
+
+    def masked(self, x, g, keep):
+        """The FFN's output with the neurons where keep (B, T, F) is False set to 0: every byte of up and down is
+        read. g = gate_acts(x). The reference the gathered path (`active_forward`) must equal."""
+        g = g * keep
+        return self.project(g * self.up(x) if self.gated else g)
+
+    def active_forward(self, x, g, active):
+        """One token: x (C,), its gate_acts g (F,), the neurons that run `active` (k,) long -> (C,), equal to
+        `masked` for that token. Reads k rows of up and k columns of down, never the other F - k: the bytes a
+        skipped neuron saves. Down is gathered from its transpose (F, C), whose rows are contiguous."""
+        if self.gated:
+            u = self.up.weight.index_select(0, active) @ x  # (k,)
+            a = g.index_select(0, active) * (u if self.up.bias is None else u + self.up.bias.index_select(0, active))
+        else:
+            a = g.index_select(0, active)  # (k,): GPT-2's activation is the gate
+        y = a @ self.down_rows().index_select(0, active)  # (k,) @ (k, C) -> (C,)
+        return y if self.down.bias is None else y + self.down.bias
+
+    def down_rows(self):
+        """down's weight transposed and contiguous, (F, C): neuron j's output column as row j. Built once, then
+        kept (it shares nothing with the weight: a change to down.weight after this needs a new MLP)."""
+        t = getattr(self, "_down_rows", None)
+        if t is None or t.device != self.down.weight.device or t.dtype != self.down.weight.dtype:
+            t = self._down_rows = self.down.weight.detach().t().contiguous()
+        return t
+
     def forward(self, x):
         return self.project(self.neurons(x))
 
