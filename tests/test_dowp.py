@@ -16,15 +16,7 @@ sys.path.insert(0, str(REPO))
 import model as M  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
-from conftest import tiny_model  # noqa: E402
-
-# the tiny model of the DOWP tests: tiny_model(arch, **TINY). Three layers; norm weights and biases jittered, so a
-# dropped norm or bias (the HF export map) shows
-TINY = dict(vocab=96, n_layer=3, max_seq_len=64, norm_jitter=0.1)
-
-
-def windows(n=6, T=16, V=96, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))  # (N, T)
+from conftest import TINY, ScaledNeuron, tiny_model, token_mean_nll, windows  # noqa: E402
 
 
 class StoreAll(torch.nn.Module):
@@ -131,26 +123,6 @@ def test_dowp_contrast_rule():
         dowp.score_dowp(stats, "code", -1.0)
     mixed = dowp.score_neurons(stats, tiny_model(n_ffn=4, **TINY), "mixed")
     torch.testing.assert_close(mixed, (0.5 * code ** 2 + 0.5 * math_ ** 2).sqrt())
-
-
-class ScaledNeuron(torch.nn.Module):
-    """The FFN with neuron j's activation multiplied by `factor` (factor 0 = the neuron removed)."""
-
-    def __init__(self, mlp, j, factor):
-        super().__init__()
-        self.mlp, self.j, self.factor = mlp, j, factor
-
-    def forward(self, x):
-        a = self.mlp.neurons(x).clone()  # (B, T, F)
-        a[..., self.j] *= self.factor
-        return self.mlp.project(a)
-
-
-def token_mean_nll(m, w, mlps=None) -> float:
-    """Mean next-token NLL over every predicted token of all windows, one number."""
-    with torch.no_grad():
-        logits = m(w, mlps=mlps)  # (B, T, V) float32: the loss itself is taken in float64
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), w[:, 1:].flatten()))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

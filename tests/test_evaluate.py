@@ -22,8 +22,7 @@ import model as M  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
-from conftest import smol_tokenizer, tiny_model  # noqa: E402
-from test_tasks import _broken_data  # noqa: E402
+from conftest import broken_data, smol_tokenizer, tiny_model  # noqa: E402
 
 # the tiny model fed real prompts: tiny_model(vocab=tok.n_vocab, **TINY) with tok = smol_tokenizer()
 TINY = dict(n_ffn=64, max_seq_len=4096, name="tiny")  # MMLU 5-shot prompts reach ~2.3k tokens
@@ -42,7 +41,7 @@ def test_help():
 
 
 def test_corrupt_data_cli_exits_2_without_traceback(tmp_path):
-    root = _broken_data(tmp_path, "truncated_gzip")
+    root = broken_data(tmp_path, "truncated_gzip")
     r = _run_cli("--data-dir", str(root), "--tasks", "mmlu", "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr

@@ -16,8 +16,7 @@ import checkpoints as ckpt  # noqa: E402
 import model as M  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
-from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
-from test_dowp import TINY, windows  # noqa: E402
+from conftest import TINY, smol_hf_tokenizer, tiny_model, windows  # noqa: E402
 
 SMOL_HF_TOK = smol_hf_tokenizer()
 

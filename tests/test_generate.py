@@ -1,6 +1,6 @@
 """Tests for generate.py: greedy decoding and sampling, stop ids and stop strings, the static-shape decode step and
 its decode slots, and the generation CLI. Greedy tokens equal a full recompute without the KV cache and transformers'
-generate on the tiny checkpoints of test_model.py; a left-padded batch equals one-by-one generation; the sampler's
+generate on the tiny checkpoints of conftest.py; a left-padded batch equals one-by-one generation; the sampler's
 frequencies follow softmax with temperature, top-k and top-p; the static step (what the CUDA graph replays, run
 eagerly here) gives the tokens of the default dynamic decode, routed too. Slow tests use the real SmolLM2-135M GGUF
 (greedy against transformers, the chat template answering "Paris", stop strings). Shape legend: B batch, T time,
@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
-from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
-from test_model import RAW_PROMPTS, TINY_CASES, build_hf, random_ids, save_hf, tiny_case  # noqa: E402
+from conftest import (RAW_PROMPTS, TINY_CASES, build_hf, random_ids, save_hf, smol_hf_tokenizer, tiny_case,  # noqa: E402
+                      tiny_model)
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +27,7 @@ SMOL_HF_TOK = smol_hf_tokenizer()  # ../shared's, else written from the GGUF
 
 @pytest.fixture(scope="module", params=list(TINY_CASES))
 def tiny(request, tmp_path_factory):
-    """The tiny checkpoint cases of test_model.py, saved and loaded by our loader (see test_model.TINY_CASES)."""
+    """The tiny checkpoint cases, saved and loaded by our loader (conftest.TINY_CASES)."""
     return tiny_case(request.param, tmp_path_factory)
 
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import gguf_file  # noqa: E402
 import model as M  # noqa: E402
-from test_model import one_line_error  # noqa: E402
+from conftest import one_line_error  # noqa: E402
 
 
 @pytest.mark.slow

@@ -5,15 +5,14 @@ forward paths (chunked prefill over the KV cache, last_only, return_hidden, MLP.
 loading keeps the RoPE frequencies in float32, and a hub id downloads (from a fake hub) then loads again offline.
 Slow tests (`-m slow`) load the real SmolLM2-135M-Instruct GGUF: its shape and fingerprint, logits equal to
 transformers loading the same GGUF, and its wikitext-2 perplexity (FREE_MOE_PPL_TOKENS=400000 with `-s -k perplexity`
-measures all of wikitext-2 test, FREE_MOE_PPL_WINDOW sets the window). The checkpoint builders here (build_hf,
-save_hf) are the oracle checkpoints of test_generate.py and test_checkpoints.py too. Shape legend: B batch, T time,
-V vocab.
+measures all of wikitext-2 test, FREE_MOE_PPL_WINDOW sets the window). The checkpoint builders (build_hf, save_hf,
+TINY_CASES) are in conftest.py: test_generate.py and test_checkpoints.py build the same checkpoints. Shape legend:
+B batch, T time, V vocab.
 """
 import copy
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,107 +32,19 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
-from conftest import smol_hf_tokenizer  # noqa: E402
+from conftest import (RAW_PROMPTS, TINY_CASES, TOL, TrickleServer, build_hf, one_line_error, random_ids, save_hf,  # noqa: E402
+                      smol_hf_tokenizer, tiny_case)
 
 transformers = pytest.importorskip("transformers")
 
-SHARED = M.shared_dir()
-GPT2_TOK_DIR = SHARED / "models" / "gpt2-tokenizer"
 SMOL_HF_TOK = smol_hf_tokenizer()  # ../shared's, else written from the GGUF
-
-TOL = 1e-4  # max |delta logit| allowed against transformers in fp32
-GPT2_VOCAB = 50257  # tiny models use the GPT-2 tokenizer, so their vocab must cover it
-# Llama-3 long-context RoPE scaling with a small original context, so the test positions are affected by it
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
 
 
 # ============================================================================ tiny random models vs transformers
 
-# name -> (family, config overrides, how to save: "safetensors" | "sharded" | "bin")
-TINY_CASES = {
-    "gpt2-tied": ("gpt2", {}, "safetensors"),
-    "llama-gqa-llama3rope-untied": ("llama", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE,
-                                                  tie_word_embeddings=False), "safetensors"),
-    "llama-mqa-tied-bin": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True), "bin"),
-    "qwen2-bias-untied-sharded": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False), "sharded"),
-    "qwen2-bias-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), "safetensors"),
-}
-
-
-def build_hf(family: str, overrides: dict, seed: int = 0):
-    """A 2-layer random transformers model. Every parameter (biases and norms included) is randomised,
-    because transformers initialises biases to 0 and norms to 1, which would hide a dropped bias or norm."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=GPT2_VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=128,
-                         **overrides)
-        hf = GPT2LMHeadModel(cfg)
-    else:
-        Cfg, Model = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-        overrides = copy.deepcopy(overrides)  # transformers adds keys to the rope_scaling dict it is given
-        cfg = Cfg(vocab_size=GPT2_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
-                  **overrides)
-        hf = Model(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            is_norm = "norm" in name or ".ln_" in name
-            if is_norm and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    hf.generation_config.eos_token_id = None  # never stop early: compare full 20-token runs
-    hf.generation_config.pad_token_id = 0
-    return hf.eval()
-
-
-def save_hf(hf, d: Path, how: str):
-    """save_pretrained writes safetensors (sharded when asked). transformers 5 no longer writes
-    pytorch_model.bin, so that case is the torch.save(state_dict) that older versions wrote."""
-    if how == "bin":
-        hf.save_pretrained(d)
-        (d / "model.safetensors").unlink()
-        torch.save(hf.state_dict(), d / "pytorch_model.bin")
-    else:
-        hf.save_pretrained(d, **({"max_shard_size": "5MB"} if how == "sharded" else {}))
-    write_tiny_tokenizer(d)
-
-
-def write_tiny_tokenizer(d: Path):
-    """The GPT-2 files where ../shared has them (as in CI), else SmolLM2's tokenizer written from its GGUF (a fresh
-    clone): either fits the tiny models' 50,257-token vocabulary."""
-    if GPT2_TOK_DIR.exists() or not SMOL_HF_TOK.exists():
-        return write_gpt2_tokenizer(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(SMOL_HF_TOK / f, d / f)
-
-
-def write_gpt2_tokenizer(d: Path):
-    """load_model(dir) wants a tokenizer: the GPT-2 files under HF's names, into the tmp dir only."""
-    shutil.copy(GPT2_TOK_DIR / "encoder.json", d / "vocab.json")
-    shutil.copy(GPT2_TOK_DIR / "vocab.bpe", d / "merges.txt")
-
-
-def tiny_case(name: str, tmp_path_factory) -> dict:
-    """One TINY_CASES checkpoint: built in transformers, saved as the case says, loaded by our loader."""
-    family, overrides, how = TINY_CASES[name]
-    hf = build_hf(family, overrides)
-    d = tmp_path_factory.mktemp(name)
-    save_hf(hf, d, how)
-    ours, tok = M.load_model(d)
-    return dict(name=name, hf=hf, ours=ours, tok=tok, dir=d, how=how, overrides=overrides)
-
-
 @pytest.fixture(scope="module", params=list(TINY_CASES))
 def tiny(request, tmp_path_factory):
     return tiny_case(request.param, tmp_path_factory)
-
-
-def random_ids(B, T, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, GPT2_VOCAB, (B, T), generator=g)  # (B, T)
 
 
 def test_tiny_case_exercises_its_format(tiny):
@@ -218,14 +129,6 @@ def tiny_llama_dir(tmp_path_factory):
     return d
 
 
-def one_line_error(fn, *args) -> str:
-    with pytest.raises(M.UserError) as e:
-        fn(*args)
-    msg = str(e.value)
-    assert msg and "\n" not in msg, f"not one line: {msg!r}"
-    return msg
-
-
 def test_bf16_load_keeps_rope_frequencies_float32(tiny_llama_dir):
     m, _ = M.load_model(tiny_llama_dir, dtype=torch.bfloat16)
     assert m.tok_emb.weight.dtype == m.layers[0].mlp.up.weight.dtype == torch.bfloat16
@@ -254,44 +157,32 @@ def test_hub_download_then_offline_reuse(monkeypatch, tmp_path, tiny_llama_dir):
         (served / f).unlink(missing_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SMOL_HF_TOK / f, served / f)
-    urls = []
-
-    def fake_hub(url, timeout=None):
-        urls.append(url)
-        if url == "https://huggingface.co/api/models/someorg/tiny/tree/main":  # the file list, with sizes and hashes
-            files = [{"type": "file", "path": f.name, "size": f.stat().st_size,
-                      "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
-                     for f in served.iterdir()]
-            return io.BytesIO(json.dumps(files).encode())
-        prefix = "https://huggingface.co/someorg/tiny/resolve/main/"
-        f = served / url.removeprefix(prefix)
-        if not url.startswith(prefix) or not f.exists():
-            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
-        return io.BytesIO(f.read_bytes())
-
-    def no_network(url, timeout=None):
-        raise urllib.error.URLError("network is unreachable (simulated)")
-
+    files = [{"type": "file", "path": f.name, "size": f.stat().st_size,  # the file list, with sizes and hashes
+              "lfs": {"oid": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}}
+             for f in served.iterdir()]
+    routes = {"/api/models/someorg/tiny/tree/main": json.dumps(files).encode(),
+              **{f"/someorg/tiny/resolve/main/{f.name}": f.read_bytes() for f in served.iterdir()}}
+    hub_server = TrickleServer(routes, "body", fast=tuple(routes))  # a local hub that answers at once
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(urllib.request, "urlopen", fake_hub)
-    hub_model, hub_tok = M.load_model("someorg/tiny")
-    assert any(u.endswith("/config.json") for u in urls) and any(u.endswith("/model.safetensors") for u in urls)
+    try:
+        hub_model, hub_tok = M.load_model("someorg/tiny")
+    finally:
+        hub_server.close()
+    assert any(p.endswith("/config.json") for p in hub_server.requested)
+    assert any(p.endswith("/model.safetensors") for p in hub_server.requested)
     local_model, _ = M.load_model(served)
     ids = random_ids(1, 12)
     with torch.no_grad():
         assert torch.equal(hub_model(ids), local_model(ids))
     assert hub_tok.eos_id == 2 and hub_tok.chat_format == "chatml"  # tokenizer_config + chat template fetched
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    # the network gone: the hub's port is closed now
     again, _ = M.load_model("someorg/tiny")
     assert again.fingerprint == hub_model.fingerprint
 
 
 # ============================================================================ real weights (SmolLM2-135M GGUF)
-
-RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
-               "The three primary colors are", "import numpy as np\n"]
-
 
 @pytest.mark.slow
 def test_real_model_loads(real):

@@ -25,8 +25,7 @@ import cli  # noqa: E402
 import dowp  # noqa: E402
 import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
-from conftest import smol_hf_tokenizer, tiny_model  # noqa: E402
-from test_dowp import TINY, windows  # noqa: E402
+from conftest import TINY, smol_hf_tokenizer, tiny_model, windows  # noqa: E402
 
 SMOL_HF_TOK = smol_hf_tokenizer()
 

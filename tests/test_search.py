@@ -17,8 +17,7 @@ import dowp  # noqa: E402
 import experts as EX  # noqa: E402
 import scoring as SC  # noqa: E402
 import search  # noqa: E402
-from conftest import tiny_model  # noqa: E402
-from test_dowp import TINY, ScaledNeuron, token_mean_nll  # noqa: E402
+from conftest import TINY, ScaledNeuron, tiny_model, token_mean_nll  # noqa: E402
 
 
 def harmful_model():

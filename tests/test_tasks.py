@@ -3,7 +3,6 @@ extraction, pass@k, the seeded prefix-stable item selection and per-task limits,
 corrupt benchmark data, and MMLU scoring: its batched log-likelihoods equal a brute-force forward per choice on a tiny
 random model. Slow: the same scoring, batched generation and a short run on the real SmolLM2-135M model.
 """
-import gzip
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import tasks as TS  # noqa: E402
 import model as M  # noqa: E402
-from conftest import smol_tokenizer, tiny_model  # noqa: E402
+from conftest import broken_data, smol_tokenizer, tiny_model  # noqa: E402
 
 # the tiny model fed real prompts: tiny_model(vocab=tok.n_vocab, **TINY) with tok = smol_tokenizer()
 TINY = dict(n_ffn=64, max_seq_len=4096, name="tiny")  # MMLU 5-shot prompts reach ~2.3k tokens
@@ -113,24 +112,9 @@ def test_per_task_limits_and_mmlu_per_subject():
 
 # ----------------------------------------------------------------------------- data errors
 
-def _broken_data(tmp_path, case):
-    d = tmp_path / "data"
-    (d / "mmlu").mkdir(parents=True)
-    good = data.data_file("mmlu/dev.jsonl.gz").read_bytes()
-    (d / "mmlu" / "dev.jsonl.gz").write_bytes(good)
-    test = d / "mmlu" / "test.jsonl.gz"
-    if case == "truncated_gzip":
-        test.write_bytes(good[: len(good) // 2])
-    elif case == "bad_json":
-        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q"\n'))
-    elif case == "missing_field":
-        test.write_bytes(gzip.compress(b'{"subject": "anatomy", "question": "q", "choices": ["a","b","c","d"]}\n'))
-    return tmp_path
-
-
 @pytest.mark.parametrize("case", ["missing", "truncated_gzip", "bad_json", "missing_field"])
 def test_corrupt_or_missing_data_is_a_one_line_user_error(tmp_path, case, monkeypatch):
-    args = E.parse_args(["--data-dir", str(_broken_data(tmp_path, case)), "--tasks", "mmlu"])
+    args = E.parse_args(["--data-dir", str(broken_data(tmp_path, case)), "--tasks", "mmlu"])
     monkeypatch.setenv("FREE_MOE_CACHE", str(tmp_path / "cache"))  # missing: not in the cache, and offline (no
     monkeypatch.setenv("FREE_MOE_DATA_URL", "http://127.0.0.1:9")  # server on port 9), so not fetched (data.py)
     with pytest.raises(M.UserError) as e:

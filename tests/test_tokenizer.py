@@ -17,10 +17,11 @@ import gguf_file  # noqa: E402
 import tokenizer as T  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
-from test_model import GPT2_TOK_DIR, SHARED, SMOL_HF_TOK, write_gpt2_tokenizer  # noqa: E402
+from conftest import GPT2_TOK_DIR, SHARED, smol_hf_tokenizer, write_gpt2_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
+SMOL_HF_TOK = smol_hf_tokenizer()  # ../shared's, else written from the GGUF
 LLAMA3_TOK = SHARED / "models" / "llama3-tokenizer" / "tokenizer.model"
 
 
