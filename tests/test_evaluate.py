@@ -223,7 +223,7 @@ def test_level3_systems_report_the_active_ffn_they_ran(tmp_path):
         assert items[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
         # the active FFN of the item's batch (items of a batch share it): close to the item's own
         assert items[it["id"]]["active_fraction"] == pytest.approx(R.measured_active_fraction(
-            mlps, model.config.n_ffn), abs=0.01)
+            mlps, model.config.n_ffn), abs=0.03)
 
 
 def test_resume_with_other_experts_or_router_is_refused(tmp_path):
