@@ -205,6 +205,7 @@ class FreeMoE:
         if token_sparsity > 0 and not cfg.level3:
             raise UserError("this router has no level 3 thresholds: train it again with train_router.py")
         self.token_sparsity = token_sparsity
+        self.last_level3: list = []  # the level 3 FFNs mlps_for made last (their counters: what they ran)
         self.threshold = cfg.threshold if threshold is None else threshold
         self.fallback = cfg.fallback if fallback is None else fallback
         if self.fallback not in ("dense", "top2"):
@@ -409,14 +410,16 @@ class _SplitBatch(Exception):
 # keeps them for s = 0, 0.01, ..., 0.99; `--token-sparsity s` picks one (FreeMoE(token_sparsity=s)).
 
 LEVEL3_STEPS = 100  # thresholds stored per (domain, layer) for s = i / LEVEL3_STEPS, i = 0 .. 99
-GATHER_ROWS = 4  # an input of at most this many tokens (decode) takes the gathered path, which reads less
+GATHER_ROWS = 1  # inputs of at most this many tokens (a batch-1 decode step) take the gathered path, which reads
+# less; a gathered token costs about what a dense one does at half the neurons skipped (bench.py --sections
+# level3), so two or more tokens are faster as one masked matmul
 
 
 def measured_active_fraction(mlps: list, n_ffn: int) -> float:
     """What level 3 ran, over everything since the SkippingMLPs were made: FFN neurons read per token over all
     of the model's (L x n_ffn)."""
     tokens = mlps[0].tokens
-    return sum(m.reads for m in mlps) / (tokens * len(mlps) * n_ffn) if tokens else float("nan")
+    return float(sum(m.reads for m in mlps)) / (tokens * len(mlps) * n_ffn) if tokens else float("nan")
 
 
 class SkippingMLP(nn.Module):
@@ -436,7 +439,7 @@ class SkippingMLP(nn.Module):
         B, T, C = x.shape
         g = self.mlp.gate_acts(x)  # (B, T, k) k = neurons of this FFN
         keep = g.abs() >= self.threshold  # (B, T, k)
-        self.reads += int(keep.sum())
+        self.reads = self.reads + keep.sum()  # a tensor: counting never waits for the device
         self.tokens += B * T
         gather = (B * T <= GATHER_ROWS and not torch.is_grad_enabled()
                   and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))

@@ -390,13 +390,13 @@ def test_gathered_ffn_equals_the_masked_one(arch):
 def test_skipping_mlp_counts_and_both_paths_agree():
     m = tiny_model("llama", vocab=64, n_layer=2, n_embd=32, n_ffn=48)
     mlp = m.layers[1].mlp
-    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(2))  # 3 tokens: the gathered path
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(2))
     thr = float(mlp.gate_acts(x).abs().median())
     small = R.SkippingMLP(mlp, thr)
-    gathered = small(x)
+    gathered = torch.cat([small(x[:, t:t + 1]) for t in range(3)], 1)  # one token at a time: the gathered path
     assert small.tokens == 3 and int(small.reads) == int((mlp.gate_acts(x).abs() >= thr).sum())
     wide = R.SkippingMLP(mlp, thr)
-    masked = wide(x.repeat(2, 1, 1))[:1]  # 6 tokens: above GATHER_ROWS, the masked path
+    masked = wide(x)  # 3 tokens: above GATHER_ROWS, the masked path
     torch.testing.assert_close(gathered, masked, rtol=1e-5, atol=1e-6)
     everything = R.SkippingMLP(mlp, 0.0)
     torch.testing.assert_close(everything(x), mlp(x), rtol=1e-5, atol=1e-6)  # threshold 0 = dense
