@@ -39,6 +39,14 @@ Sections (each skipped with a note when what it needs is missing):
                  /proc/self/status, reset through /proc/self/clear_refs after loading) minus the RSS of the loaded
                  dense model, i.e. the extra memory the run needs (KV cache, activations, compact expert weights).
                  tracemalloc would not see torch's allocations. CUDA: torch.cuda.max_memory_allocated.
+  6b. level3    level 3 (router.SkippingMLP, per-token neuron skipping) at batch 1: the FFN alone, dense vs the
+                 gathered path (MLP.active_forward) with random active sets of (1 - s) F neurons per layer, s = 25, 40,
+                 50, 70%, every layer once per timing (30 layers of weights do not stay in a CPU cache, as in a real
+                 step); then whole greedy decode steps, dense vs level 3 with thresholds from
+                 router.level3_thresholds on windows of this repository's README. Each speedup next to its ideal
+                 from bytes read (gate read fully, up and down only for the active neurons), and torch.profiler's top
+                 ops of each FFN at s = 50%. Real active sets are not random (neighbouring rows run together more
+                 often), so the random ones are the harder case for the gathered reads.
   7. goals       the speed targets (GOALS), each as measured vs target, met or missed by how much (the GPU
                  targets on CUDA only).
 
@@ -84,7 +92,7 @@ GPU_FULL = {"sizes": [(1, 128), (1, 512), (8, 512), (64, 512)], "new_tokens": 12
             "stats_windows": (64, 512), "scoring_items": 256}
 GPU_QUICK = {"sizes": [(1, 128), (8, 128), (64, 128)], "new_tokens": 64, "reps": 3, "stats_windows": (16, 256),
              "scoring_items": 64}
-SECTIONS = ("dense", "scoring", "experts", "stats", "memory")
+SECTIONS = ("dense", "scoring", "experts", "stats", "memory", "level3")
 GOALS = {  # the speed targets this reference holds itself to
     "decode_b1_vs_hf": 1.5, "decode_b1_of_bandwidth": 0.8, "prefill_vs_hf": 1.1, "prefill_of_matmul": 0.75,
     "decode_b8_vs_hf": 1.2, "expert_of_ideal": 0.9, "router_overhead_pct": 3.0, "stats_cost": 1.2,
@@ -434,6 +442,148 @@ def bench_memory(names: list[str], argv: list[str]) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- level 3: skipping neurons per token
+
+LEVEL3_FFN_S = (0.25, 0.4, 0.5, 0.7)  # skipped fractions the FFN alone is timed at
+LEVEL3_STEP_S = (0.25, 0.4, 0.5)  # and the whole decode step
+
+
+def ffn_ideal(model, active: float) -> float:
+    """The speedup of an FFN whose up and down are read only for `active` of its neurons, from bytes read: the gate
+    (gated FFNs) or up (GPT-2, where it is the gate) is always read whole."""
+    n = 2 if model.config.arch == "gpt2" else 3
+    return n / (1 + (n - 1) * active)
+
+
+def level3_ffn_runs(model, s: float, g: torch.Generator):
+    """fn() -> (seconds, outputs) of every layer's FFN on one token, dense and gathered with a random active set of
+    round((1 - s) F) neurons per layer. The gathered run does what SkippingMLP does for one token: the gate, a
+    comparison, nonzero, active_forward (the random set is and-ed in where the threshold would decide)."""
+    mlps = [blk.mlp for blk in model.layers]
+    C, Fn, device = model.config.n_embd, mlps[0].n_neurons, model.tok_emb.weight.device
+    xs = [torch.randn(1, 1, C, generator=g).to(device, model.tok_emb.weight.dtype) for _ in mlps]  # (1, 1, C)
+    keeps = []
+    for _ in mlps:
+        keep = torch.zeros(Fn, dtype=torch.bool)
+        keep[torch.randperm(Fn, generator=g)[:round((1 - s) * Fn)]] = True
+        keeps.append(keep.to(device))  # (F,)
+    for m in mlps:
+        m.down_rows()  # built once per model, not per step
+
+    def dense():
+        sync(device)
+        t0 = time.perf_counter()
+        out = [m(x) for m, x in zip(mlps, xs)]
+        sync(device)
+        return time.perf_counter() - t0, out
+
+    def gathered():
+        sync(device)
+        t0 = time.perf_counter()
+        out = []
+        for m, x, keep in zip(mlps, xs, keeps):
+            gate = m.gate_acts(x)[0, 0]  # (F,)
+            active = (gate.abs() >= 0).logical_and_(keep).nonzero().flatten()  # (k,)
+            out.append(m.active_forward(x[0, 0], gate, active))  # (C,)
+        sync(device)
+        return time.perf_counter() - t0, out
+
+    masked = [m.masked(x, m.gate_acts(x), keep) for m, x, keep in zip(mlps, xs, keeps)]  # the reference
+    return dense, gathered, masked
+
+
+def profile_ops(fn, rows=5) -> list[dict]:
+    """torch.profiler's CPU ops by self time over 3 calls of fn: what a variant spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            fn()
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count // 3} for e in ev[:rows]]
+
+
+def level3_windows(model, tok, n=8, T=128) -> torch.Tensor:
+    """Calibration text for the thresholds, (n, T): windows of this repository's README (random tokens without a
+    tokenizer, e.g. a tiny test model)."""
+    ids = tok.encode(Path(__file__).with_name("README.md").read_text()) if tok is not None else []
+    if len(ids) < n * T:
+        return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+    return torch.tensor(ids[:n * T]).view(n, T)
+
+
+def bench_level3(model, tok, plan, device) -> dict:
+    """The FFN alone and the whole batch-1 decode step, dense vs level 3, each speedup as a fraction of its ideal."""
+    g = torch.Generator().manual_seed(0)
+    L, Fn, reps = model.config.n_layer, model.layers[0].mlp.n_neurons, max(plan["reps"], 5)
+    ffn = []
+    for s in LEVEL3_FFN_S:
+        dense, gathered, masked = level3_ffn_runs(model, s, g)
+        t = side_by_side({"dense": dense, "gathered": gathered}, reps)
+        err = max(((y - r.flatten()).abs().max() / r.abs().max()).item()  # relative: some layers' outputs are big
+                  for y, r in zip(t["gathered"]["extra"], masked))
+        row = {"skipped": s, "dense_ms": 1e3 * t["dense"]["min"], "gathered_ms": 1e3 * t["gathered"]["min"],
+               "speedup": t["dense"]["min"] / t["gathered"]["min"], "ideal": ffn_ideal(model, 1 - s),
+               "max_rel_diff_vs_masked": err}
+        row["of_ideal"] = row["speedup"] / row["ideal"]
+        if s == 0.5 and device.type == "cpu":
+            row["profile"] = {"dense": profile_ops(dense), "gathered": profile_ops(gathered)}
+        ffn.append(row)
+    # the whole step: thresholds calibrated on text, as train_router does (here with the dense model's gates)
+    max_len = model.config.max_seq_len
+    thresholds = router.level3_thresholds(model, level3_windows(model, tok, T=min(128, max_len)).to(device))  # (L, S)
+    n_new = plan["new_tokens"]
+    T = min(64, max_len - n_new - 1)
+    idx = level3_windows(model, tok, 1, T).to(device)  # (1, T): a prompt the thresholds have seen
+    systems = {"dense": None}
+    for s in LEVEL3_STEP_S:
+        col = round(s * router.LEVEL3_STEPS)
+        systems[f"level3 s={s:.2f}"] = [router.SkippingMLP(blk.mlp, thresholds[l, col].item())
+                                        for l, blk in enumerate(model.layers)]
+    t = side_by_side({name: (lambda m=m: ours_decode(model, idx, n_new, m)) for name, m in systems.items()}, reps)
+    dense_bytes = decode_bytes(model, [Fn] * L, 1, T, n_new)
+    item, C = model.tok_emb.weight.element_size(), model.config.n_embd
+    n_skip_mats = 1 if model.config.arch == "gpt2" else 2  # up and down (GPT-2: down) skip; the gate never does
+    step = []
+    for name, mlps in systems.items():
+        if mlps is None:
+            continue
+        active = router.measured_active_fraction(mlps, Fn)  # over warm-up and timed runs, prefill included
+        saved = item * n_new * L * n_skip_mats * C * Fn * (1 - active)
+        row = {"system": name, "active_fraction": active, "dense_tok_s": n_new / t["dense"]["min"],
+               "tok_s": n_new / t[name]["min"], "speedup": t["dense"]["min"] / t[name]["min"],
+               "ideal": dense_bytes / (dense_bytes - saved)}
+        row["of_ideal"] = row["speedup"] / row["ideal"]
+        step.append(row)
+    return {"ffn": ffn, "step": step, "prompt": T, "new_tokens": n_new, "reps": reps,
+            "note": "best of reps, interleaved; ideal = bytes read dense / bytes read with skipping; "
+                    "FFN active sets random, decode-step ones from the thresholds"}
+
+
+def level3_markdown(r: dict) -> list[str]:
+    lines = [f"level 3, batch 1, FFN alone over all layers (random active sets; best of {r['reps']}, interleaved):",
+             "", "| skipped | dense ms | gathered ms | speedup | ideal (bytes) | of ideal "
+             "| max diff vs masked, of max abs |",
+             "|---|---|---|---|---|---|---|"]
+    for f in r["ffn"]:
+        lines.append(f"| {100 * f['skipped']:.0f}% | {f['dense_ms']:.2f} | {f['gathered_ms']:.2f} "
+                     f"| {f['speedup']:.2f}x | {f['ideal']:.2f}x | {100 * f['of_ideal']:.0f}% "
+                     f"| {f['max_rel_diff_vs_masked']:.1e} |")
+    lines += ["", f"level 3, whole greedy decode step, batch 1 ({r['prompt']}-token prompt, {r['new_tokens']} new "
+              "tokens; thresholds from README windows):", "",
+              "| system | active FFN (measured) | tok/s | dense tok/s | speedup | ideal (bytes) | of ideal |",
+              "|---|---|---|---|---|---|---|"]
+    for s in r["step"]:
+        lines.append(f"| {s['system']} | {100 * s['active_fraction']:.0f}% | {s['tok_s']:.1f} "
+                     f"| {s['dense_tok_s']:.1f} | {s['speedup']:.2f}x | {s['ideal']:.2f}x "
+                     f"| {100 * s['of_ideal']:.0f}% |")
+    for f in r["ffn"]:
+        for kind, ops in f.get("profile", {}).items():
+            lines.append(f"- profile, FFN {kind} at {100 * f['skipped']:.0f}% skipped: " + ", ".join(
+                f"{o['op']} {100 * o['share']:.0f}% ({o['calls']} calls)" for o in ops))
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- profile: what bounds a missed goal
 
 def profile_top(model, idx, n_new, rows=8) -> dict:
@@ -652,6 +802,8 @@ def markdown(res: dict) -> str:
                          f"{r.get('over_dense_model_mib', float('nan')):.0f} |" if "error" not in r
                          else f"| {r['system']} | error: {r['error']} | |")
         lines += [f"(workload: {res['memory'][0].get('workload', '')}; {res['meta']['memory_method']})", ""]
+    if "level3" in res:
+        lines += level3_markdown(res["level3"])
     if res.get("goals"):
         lines += ["| goal | measured | target | met | missed by | what bounds it |", "|---|---|---|---|---|---|"]
         for g in res["goals"]:
@@ -715,7 +867,7 @@ def main(argv=None):
 def run(args, argv, plan, device, dtype):
     out = Path(args.out) / "bench.json"
     path = Path(args.model) if args.model else M.default_model_path()
-    model, _ = M.load_model(path, device, dtype)
+    model, tok = M.load_model(path, device, dtype)
     res = {"meta": {"model": path.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                     "threads": torch.get_num_threads(),
                     "reps": plan["reps"], "plan": plan, "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -756,6 +908,10 @@ def run(args, argv, plan, device, dtype):
     if "stats" in args.sections:
         with torch.no_grad():
             res["stats"] = bench_stats(model, plan, device)
+    if "level3" in args.sections:
+        with torch.inference_mode():
+            res["level3"] = bench_level3(model, tok, plan, device)
+        save(res, out)
     if "memory" in args.sections:
         res["memory"] = bench_memory(["dense"] + list(systems), argv)
     res["goals"] = goals(res)

@@ -115,6 +115,7 @@ positive_float = _checked(float, "a number > 0", lambda v: v > 0)  # timeouts, l
 nonneg_float = _checked(float, "a number >= 0", lambda v: v >= 0)  # sampling temperature (0 = greedy), weights
 fraction = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1)  # keep, budget, top-p
 probability = _checked(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)  # thresholds
+token_sparsity = _checked(float, "a number in [0, 0.99]", lambda v: 0 <= v <= 0.99)  # level 3: fraction skipped
 seed_int = _checked(int, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy refuses negative seeds
 
 

@@ -60,14 +60,14 @@ import numpy as np
 import router
 import sandbox
 from cli import (ArgumentParser, UserError, add_common_args, int_at_least, locked_dir, nonneg_float, nonneg_int,
-                 positive_float, positive_int, progress, run_cli, write_atomic)
+                 positive_float, positive_int, progress, run_cli, token_sparsity, write_atomic)
 from experts import baseline_indices, experts_identity, kept_fraction, load_experts, materialize
 from model import load_for_cli
 from scoring import bootstrap, default_batch_tokens
 from tasks import (ALL_TASKS, BENCHMARKS, MMLU_CATEGORIES, MMLU_ITEMS, PPL_DOMAINS, Runtime, Task, check_data,
                    columns_of, parse_limits, prepare, task_details)
 
-ALL_SYSTEMS = ("dense", "freemoe", "oracle", "mixed", "general", "random", "magnitude")
+ALL_SYSTEMS = ("dense", "freemoe", "level3", "oracle", "mixed", "general", "random", "magnitude")
 
 
 # ----------------------------------------------------------------------------- systems
@@ -83,6 +83,7 @@ class System:
     pick: Callable[[list[list[int]], str], tuple[list | None, float, str]] = lambda prompts, domain: (None, 1.0, "")
     route_key: Callable[[list[int]], object] | None = None
     uses: str = ""  # what it runs besides the model (experts identity, router checksum): part of the items' header
+    measured: Callable[[], float] | None = None  # level 3: the active FFN the last picked FFNs really ran
 
 
 # system name -> what it runs from the experts file (purify.py names the general-text Wanda baseline
@@ -108,16 +109,22 @@ def build_systems(args, model) -> list[System]:
             continue
         if not args.experts:
             raise UserError(f"system {name} needs --experts FILE (run purify.py first)")
-        if name == "freemoe" and not args.router:
-            raise UserError("system freemoe needs --router FILE (run train_router.py first)")
+        if name in ("freemoe", "level3") and not args.router:
+            raise UserError(f"system {name} needs --router FILE (run train_router.py first)")
+        if name == "level3" and not args.token_sparsity:
+            raise UserError("system level3 needs --token-sparsity S > 0 (the fraction of neurons to skip per token)")
         if experts is None:
             experts = load_experts(args.experts, model)
             uses_experts = f"experts {experts_identity(experts)[:16]}"
         if args.router and moe is None:
-            moe = router.load_router(args.router, model, experts)
+            moe = router.load_router(args.router, model, experts, token_sparsity=args.token_sparsity)
             uses_router = f"{uses_experts}, router {moe.checksum[:16]}"
+            if args.token_sparsity:  # level 3 on: other numbers, other items
+                uses_router += f", token sparsity {args.token_sparsity:g}"
         if name == "freemoe":
             systems.append(routed_system(name, moe, uses_router))
+        elif name == "level3":
+            systems.append(level3_system(name, moe, uses_router))
         elif name == "oracle":
             def pick(prompts, domain, e=experts):
                 return e.mlps(domain), kept_fraction(e.index_sets(domain), model), ""
@@ -146,12 +153,29 @@ def routed_system(name: str, moe, uses: str = "") -> System:
             decisions[key] = moe.route([prompt])[0]
         return decisions[key]
 
+    last = {}
+
     def pick(prompts, domain):
         chosen = [decide(p) for p in prompts]
         if len({d.key for d in chosen}) != 1:
             raise RuntimeError("a batch of a routed system mixes routing decisions")
-        return moe.mlps_for(chosen[0]), chosen[0].active_fraction, "+".join(chosen[0].domains) or "dense"
-    return System(name, pick, route_key=lambda prompt: decide(prompt).key, uses=uses)
+        last["mlps"] = moe.mlps_for(chosen[0])
+        return last["mlps"], chosen[0].active_fraction, "+".join(chosen[0].domains) or "dense"
+    measured = (lambda: router.measured_active_fraction(last["mlps"], moe.model.config.n_ffn)) \
+        if moe.token_sparsity else None
+    return System(name, pick, route_key=lambda prompt: decide(prompt).key, uses=uses, measured=measured)
+
+
+def level3_system(name: str, moe, uses: str = "") -> System:
+    """The dense FFNs with level 3 alone: no expert, every token skips its quiet neurons at --token-sparsity
+    (the router file's dense thresholds, calibrated on every domain's text)."""
+    dense, last = moe.decision_for(()), {}
+
+    def pick(prompts, domain):
+        last["mlps"] = moe.mlps_for(dense)
+        return last["mlps"], 1.0, ""
+    return System(name, pick, uses=uses,
+                  measured=lambda: router.measured_active_fraction(last["mlps"], moe.model.config.n_ffn))
 
 
 def budget_matched(name: str, model, experts, moe):
@@ -292,6 +316,9 @@ def evaluate_task(rt: Runtime, system: System, task: Task, out: Path, header: di
             t0 = time.perf_counter()
             records = task.run_batch(rt, system, batch, task.domain)
             seconds = (time.perf_counter() - t0) / len(batch)
+            if system.measured is not None:  # level 3: what the batch ran, not what its pick planned
+                for rec in records:
+                    rec["active_fraction"] = system.measured()
             for rec in records:
                 if rec["id"] not in done:
                     rec["seconds"] = seconds
@@ -476,7 +503,10 @@ def parse_args(argv=None):
                    help="MMLU test items: the eval bucket (never used to build anything) or all 14,042, each bucket "
                         "reported apart")
     p.add_argument("--experts", default=None, help="experts file from purify.py (all systems but dense)")
-    p.add_argument("--router", default=None, help="router file from train_router.py (freemoe)")
+    p.add_argument("--router", default=None, help="router file from train_router.py (freemoe, level3)")
+    p.add_argument("--token-sparsity", type=token_sparsity, default=0.0, metavar="S",
+                   help="level 3: freemoe and level3 skip this fraction of FFN neurons per token (the router's "
+                        "calibrated thresholds, in steps of 0.01; 0 = off)")
     p.add_argument("--mmlu-shots", type=nonneg_int, default=5)
     p.add_argument("--gsm8k-shots", type=nonneg_int, default=8)
     p.add_argument("--gsm8k-max-tokens", type=positive_int, default=256, help="generation budget per GSM8K answer")

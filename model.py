@@ -220,6 +220,15 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 
+def row_dots(w, x, rows):
+    """w[rows] @ x without copying the rows out: w (F, C), x (C,), rows (k,) long -> (k,).
+
+    torch has no public gather-then-mv kernel; the per_sample_weights gradient of embedding_bag is one: for each
+    looked-up row i it returns <grad of its bag, weight[indices_i]>, here with a single bag whose grad is x."""
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x[None], w, rows, rows.new_zeros(1), rows.new_zeros(rows.shape), 0, -1)  # mode 0 = "sum", no padding row
+
+
 class MLP(nn.Module):
     """The FFN, seen as F neurons. Neuron j reads row j of `up` (and `gate`) and writes column j of `down`.
 
@@ -254,6 +263,51 @@ class MLP(nn.Module):
 
     def project(self, a):
         return self.down(a)  # (B, T, F) -> (B, T, C)
+
+    # --- level 3 (router.SkippingMLP): the gate decides per token which neurons run at all
+    def gate_acts(self, x):
+        """What decides a neuron's share before `up` multiplies in, (B, T, C) -> (B, T, F): act(gate x) in a gated
+        FFN; in GPT-2's, which has no gate, the whole activation act(up x + b)."""
+        if not self.gated:
+            return F.gelu(self.up(x), approximate="tanh")
+        g = self.gate(x)
+        return F.gelu(g, approximate="tanh") if self.act == "gelu_tanh" else F.silu(g)
+
+    def masked(self, x, g, keep):
+        """The FFN's output with the neurons where keep (B, T, F) is False set to 0: every byte of up and down is
+        read. g = gate_acts(x). The reference the gathered path (`active_forward`) must equal."""
+        g = g * keep
+        return self.project(g * self.up(x) if self.gated else g)
+
+    def active_forward(self, x, g, active):
+        """One token: x (C,), its gate_acts g (F,), the neurons that run `active` (k,) long -> (C,), equal to
+        `masked` for that token. Reads k rows of up and k columns of down, never the other F - k: the bytes a
+        skipped neuron saves. Down is read from its transpose (F, C), whose rows are contiguous.
+
+        Why two embedding_bag kernels and not index_select + matmul: a gathered copy writes the k rows out and
+        reads them back, which costs more than the skipped bytes save (0.85x the dense FFN at half the neurons,
+        SmolLM2, one CPU thread). Both kernels below read each selected row where it lies, once:
+          up:   u_i = <up[active_i], x>, k row dot products (`row_dots`)
+          down: y = sum_i a_i down_rows[active_i], embedding_bag's weighted sum of rows.
+        What still bounds it (torch.profiler, bench.py --sections level3): the reads themselves; rows picked here
+        and there stream ~1.4x slower per byte than one contiguous block (the prefetcher restarts at each row)."""
+        if self.gated:
+            u = row_dots(self.up.weight, x, active)  # (k,)
+            if self.up.bias is not None:
+                u = u + self.up.bias.index_select(0, active)
+            a = u.mul_(g.index_select(0, active))  # (k,)
+        else:
+            a = g.index_select(0, active)  # (k,): GPT-2's activation is the gate
+        y = F.embedding_bag(active, self.down_rows(), active.new_zeros(1), per_sample_weights=a, mode="sum")[0]  # (C,)
+        return y if self.down.bias is None else y + self.down.bias
+
+    def down_rows(self):
+        """down's weight transposed and contiguous, (F, C): neuron j's output column as row j. Built once, then
+        kept (it shares nothing with the weight: a change to down.weight after this needs a new MLP)."""
+        t = getattr(self, "_down_rows", None)
+        if t is None or t.device != self.down.weight.device or t.dtype != self.down.weight.dtype:
+            t = self._down_rows = self.down.weight.detach().t().contiguous()
+        return t
 
     def forward(self, x):
         return self.project(self.neurons(x))

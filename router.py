@@ -50,7 +50,8 @@ import generate as G
 import model as M
 from experts import experts_identity, load_experts
 from scoring import window_nll
-from cli import ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, progress, run_cli
+from cli import (ArgumentParser, UserError, add_common_args, fraction, positive_int, probability, progress, run_cli,
+                 token_sparsity)
 
 ROUTER_FORMAT = "free-moe-router/1"
 
@@ -67,6 +68,7 @@ class RouterConfig:
     threshold: float = 0.5             # below this top-1 probability the request falls back
     fallback: str = "dense"            # "dense" (run the dense FFNs) or "top2" (union of the two best experts)
     max_route_tokens: int = 512        # routing reads at most the last this-many prompt tokens (bounded cost)
+    level3: bool = False               # level 3 thresholds calibrated (train_router.py does it)
 
     def __post_init__(self):
         if self.fallback not in ("dense", "top2"):
@@ -148,6 +150,9 @@ class Router(nn.Module):
         self.head = nn.Linear(C, D) if H == 0 else nn.Sequential(nn.Linear(C, H), nn.GELU(), nn.Linear(H, D))
         # Level 2: logit > 0 = run the purified expert in that layer. Init 0: undecided (p = 0.5).
         self.gate_logits = nn.Parameter(torch.zeros(D, cfg.n_layer))  # (D, L)
+        # Level 3: |gate activation| thresholds per (domain, layer, target sparsity); row D is the dense model on
+        # every domain's text, for decisions without an expert. Calibrated, not trained (a buffer).
+        self.register_buffer("level3", torch.zeros(D + 1, cfg.n_layer, LEVEL3_STEPS))  # (D + 1, L, S)
 
     def domain_logits(self, feats):
         feats = feats.to(self.feat_mean.device)  # features may come from a cache on the host
@@ -184,7 +189,7 @@ class FreeMoE:
     """The routed model: `route` prompts, then run `mlps_for(decision)` through the unchanged dense model."""
 
     def __init__(self, model: M.Transformer, experts, router: Router, budget: float | None = None,
-                 threshold: float | None = None, fallback: str | None = None):
+                 threshold: float | None = None, fallback: str | None = None, token_sparsity: float = 0.0):
         cfg = router.cfg
         if list(experts.domains) != list(cfg.domains):
             raise UserError(f"router domains {cfg.domains} differ from the experts' domains {list(experts.domains)}")
@@ -195,6 +200,12 @@ class FreeMoE:
             raise UserError(f"budget must be in [0, 1], got {budget}")
         self.model, self.experts, self.router = model, experts, router.to(model.tok_emb.weight.device).eval()
         self.budget = budget
+        if not 0.0 <= token_sparsity < 1.0:
+            raise UserError(f"token sparsity must be in [0, 1), got {token_sparsity}")
+        if token_sparsity > 0 and not cfg.level3:
+            raise UserError("this router has no level 3 thresholds: train it again with train_router.py")
+        self.token_sparsity = token_sparsity
+        self.last_level3: list = []  # the level 3 FFNs mlps_for made last (their counters: what they ran)
         self.threshold = cfg.threshold if threshold is None else threshold
         self.fallback = cfg.fallback if fallback is None else fallback
         if self.fallback not in ("dense", "top2"):
@@ -302,9 +313,27 @@ class FreeMoE:
         return self._layer_cache[key]
 
     def mlps_for(self, decision: Decision) -> list:
-        """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else dense."""
+        """Per-layer FFN modules for `model(..., mlps=...)`: compact expert where the gate says so, else dense;
+        with token_sparsity > 0 each wrapped in level 3 (a SkippingMLP with the decision's thresholds)."""
+        mlps = self.static_mlps(decision)
+        if self.token_sparsity == 0:
+            return mlps
+        thresholds = self.level3_for(decision.domains)
+        self.last_level3 = [SkippingMLP(m, t) for m, t in zip(mlps, thresholds.tolist())]  # read by the CLI
+        return self.last_level3
+
+    def static_mlps(self, decision: Decision) -> list:
+        """Levels 1 and 2 only: the compact expert where the gate says so, else the dense FFN."""
         return [self.expert_mlp(decision.domains, i) if u else blk.mlp
                 for i, (blk, u) in enumerate(zip(self.model.layers, decision.use_expert))]
+
+    def level3_for(self, domains: tuple[str, ...]) -> torch.Tensor:
+        """Level 3 thresholds (L,) at self.token_sparsity (rounded to a step of 1 / LEVEL3_STEPS): the expert's row
+        for one domain, the dense row for no expert or a union of two."""
+        names = self.router.cfg.domains
+        row = names.index(domains[0]) if len(domains) == 1 else len(names)
+        step = min(LEVEL3_STEPS - 1, round(self.token_sparsity * LEVEL3_STEPS))
+        return self.router.level3[row, :, step].detach().cpu()  # (L,)
 
     # --- convenience: generation and scoring
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[list[list[int]], list[Decision]]:
@@ -377,6 +406,102 @@ class _SplitBatch(Exception):
     """Raised inside the routed prefill when one batch's prompts were routed differently."""
 
 
+# ----------------------------------------------------------------------------- level 3: skip quiet neurons per token
+#
+# Per token and layer, the FFN that runs (dense or an expert's) computes its gate activations g = act(gate x) first
+# and skips every neuron with |g_j| below the layer's threshold: its up row and down column are never read, its
+# activation is 0. Training-free: the thresholds are quantiles of |g| on calibration text (`level3_thresholds`),
+# one per (domain, layer) and target: skipping a fraction s of the neurons means the s-quantile. The router file
+# keeps them for s = 0, 0.01, ..., 0.99; `--token-sparsity s` picks one (FreeMoE(token_sparsity=s)).
+
+LEVEL3_STEPS = 100  # thresholds stored per (domain, layer) for s = i / LEVEL3_STEPS, i = 0 .. 99
+GATHER_ROWS = 1  # inputs of at most this many tokens (a batch-1 decode step) take the gathered path, which reads
+# less; a gathered token costs about what a dense one does at half the neurons skipped (bench.py --sections
+# level3), so two or more tokens are faster as one masked matmul
+
+
+def measured_active_fraction(mlps: list, n_ffn: int) -> float:
+    """What level 3 ran, over everything since the SkippingMLPs were made: FFN neurons read per token over all
+    of the model's (L x n_ffn)."""
+    tokens = mlps[0].tokens
+    return float(sum(m.reads for m in mlps)) / (tokens * len(mlps) * n_ffn) if tokens else float("nan")
+
+
+class SkippingMLP(nn.Module):
+    """Level 3 around one FFN: neurons with |gate_acts| < threshold are skipped, token by token.
+
+    A decode step (B*T <= GATHER_ROWS, no autograd, not inside a CUDA graph capture) runs `MLP.active_forward`
+    per token and reads only the active neurons' weights; a prefill or a scored batch computes the same values
+    masked (every byte is read once anyway, and one big matmul beats many small ones). `reads` / `tokens` counts
+    the neurons that ran per token: the measured active FFN."""
+
+    def __init__(self, mlp: M.MLP, threshold: float):
+        super().__init__()
+        self.mlp, self.threshold = mlp, float(threshold)
+        self.reads, self.tokens = 0, 0
+
+    def forward(self, x):
+        B, T, C = x.shape
+        g = self.mlp.gate_acts(x)  # (B, T, k) k = neurons of this FFN
+        keep = g.abs() >= self.threshold  # (B, T, k)
+        self.reads = self.reads + keep.sum()  # a tensor: counting never waits for the device
+        self.tokens += B * T
+        gather = (B * T <= GATHER_ROWS and not torch.is_grad_enabled()
+                  and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if not gather:
+            return self.mlp.masked(x, g, keep)
+        rows = [self.mlp.active_forward(xi, gi, ki.nonzero().flatten())
+                for xi, gi, ki in zip(x.reshape(-1, C), g.reshape(B * T, -1), keep.reshape(B * T, -1))]
+        return torch.stack(rows).view(B, T, C)
+
+
+@torch.no_grad()
+def level3_thresholds(model: M.Transformer, windows: torch.Tensor, mlps=None, samples: int = 1 << 20):
+    """Thresholds (L, LEVEL3_STEPS) of |gate_acts| on `windows` (N, T) run through `mlps` (None = dense): row l,
+    column i is the (i / LEVEL3_STEPS)-quantile of |g| over layer l's tokens and neurons, so skipping below it
+    skips that fraction there. Quantiles of at most `samples` values per layer, drawn evenly (seeded)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in model.layers]
+
+    class Record(nn.Module):  # the FFN as it is, keeping |g| of every token
+        def __init__(self, mlp, l):
+            super().__init__()
+            self.mlp, self.l = mlp, l
+
+        def forward(self, x):
+            seen[self.l].append(self.mlp.gate_acts(x).abs().flatten().float().cpu())
+            return self.mlp(x)
+
+    run = [Record(m if m is not None else blk.mlp, l)
+           for l, (blk, m) in enumerate(zip(model.layers, mlps or [None] * len(model.layers)))]
+    device = model.tok_emb.weight.device
+    for i in range(0, len(windows), 8):
+        model(windows[i:i + 8].to(device), mlps=run, last_only=True)
+    g = torch.Generator().manual_seed(0)
+    levels = torch.arange(LEVEL3_STEPS, dtype=torch.float64) / LEVEL3_STEPS  # (S,)
+    out = []
+    for values in seen:
+        v = torch.cat(values)
+        if len(v) > samples:
+            v = v[torch.randperm(len(v), generator=g)[:samples]]
+        v = v.double().sort().values
+        out.append(v[(levels * (len(v) - 1)).round().long()])  # (S,) nearest-rank quantiles
+    out = torch.stack(out).float()  # (L, S)
+    out[:, 0] = 0.0  # s = 0 skips nothing, also on text whose |g| goes below the calibration's least
+    return out
+
+
+def calibrate_level3(moe: FreeMoE, windows: dict[str, torch.Tensor]):
+    """Fill the router's level 3 thresholds: domain d's row from its windows (N, T) run the way Free-MoE runs d
+    (its expert where level 2 opens it), the dense row from every domain's windows through the dense model.
+    Call it after level 2: the thresholds belong to the gates they were measured under."""
+    r = moe.router
+    with torch.no_grad():
+        for i, d in enumerate(r.cfg.domains):
+            r.level3[i] = level3_thresholds(moe.model, windows[d], moe.static_mlps(moe.decision_for((d,))))
+        r.level3[len(r.cfg.domains)] = level3_thresholds(moe.model, torch.cat(list(windows.values())))
+    r.cfg.level3 = True
+
+
 # ----------------------------------------------------------------------------- level 2 in training: the relaxed gate
 #
 # The level-2 gate in one place: FreeMoE.gate_pattern is its rule at inference (logit > 0, or the budget rule);
@@ -442,7 +567,8 @@ def read_router(path) -> tuple[Router, dict]:
     ckpt.verify_checksum(path, tensors, meta)
     try:
         router = Router(RouterConfig(**json.loads(meta["config"])))
-        router.load_state_dict({k: v.clone() for k, v in tensors.items()})
+        state = {"level3": router.level3, **tensors}  # a router file without level 3 (level3 = False) has none
+        router.load_state_dict({k: v.clone() for k, v in state.items()})
     except (KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: corrupt router file ({type(e).__name__}: {str(e)[:160]})") from None
     return router, meta
@@ -480,11 +606,13 @@ def main():
     p.add_argument("--threshold", type=probability, default=None,
                    help="confidence threshold (default: the trained one)")
     p.add_argument("--fallback", choices=["dense", "top2"], default=None)
+    p.add_argument("--token-sparsity", type=token_sparsity, default=0.0, metavar="S",
+                   help="level 3: skip this fraction of FFN neurons per token (calibrated thresholds; 0 = off)")
     args = p.parse_args()
     model, tok = M.load_for_cli(args)
     experts = load_experts(args.experts, model)
     moe = load_router(args.router, model, experts, budget=args.budget, threshold=args.threshold,
-                      fallback=args.fallback)
+                      fallback=args.fallback, token_sparsity=args.token_sparsity)
     ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
     t0 = time.perf_counter()
     (out,), (dec,) = moe.generate([ids], args.max_new_tokens, tokenizer=tok, seed=args.seed)
@@ -492,6 +620,10 @@ def main():
     probs = ", ".join(f"{d}={p:.2f}" for d, p in zip(moe.router.cfg.domains, dec.probs))
     print(f"route: {'+'.join(dec.domains) or 'dense'} ({probs}); {sum(dec.use_expert)}/{len(dec.use_expert)} layers "
           f"purified; active FFN fraction {dec.active_fraction:.3f}", file=sys.stderr)
+    if args.token_sparsity:
+        ran = measured_active_fraction(moe.last_level3, model.config.n_ffn)
+        print(f"level 3 (token sparsity {args.token_sparsity:g}): active FFN fraction {ran:.3f} per token, measured",
+              file=sys.stderr)
     print(tok.decode(out))
     print(f"[{len(out)} tokens in {dt:.2f}s]", file=sys.stderr)
 

@@ -56,7 +56,8 @@ import generate as G
 import model as M
 from cache import key_digest, load_tensors, save_tensors
 from cli import (ArgumentParser, DefaultsHelpFormatter, add_common_args, int_at_least, locked_dir, nonneg_float,
-                 nonneg_int, positive_float, positive_int, probability, progress, run_cli, write_atomic)
+                 nonneg_int, positive_float, positive_int, probability, progress, run_cli, token_sparsity,
+                 write_atomic)
 import router as R
 from experts import baseline_indices, experts_identity, kept_fraction, load_experts, materialize
 from scoring import next_token_nll, perplexity
@@ -408,6 +409,11 @@ def parse_args(argv=None):
     g.add_argument("--l2-heldout", type=positive_int, default=2,
                    help="held-out windows per domain for the level 2 report")
     g.add_argument("--skip-level2", action="store_true", help="train level 1 only (every layer stays dense)")
+    g = p.add_argument_group("level 3")
+    g.add_argument("--l3-windows", type=positive_int, default=8,
+                   help="calibration windows of 256 tokens per domain for the level 3 thresholds")
+    g.add_argument("--l3-report", type=token_sparsity, nargs="+", default=[0.25, 0.5], metavar="S",
+                   help="target sparsities measured on the held-out text for router.md")
     g = p.add_argument_group("comparison (README figures)")
     g.add_argument("--compare", action="store_true", help="after training: held-out ppl per domain and decode "
                                                           "tokens/s for dense, freemoe, true-domain and mixed")
@@ -443,6 +449,7 @@ def run(args):
 
     level1, seconds = run_level1(args, model, tok, router, domain_specs, out_dir)
     l2, seconds["level2_train"] = run_level2(args, moe, tok, domain_specs)
+    l3, seconds["level3"] = run_level3(args, moe, tok, domain_specs)
 
     hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
     R.save_router(out, router, model, experts, hparams)
@@ -457,7 +464,8 @@ def run(args):
     seconds["total"] = time.perf_counter() - t_start
     report = {"router": str(out), "experts": str(args.experts), "fingerprint": model.fingerprint,
               "experts_identity": experts_identity(experts), "router_params": n_router, "model_params": n_model,
-              "level1": level1, "level2": l2, "hparams": hparams, "seconds": seconds, "comparison": comparison}
+              "level1": level1, "level2": l2, "level3": l3, "hparams": hparams, "seconds": seconds,
+              "comparison": comparison}
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1))
     md = report_markdown(out, report, args)
     write_atomic(out.with_suffix(".md"), md)
@@ -515,6 +523,29 @@ def run_level2(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict
     return level2_heldout(moe, heldout, batch_size=4), t_l2
 
 
+def run_level3(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict, float]:
+    """Level 3: thresholds calibrated on --l3-windows windows of calibration text per domain (after level 2), then
+    measured on the held-out text at each --l3-report sparsity: perplexity with the true domain's gated expert and
+    the active FFN it ran. Returns the report's "level3" section and the seconds."""
+    t0 = time.perf_counter()
+    domains = list(moe.router.cfg.domains)
+    calib = {d: data.load_domain_tokens(s, tok, args.data_dir, "calib", args.l3_windows * 256, args.seed + 2, 256)
+             for d, s in zip(domains, domain_specs)}
+    R.calibrate_level3(moe, calib)
+    heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
+               for d, s in zip(domains, domain_specs)}
+    out = {}
+    for s in args.l3_report:
+        moe.token_sparsity = s
+        for d, w in heldout.items():
+            mlps = moe.mlps_for(moe.decision_for((d,)))
+            ppl = perplexity(moe.model, w, mlps, batch_size=4)
+            out.setdefault(d, {})[f"{s:g}"] = {"ppl": ppl, "active_fraction": R.measured_active_fraction(
+                mlps, moe.model.config.n_ffn)}
+    moe.token_sparsity = 0.0
+    return out, time.perf_counter() - t0
+
+
 def report_markdown(out: Path, report: dict, args) -> str:
     """router.md: level 1 accuracy and confusion, level 2 perplexities, the --compare table and the seconds."""
     n_router, n_model, l1, l2 = report["router_params"], report["model_params"], report["level1"], report["level2"]
@@ -529,6 +560,14 @@ def report_markdown(out: Path, report: dict, args) -> str:
                "| domain | dense | gated expert | active FFN | full expert | active FFN |", "|---|---|---|---|---|---|"]
         md += [f"| {d} | {r['dense_ppl']:.2f} | {r['gated_ppl']:.2f} | {r['gated_active_fraction']:.3f} | "
                f"{r['expert_ppl']:.2f} | {r['expert_active_fraction']:.3f} |" for d, r in l2.items()]
+    if report["level3"]:
+        steps = list(next(iter(report["level3"].values())))
+        md += ["", "## level 3: held-out perplexity with the true domain's gated expert, skipping quiet neurons per "
+               "token (s = the target fraction skipped)", "",
+               "| domain | " + " | ".join(f"s={s} | active FFN" for s in steps) + " |",
+               "|---|" + "---|---|" * len(steps)]
+        md += [f"| {d} | " + " | ".join(f"{r[s]['ppl']:.2f} | {r[s]['active_fraction']:.3f}" for s in steps) + " |"
+               for d, r in report["level3"].items()]
     if comparison:
         md += ["", f"## held-out perplexity and decode speed ({args.compare_windows} x 256 tokens per domain)", "",
                compare_markdown(comparison, domains), "",

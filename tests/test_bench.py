@@ -179,3 +179,18 @@ def test_cuda_goals_and_report_from_a_made_up_result():
     for line in ("matmul GFLOP/s, bfloat16, 8192x8192 @ 8192x8192", "read GB/s, 1024 MiB gemv", "| ours eager |",
                  "**CUDA graph / eager**", "(97% equal)", "MMLU-style scoring", "| decode_graph | 1200 |"):
         assert line in text, line
+
+
+def test_level3_section_on_a_tiny_model():
+    """The level3 section: the gathered FFN equals the masked one, the ideals come from bytes, the table prints."""
+    m = tiny_model(**TINY)
+    with torch.inference_mode():
+        res = bench.bench_level3(m, None, {"reps": 1, "new_tokens": 3}, torch.device("cpu"))
+    assert [f["skipped"] for f in res["ffn"]] == list(bench.LEVEL3_FFN_S)
+    for f in res["ffn"]:
+        assert f["max_rel_diff_vs_masked"] < 1e-5 and abs(f["ideal"] - 3 / (1 + 2 * (1 - f["skipped"]))) < 1e-9
+    assert "profile" in res["ffn"][2] and len(res["step"]) == len(bench.LEVEL3_STEP_S)
+    for s in res["step"]:
+        assert 0 < s["active_fraction"] < 1 and s["ideal"] > 1 and s["tok_s"] > 0
+    text = "\n".join(bench.level3_markdown(res))
+    assert "FFN alone" in text and "level3 s=0.50" in text and "profile, FFN gathered" in text

@@ -187,6 +187,45 @@ def test_sparse_systems_run_their_experts(tmp_path):
         E.build_systems(E.parse_args(["--systems", "freemoe", "--experts", str(experts_path)]), model)
 
 
+def test_level3_systems_report_the_active_ffn_they_ran(tmp_path):
+    """--token-sparsity: freemoe and level3 (dense + level 3) skip quiet neurons per token; each item's active FFN is
+    the measured one, and its numbers equal a direct run with the same level-3 FFNs. Off (0) changes nothing."""
+    import router as R
+    tok = smol_tokenizer()
+    model = tiny_model(vocab=tok.n_vocab, **TINY)
+    experts_path, router_path, experts = _tiny_artifacts(tmp_path, model)
+    moe = R.load_router(router_path, model, experts)
+    with torch.no_grad():
+        moe.router.gate_logits.fill_(1.0)
+    rt = TS.Runtime(model, tok, E.parse_args(["--seq-len", "32", "--ppl-domains", "code", "math", "--limit", "2"]))
+    R.calibrate_level3(moe, {d: torch.tensor(it["prompt"])[None] for d in moe.router.cfg.domains
+                             for it in TS.prepare("ppl", rt).items[:1]})
+    R.save_router(router_path, moe.router, model, experts)
+
+    def run(systems, sparsity, out):
+        args = E.parse_args(["--systems", *systems, "--experts", str(experts_path), "--router", str(router_path),
+                             "--tasks", "ppl", "--limit", "2", "--seq-len", "32", "--ppl-domains", "code", "math",
+                             "--token-sparsity", str(sparsity), "--out", str(tmp_path / out)])
+        return E.run(args, model, tok)["systems"], args
+    with pytest.raises(M.UserError, match="needs --token-sparsity"):
+        run(["level3"], 0, "none")
+    off, _ = run(["freemoe"], 0, "off")
+    on, args = run(["dense", "freemoe", "level3"], 0.5, "on")
+    assert on["dense"]["active_fraction"] == 1.0 and off["freemoe"]["active_fraction"] == 0.5
+    assert 0.3 < on["level3"]["active_fraction"] < 0.7  # about half of every FFN's neurons skipped
+    assert 0.1 < on["freemoe"]["active_fraction"] < 0.4  # half of the expert's half
+    moe = R.load_router(router_path, model, experts, token_sparsity=0.5)
+    items = {json.loads(line)["id"]: json.loads(line) for line in
+             (tmp_path / "on" / "items" / "level3" / "ppl.jsonl").read_text().splitlines()[1:]}
+    for it in TS.prepare("ppl", TS.Runtime(model, tok, args)).items:
+        mlps = moe.mlps_for(moe.decision_for(()))
+        direct = SC.loglikelihoods(model, [(it["prompt"][:1], it["prompt"][1:])], mlps)[0]
+        assert items[it["id"]]["nll"] == pytest.approx(-direct, abs=1e-4)
+        # the active FFN of the item's batch (items of a batch share it): close to the item's own
+        assert items[it["id"]]["active_fraction"] == pytest.approx(R.measured_active_fraction(
+            mlps, model.config.n_ffn), abs=0.03)
+
+
 def test_resume_with_other_experts_or_router_is_refused(tmp_path):
     """Items of a sparse system belong to the experts (and router) that made them: a resume into the same --out
     with others is refused, while dense items, which need neither, are reused."""

@@ -363,3 +363,119 @@ def test_sparsity_weight_sweep_lowers_active_fraction(real):
     fracs = [r[1] for r in rows]
     assert fracs[0] >= fracs[1] >= fracs[2] and fracs[0] > fracs[2]
     assert all(math.isfinite(r[2]) for r in rows)
+
+
+# ----------------------------------------------------------------------------- level 3
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_gathered_ffn_equals_the_masked_one(arch):
+    m = tiny_model(arch, vocab=64, n_layer=2, n_embd=32, n_ffn=48)
+    mlp = m.layers[0].mlp
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    g = mlp.gate_acts(x)
+    keep = torch.rand(g.shape, generator=torch.Generator().manual_seed(1)) < 0.4  # (B, T, F) random pattern
+    ref = mlp.masked(x, g, keep)  # (B, T, C)
+    for b in range(3):
+        for t in range(5):
+            got = mlp.active_forward(x[b, t], g[b, t], keep[b, t].nonzero().flatten())
+            torch.testing.assert_close(got, ref[b, t], rtol=1e-5, atol=1e-6)
+    every = torch.ones_like(keep)
+    torch.testing.assert_close(mlp.masked(x, g, every), mlp(x), rtol=1e-5, atol=1e-6)  # nothing skipped = dense
+    one = mlp.active_forward(x[0, 0], g[0, 0], torch.arange(48))
+    torch.testing.assert_close(one, mlp(x)[0, 0], rtol=1e-5, atol=1e-6)
+    none = mlp.active_forward(x[0, 0], g[0, 0], torch.zeros(0, dtype=torch.long))  # every neuron skipped
+    torch.testing.assert_close(none, mlp.down.bias if mlp.down.bias is not None else torch.zeros(32))
+
+
+def test_skipping_mlp_counts_and_both_paths_agree():
+    m = tiny_model("llama", vocab=64, n_layer=2, n_embd=32, n_ffn=48)
+    mlp = m.layers[1].mlp
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(2))
+    thr = float(mlp.gate_acts(x).abs().median()) + 1e-4  # between two values: no borderline neuron
+    small = R.SkippingMLP(mlp, thr)
+    gathered = torch.cat([small(x[:, t:t + 1]) for t in range(3)], 1)  # one token at a time: the gathered path
+    assert small.tokens == 3 and int(small.reads) == int((mlp.gate_acts(x).abs() >= thr).sum())
+    wide = R.SkippingMLP(mlp, thr)
+    masked = wide(x)  # 3 tokens: above GATHER_ROWS, the masked path
+    torch.testing.assert_close(gathered, masked, rtol=1e-5, atol=1e-6)
+    everything = R.SkippingMLP(mlp, 0.0)
+    torch.testing.assert_close(everything(x), mlp(x), rtol=1e-5, atol=1e-6)  # threshold 0 = dense
+    assert R.measured_active_fraction([everything], 48) == 1.0
+    assert R.measured_active_fraction([small], 48) == int(small.reads) / (3 * 48)
+
+
+def test_skipping_mlp_runs_on_meta():
+    m = tiny_model("llama", vocab=64, n_layer=2, n_embd=32, n_ffn=48).to("meta")
+    out = R.SkippingMLP(m.layers[0].mlp, 0.1)(torch.empty(2, 7, 32, device="meta"))  # the masked path: no data
+    assert out.shape == (2, 7, 32) and out.device.type == "meta"
+
+
+def test_thresholds_skip_the_target_fraction_on_their_own_text():
+    m = tiny_model(**TINY)
+    w = ids(B=6, T=20, seed=3)
+    thr = R.level3_thresholds(m, w)  # (L, S)
+    assert thr.shape == (4, R.LEVEL3_STEPS) and (thr[:, 0] == 0).all()
+    assert (thr[:, 1:] >= thr[:, :-1]).all()  # quantiles rise with the target
+    for step in (25, 40, 50, 90):
+        mlps = [R.SkippingMLP(b.mlp, float(thr[l, step])) for l, b in enumerate(m.layers)]
+        with torch.no_grad():
+            m(w, mlps=mlps)
+        skipped = 1 - R.measured_active_fraction(mlps, m.config.n_ffn)
+        assert skipped == pytest.approx(step / R.LEVEL3_STEPS, abs=0.01)
+
+
+def test_level3_in_the_routed_model_and_the_router_file(tmp_path):
+    m = tiny_model(**TINY)
+    experts = tiny_experts(m)
+    moe = tiny_moe(m, experts)
+    with torch.no_grad():
+        moe.router.gate_logits.copy_(torch.tensor([[1.0, -1.0, 2.0, -3.0]] * 4))
+    with pytest.raises(R.UserError, match="no level 3"):
+        R.FreeMoE(m, experts, moe.router, token_sparsity=0.5)
+    windows = {d: ids(B=3, T=16, seed=i) for i, d in enumerate(DOMAINS)}
+    R.calibrate_level3(moe, windows)
+    assert moe.router.cfg.level3 and (moe.router.level3[:, :, 1:] > 0).all()
+    dec = moe.decision_for(("math",))
+    assert all(not isinstance(f, R.SkippingMLP) for f in moe.mlps_for(dec))  # token sparsity 0: levels 1-2 only
+    moe.token_sparsity = 0.5
+    mlps = moe.mlps_for(dec)
+    assert [f.threshold for f in mlps] == moe.router.level3[DOMAINS.index("math"), :, 50].tolist()
+    assert [f.mlp for f in mlps] == moe.static_mlps(dec)  # level 3 wraps the FFNs levels 1-2 chose
+    assert [f.threshold for f in moe.mlps_for(moe.decision_for(()))] == moe.router.level3[4, :, 50].tolist()
+    path = tmp_path / "router.safetensors"
+    R.save_router(path, moe.router, m, experts)
+    back = R.load_router(path, m, experts, token_sparsity=0.5)
+    assert torch.equal(back.router.level3, moe.router.level3) and back.router.cfg.level3
+    assert [f.threshold for f in back.mlps_for(dec)] == [f.threshold for f in mlps]
+
+
+def test_a_router_file_without_level3_still_loads(tmp_path):
+    m = tiny_model(**TINY)
+    experts = tiny_experts(m)
+    moe = tiny_moe(m, experts)
+    state = {k: v for k, v in moe.router.state_dict().items() if k != "level3"}  # as written before level 3
+    meta = {"format": R.ROUTER_FORMAT, "fingerprint": m.fingerprint, "experts_identity": R.experts_identity(experts),
+            "config": json.dumps({k: v for k, v in vars(moe.router.cfg).items() if k != "level3"}),
+            "hparams": "{}", "n_params": "1"}
+    path = tmp_path / "old.safetensors"
+    ckpt.write_safetensors(path, state, meta, checksum=True)
+    back = R.load_router(path, m, experts)
+    assert not back.router.cfg.level3 and torch.equal(back.router.gate_logits, moe.router.gate_logits)
+    with pytest.raises(R.UserError, match="no level 3"):
+        R.load_router(path, m, experts, token_sparsity=0.25)
+
+
+def test_level3_decode_reads_less_and_decodes_the_same_tokens(monkeypatch):
+    m = tiny_model(**TINY, emb_scale=4.0)
+    thr = R.level3_thresholds(m, ids(B=4, T=16, seed=5))
+    prompt = ids(B=1, T=6, seed=6)[0].tolist()
+
+    def run():
+        mlps = [R.SkippingMLP(b.mlp, float(thr[l, 40])) for l, b in enumerate(m.layers)]
+        return G.generate(m, [prompt], 8, mlps=mlps, stop_ids=set())[0], mlps
+
+    gathered, mlps = run()
+    assert 0.5 < R.measured_active_fraction(mlps, m.config.n_ffn) < 0.7  # ~40% skipped
+    monkeypatch.setattr(R, "GATHER_ROWS", 0)  # every step masked: the reference
+    masked, _ = run()
+    assert gathered == masked
