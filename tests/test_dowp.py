@@ -1,9 +1,10 @@
 """Tests for dowp.py: the streamed neuron statistics, the neuron scores (DOWP's contrast rule, magnitude, mixed, the
 loss-aware Taylor scores), neuron selection under a budget or a threshold, and the super neurons that selection
-protects. Exact checks on tiny random models (seeded): keep=1.0 keeps every neuron for every score (exactly the dense model), the Taylor scores equal central
-finite differences of the loss, per neuron and per weight. Shape legend: B batch, T time, C width, L layers,
-F FFN neurons, V vocab, k kept neurons. That the streamed statistics equal a brute-force recomputation from stored
-activations is checked once, as the course's graded part 3 (tests/test_parts.py).
+protects. Exact checks on tiny random models (seeded): keep=1.0 keeps every neuron for every score (exactly the
+dense model), the Taylor scores equal central finite differences of the loss, per neuron and per weight. That the
+streamed statistics equal a brute-force recomputation from stored activations is checked once, as the course's
+graded part 3 (tests/test_parts.py). Shape legend: B batch, T time, C width, L layers, F FFN neurons, V vocab,
+k kept neurons.
 """
 import sys
 from pathlib import Path
