@@ -110,11 +110,13 @@ def test_stub_keeps_signature_and_docstring():
         course.stub_source("def h():\n    return 1\n", [("h", "part 3: h")])  # no contract, no part
 
 
+@pytest.mark.slow
 def test_the_reference_scores_full_points(tmp_path):
     results = grade(plain_copy(tmp_path))
     assert results["score"] == 100 and all(t["score"] == t["max_score"] for t in results["tests"])
 
 
+@pytest.mark.slow
 def test_the_student_copy_scores_zero_each_part_with_its_own_stub(student):
     assert not any((student / f).exists() for f in course.TEACHER_ONLY)
     assert not (student / ".git").exists()

@@ -86,6 +86,7 @@ def run_tiny(out, kill_after_batches=None):
     return E.run(tiny_args(out), model, tok)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_tiny(whole)

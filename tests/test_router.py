@@ -246,6 +246,7 @@ def test_level2_training_changes_only_gate_logits():
     assert g[[DOMAINS.index("general"), DOMAINS.index("knowledge")]].abs().sum() == 0  # untrained stay at init
 
 
+@pytest.mark.slow
 def test_level2_nll_target_can_prefer_an_expert_that_fits_better():
     """With --l2-target kl the gates can only approach dense (KL is least there); with nll they open
     where the expert predicts the domain's own text better than dense."""
