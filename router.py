@@ -372,6 +372,8 @@ class FreeMoE:
             raise _SplitBatch
         mlps = self.mlps_for(decided[0])
         first = next((i for i in range(r) if decided[0].use_expert[i]), r)  # first layer the prefix got wrong
+        if self.token_sparsity:
+            first = 0  # level 3 changes every layer's FFN, the dense ones too: the whole prefill runs again
         x = model.run_layers(hiddens[first], rope, mask, start=first, mlps=mlps)
         return model.head(x[:, -1:]), mlps  # (B, 1, V)
 
@@ -423,8 +425,8 @@ GATHER_ROWS = 1  # inputs of at most this many tokens (a batch-1 decode step) ta
 def measured_active_fraction(mlps: list, n_ffn: int) -> float:
     """What level 3 ran, over everything since the SkippingMLPs were made: FFN neurons read per token over all
     of the model's (L x n_ffn)."""
-    tokens = mlps[0].tokens
-    return float(sum(m.reads for m in mlps)) / (tokens * len(mlps) * n_ffn) if tokens else float("nan")
+    tokens = sum(m.tokens for m in mlps)  # (a layer may have run fewer tokens than another)
+    return float(sum(m.reads for m in mlps)) / (tokens * n_ffn) if tokens else float("nan")
 
 
 class SkippingMLP(nn.Module):

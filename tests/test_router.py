@@ -480,3 +480,28 @@ def test_level3_decode_reads_less_and_decodes_the_same_tokens(monkeypatch):
     monkeypatch.setattr(R, "GATHER_ROWS", 0)  # every step masked: the reference
     masked, _ = run()
     assert gathered == masked
+
+
+def test_routed_generation_with_level3_equals_the_decisions_ffns():
+    """Routing inside the prefill with level 3 on: the same tokens as generating with the decision's level-3 FFNs
+    from the start (level 3 changes every layer, so the prefill is redone whole)."""
+    m = tiny_model(**TINY, emb_scale=4.0)
+    experts = tiny_experts(m)
+    moe = tiny_moe(m, experts, threshold=0.0)
+    with torch.no_grad():
+        moe.router.gate_logits.copy_(torch.tensor([[-1.0, -1.0, 2.0, -3.0]] * 4))  # an early layer stays dense
+    R.calibrate_level3(moe, {d: ids(B=2, T=16, seed=i) for i, d in enumerate(DOMAINS)})
+    moe.token_sparsity = 0.3
+    prompt = ids(B=1, T=9, seed=8)[0].tolist()
+    m.setup_cache(1, 16)
+    decided = []
+    with torch.no_grad():
+        logits, _ = moe._routed_prefill(torch.tensor([prompt]), None, decided)
+    m.clear_cache()
+    with torch.no_grad():
+        reference = m(torch.tensor([prompt]), mlps=moe.mlps_for(decided[0]))[:, -1:]
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # layer 0 ran level 3 too
+    (routed,), (dec,) = moe.generate([prompt], 6, stop_ids=set())
+    direct = G.generate(m, [prompt], 6, mlps=moe.mlps_for(dec), stop_ids=set())[0]
+    assert routed == direct
+    assert 0.5 < R.measured_active_fraction(moe.last_level3, m.config.n_ffn) < 0.8
