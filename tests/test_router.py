@@ -319,8 +319,7 @@ def test_level1_accuracy_on_heldout_domain_prompts(real, tmp_path):
     bench = torch.tensor([s == "bench" for s in va_src])
     bench_acc = float((pred[bench] == va_y[bench]).float().mean())
     print(f"\nlevel 1 held-out accuracy {acc:.3f} ({len(va_y)} prompts; benchmark prompts {bench_acc:.3f})\n{table}")
-    out = Path(__file__).resolve().parents[1] / "results"
-    out.mkdir(exist_ok=True)
+    out = tmp_path  # the table is printed above; the files stay out of the repository
     (out / "router_level1_confusion.md").write_text(f"held-out accuracy {acc:.3f}, benchmark prompts {bench_acc:.3f}"
                                                      f"\n\n{table}\n")
     (out / "router_level1_confusion.json").write_text(json.dumps({"domains": DOMAINS, "confusion": conf.tolist(),
