@@ -153,29 +153,26 @@ def routed_system(name: str, moe, uses: str = "") -> System:
             decisions[key] = moe.route([prompt])[0]
         return decisions[key]
 
-    last = {}
-
     def pick(prompts, domain):
         chosen = [decide(p) for p in prompts]
         if len({d.key for d in chosen}) != 1:
             raise RuntimeError("a batch of a routed system mixes routing decisions")
-        last["mlps"] = moe.mlps_for(chosen[0])
-        return last["mlps"], chosen[0].active_fraction, "+".join(chosen[0].domains) or "dense"
-    measured = (lambda: router.measured_active_fraction(last["mlps"], moe.model.config.n_ffn)) \
-        if moe.token_sparsity else None
-    return System(name, pick, route_key=lambda prompt: decide(prompt).key, uses=uses, measured=measured)
+        return moe.mlps_for(chosen[0]), chosen[0].active_fraction, "+".join(chosen[0].domains) or "dense"
+    return System(name, pick, route_key=lambda prompt: decide(prompt).key, uses=uses,
+                  measured=level3_measure(moe) if moe.token_sparsity else None)
 
 
 def level3_system(name: str, moe, uses: str = "") -> System:
     """The dense FFNs with level 3 alone: no expert, every token skips its quiet neurons at --token-sparsity
     (the router file's dense thresholds, calibrated on every domain's text)."""
-    dense, last = moe.decision_for(()), {}
+    dense = moe.decision_for(())
+    return System(name, lambda prompts, domain: (moe.mlps_for(dense), 1.0, ""), uses=uses,
+                  measured=level3_measure(moe))
 
-    def pick(prompts, domain):
-        last["mlps"] = moe.mlps_for(dense)
-        return last["mlps"], 1.0, ""
-    return System(name, pick, uses=uses,
-                  measured=lambda: router.measured_active_fraction(last["mlps"], moe.model.config.n_ffn))
+
+def level3_measure(moe):
+    """The active FFN that the level-3 FFNs of the last pick ran (FreeMoE keeps the last ones it made)."""
+    return lambda: router.measured_active_fraction(moe.last_level3, moe.model.config.n_ffn)
 
 
 def budget_matched(name: str, model, experts, moe):

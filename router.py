@@ -358,7 +358,8 @@ class FreeMoE:
         """Prefill with routing inside it, for generate.generate's `prefill` hook (the KV cache is set up).
 
         Layers below `route_layer` run dense (that is what level 1 reads); they are kept as they are unless the
-        decision's gates purify one of them, in which case the prefill is redone from that layer on."""
+        decision's gates purify one of them, in which case the prefill is redone from that layer on, or level 3 is
+        on (it changes every layer's FFN), in which case it is redone whole."""
         model, r = self.model, self.router.cfg.route_layer
         x, rope, mask = model.embed(idx, 0, valid)  # (B, T, C)
         hiddens = [x]

@@ -448,8 +448,10 @@ def run(args):
     domain_specs = [specs.get(d, d) for d in domains]  # user domains are stored as NAME=path
 
     level1, seconds = run_level1(args, model, tok, router, domain_specs, out_dir)
-    l2, seconds["level2_train"] = run_level2(args, moe, tok, domain_specs)
-    l3, seconds["level3"] = run_level3(args, moe, tok, domain_specs)
+    heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
+               for d, s in zip(domains, domain_specs)}  # (N, 256) per domain: the level 2 and level 3 reports
+    l2, seconds["level2_train"] = run_level2(args, moe, tok, domain_specs, heldout)
+    l3, seconds["level3"] = run_level3(args, moe, tok, domain_specs, heldout)
 
     hparams = {k: v for k, v in vars(args).items() if k not in ("out",)}
     R.save_router(out, router, model, experts, hparams)
@@ -504,9 +506,9 @@ def run_level1(args, model, tok, router: R.Router, domain_specs: list[str], out_
     return level1, {"level1_features": t_feat, "level1_train": t_l1}
 
 
-def run_level2(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict, float]:
+def run_level2(args, moe: R.FreeMoE, tok, domain_specs: list[str], heldout: dict) -> tuple[dict, float]:
     """Level 2: per-layer gates with KL(dense || routed) + sparsity_weight * active fraction, then measured on the
-    held-out text. Returns the report's "level2" section ({} with --skip-level2) and the training seconds."""
+    held-out windows. Returns the report's "level2" section ({} with --skip-level2) and the training seconds."""
     domains = list(moe.router.cfg.domains)
     if args.skip_level2:
         with torch.no_grad():
@@ -518,22 +520,18 @@ def run_level2(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict
     train_level2(moe, calib, args.sparsity_weight, args.l2_epochs, args.l2_lr, args.tau, args.relax, args.l2_batch,
                  args.seed, args.l2_target, log=lambda s: print(s, file=sys.stderr))
     t_l2 = time.perf_counter() - t0
-    heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
-               for d, s in zip(domains, domain_specs)}
     return level2_heldout(moe, heldout, batch_size=4), t_l2
 
 
-def run_level3(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict, float]:
+def run_level3(args, moe: R.FreeMoE, tok, domain_specs: list[str], heldout: dict) -> tuple[dict, float]:
     """Level 3: thresholds calibrated on --l3-windows windows of calibration text per domain (after level 2), then
-    measured on the held-out text at each --l3-report sparsity: perplexity with the true domain's gated expert and
+    measured on the held-out windows at each --l3-report sparsity: perplexity with the true domain's gated expert and
     the active FFN it ran. Returns the report's "level3" section and the seconds."""
     t0 = time.perf_counter()
     domains = list(moe.router.cfg.domains)
     calib = {d: data.load_domain_tokens(s, tok, args.data_dir, "calib", args.l3_windows * 256, args.seed + 2, 256)
              for d, s in zip(domains, domain_specs)}
     R.calibrate_level3(moe, calib)
-    heldout = {d: data.load_domain_tokens(s, tok, args.data_dir, "heldout", args.l2_heldout * 256, 0, 256)
-               for d, s in zip(domains, domain_specs)}
     out = {}
     for s in args.l3_report:
         moe.token_sparsity = s
@@ -547,7 +545,8 @@ def run_level3(args, moe: R.FreeMoE, tok, domain_specs: list[str]) -> tuple[dict
 
 
 def report_markdown(out: Path, report: dict, args) -> str:
-    """router.md: level 1 accuracy and confusion, level 2 perplexities, the --compare table and the seconds."""
+    """router.md: level 1 accuracy and confusion, level 2 and level 3 perplexities, the --compare table and the
+    seconds."""
     n_router, n_model, l1, l2 = report["router_params"], report["model_params"], report["level1"], report["level2"]
     domains, comparison = l1["domains"], report["comparison"]
     md = [f"# router {out.name}", "", f"router params: {n_router} ({100 * n_router / n_model:.4f}% of the model)", "",
