@@ -158,6 +158,28 @@ def load_mmlu(split: str, data_dir=None) -> list[dict]:
     return rows
 
 
+# One item of the MedMCQA corpus (build_medmcqa writes them, blank-line separated; an explanation may hold blank
+# lines itself, so items are split before each "Question: ").
+MEDMCQA_ITEM = re.compile(r"(?s)Question: (.*?)\nA\. (.*?)\nB\. (.*?)\nC\. (.*?)\nD\. (.*?)\nAnswer: ([ABCD])\. .*?"
+                          r"\nExplanation: (.*)")
+
+
+def load_medmcqa(data_dir=None) -> list[dict]:
+    """MedMCQA's questions from the knowledge domain's second corpus, as multiple-choice items with MMLU's fields:
+    subject ("medicine"), question, choices (4), answer (0-3). The corpus is never used to build or choose
+    anything, so these are unseen questions for every expert and router."""
+    path = data_file("corpora/medical_medmcqa.txt.gz", data_dir)
+    rows = []
+    for item in re.split(r"\n\n(?=Question: )", read_text(path).strip("\n")):
+        m = MEDMCQA_ITEM.fullmatch(item)
+        if m is None:
+            raise UserError(f"corrupt data file {path}: bad item {item[:40]!r} (needs a question, options A-D, "
+                            "an answer letter and an explanation)")
+        q, *choices, letter, _ = m.groups()
+        rows.append({"subject": "medicine", "question": q, "choices": choices, "answer": "ABCD".index(letter)})
+    return rows
+
+
 def load_gsm8k(split: str, data_dir=None) -> list[dict]:
     path = data_file(f"gsm8k/{split}.jsonl", data_dir)
     rows = read_jsonl(path, ("question", "answer"))

@@ -13,6 +13,8 @@ columns and breakdowns it reports. Adding a benchmark = writing those functions 
                only the test items of the "eval" bucket (70%): the other 30% are the knowledge domain's
                calibration (20%) and held-out (10%) text (data.py); --mmlu-items all scores all 14,042 and reports
                each bucket apart too.
+    medmcqa    MedMCQA's 996 medical exam questions (the knowledge domain's second corpus, never used to build or
+               choose anything), zero-shot, scored exactly as MMLU: letters and cloze (acc_norm).
     gsm8k      k-shot chain of thought (train split), greedy, stop at the next "Question:"; the answer is the
                number after "####" or else the last number; exact match after normalising "," "$" and ".0".
     gsm8k_answer  bits per byte of each GSM8K test problem's reference worked answer given the question (zero-shot):
@@ -42,7 +44,8 @@ import numpy as np
 import sandbox
 from cli import UserError
 from data import (LETTERS, gsm8k_prompt, heldout_text, humaneval_program, load_gsm8k, load_humaneval, load_mbpp,
-                  load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt, shift_text)
+                  load_medmcqa, load_mmlu, mbpp_program, mbpp_prompt, mmlu_bucket, mmlu_cloze_prompt, mmlu_prompt,
+                  shift_text)
 from generate import generate
 from scoring import loglikelihoods, window_nll
 
@@ -260,8 +263,9 @@ def prepare_mmlu(rt: Runtime) -> tuple[list[dict], dict]:
         if bucket != "eval" and rt.args.mmlu_items == "eval":  # 20%: knowledge calibration text, 10%: its held-out text
             continue
         shots = dev.get(d["subject"], [])[:k]  # harness "first_n": the first k dev items of the subject
-        test.append({"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
-                     "cloze": mmlu_cloze_prompt(d, shots), "bucket": bucket})
+        item = {"id": f"{d['subject']}/{i}", "doc": d, "prompt": mmlu_prompt(d, shots),
+                "cloze": mmlu_cloze_prompt(d, shots)}
+        test.append({**item, "bucket": bucket} if rt.args.mmlu_items == "all" else item)  # reported with all
     if rt.args.mmlu_per_subject:  # stratified: K from every subject, in dataset order
         chosen = {it["id"] for subject in MMLU_SUBJECT_CATEGORY
                   for it in select([t for t in test if t["doc"]["subject"] == subject], rt.args.mmlu_per_subject,
@@ -273,7 +277,15 @@ def prepare_mmlu(rt: Runtime) -> tuple[list[dict], dict]:
     return picked, {"shots": k, "items": items}
 
 
-def run_mmlu(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
+def prepare_medmcqa(rt: Runtime) -> tuple[list[dict], dict]:
+    items = [{"id": f"medmcqa/{i}", "doc": d, "prompt": mmlu_prompt(d, []), "cloze": mmlu_cloze_prompt(d, [])}
+             for i, d in enumerate(load_medmcqa(rt.args.data_dir))]
+    return select(items, limit_for(rt.args, "medmcqa"), rt.args.seed), {"shots": 0}
+
+
+def run_choices(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
+    """A multiple-choice item (MMLU's fields) scored two ways from one batch of log-likelihoods: the letters
+    " A".." D" after the lettered prompt, and each answer text after the cloze prompt (MMLU, MedMCQA)."""
     tok, reqs = rt.tokenizer, []
     for it in items:
         ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
@@ -281,7 +293,6 @@ def run_mmlu(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
         reqs += [(cloze, tok.encode(f" {c}", bos=False)) for c in it["doc"]["choices"]]
     mlps, frac, route = system.pick([tok.encode(it["prompt"]) for it in items], domain)
     ll = loglikelihoods(rt.model, reqs, mlps, rt.args.batch_tokens)
-    all_items = rt.args.mmlu_items == "all"
     records = []
     for j, it in enumerate(items):
         letters, cloze = ll[8 * j:8 * j + 4], ll[8 * j + 4:8 * j + 8]
@@ -293,7 +304,7 @@ def run_mmlu(rt: Runtime, system, items: list[dict], domain: str) -> list[dict]:
                         "prediction": LETTERS[int(np.argmax(letters))], "reference": LETTERS[ans],
                         "correct": float(np.argmax(letters) == ans), "correct_cloze": float(np.argmax(norm) == ans),
                         "loglik_letters": letters, "loglik_cloze": cloze, "active_fraction": frac,
-                        **({"route": route} if route else {}), **({"bucket": it["bucket"]} if all_items else {}),
+                        **({"route": route} if route else {}), **({"bucket": it["bucket"]} if "bucket" in it else {}),
                         "tokens": len(reqs[8 * j][0]) + len(reqs[8 * j + 4][0]) + 4})
     return records
 
@@ -468,10 +479,19 @@ def check_data(args):
 
 # ----------------------------------------------------------------------------- columns and breakdowns
 
-def mmlu_columns(settings: dict, records: list[dict]) -> dict:
+def choice_columns(name: str, records: list[dict]) -> dict:
+    """A multiple-choice task's two accuracies: letters (`name`) and cloze (`name`_cloze)."""
     ones = np.ones(len(records))
-    return {"mmlu": (np.array([r["correct"] for r in records]), ones),
-            "mmlu_cloze": (np.array([r["correct_cloze"] for r in records]), ones)}
+    return {name: (np.array([r["correct"] for r in records]), ones),
+            f"{name}_cloze": (np.array([r["correct_cloze"] for r in records]), ones)}
+
+
+def mmlu_columns(settings: dict, records: list[dict]) -> dict:
+    return choice_columns("mmlu", records)
+
+
+def medmcqa_columns(settings: dict, records: list[dict]) -> dict:
+    return choice_columns("medmcqa", records)
 
 
 def ppl_columns(settings: dict, records: list[dict]) -> dict:
@@ -527,8 +547,10 @@ def code_details(settings: dict, records: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- the registry
 
 BENCHMARKS = {b.name: b for b in [
-    Benchmark("mmlu", "knowledge", prepare_mmlu, run_mmlu, check_mmlu, mmlu_columns, mmlu_details, mmlu_groups,
+    Benchmark("mmlu", "knowledge", prepare_mmlu, run_choices, check_mmlu, mmlu_columns, mmlu_details, mmlu_groups,
               (*MMLU_CATEGORIES, "math subjects", "bucket eval", "bucket calib", "bucket heldout")),
+    Benchmark("medmcqa", "knowledge", prepare_medmcqa, run_choices, lambda a: load_medmcqa(a.data_dir),
+              medmcqa_columns),
     Benchmark("gsm8k", "math", prepare_gsm8k, run_gsm8k, check_gsm8k),
     Benchmark("gsm8k_answer", "math", prepare_gsm8k_answer, run_gsm8k_answer, check_gsm8k, answer_columns),
     Benchmark("humaneval", "code", prepare_humaneval, run_humaneval, lambda a: load_humaneval(a.data_dir),

@@ -84,8 +84,6 @@ def test_user_domain_and_errors(tmp_path):
 
 SHARED_DATA = shared_dir() / "data"  # the reference copies, where this checkout has ../shared beside it
 MEDMCQA = "corpora/medical_medmcqa.txt.gz"
-MEDMCQA_ITEM = re.compile(r"(?s)Question: (.*?)\nA\. (.*?)\nB\. (.*?)\nC\. (.*?)\nD\. (.*?)\nAnswer: ([ABCD])\. .*?"
-                          r"\nExplanation: (.*)")
 SYSCONFIG = re.compile(r"(?ms)^# ===== file: Lib/_sysconfigdata_.*?(?=^# ===== file: )")  # see data.CPYTHON_FILES
 
 
@@ -111,7 +109,7 @@ def upstream_files() -> dict[str, bytes]:
             out.update({u: files["Lib/" + u.split("/Lib/", 1)[1]][:-1].encode() for u in urls})
         elif f.build is data.build_medmcqa:
             keys = ("question", "opa", "opb", "opc", "opd", "cop", "exp")
-            rows = [dict(zip(keys, MEDMCQA_ITEM.fullmatch(item).groups()))
+            rows = [dict(zip(keys, data.MEDMCQA_ITEM.fullmatch(item).groups()))
                     for item in re.split(r"\n\n(?=Question: )", text.decode()[:-2])]
             out[urls[0]] = "".join(json.dumps({**r, "cop": "ABCD".index(r["cop"]) + 1}) + "\n" for r in rows).encode()
         elif urls:

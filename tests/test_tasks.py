@@ -3,6 +3,7 @@ extraction, pass@k, the seeded prefix-stable item selection and per-task limits,
 corrupt benchmark data, and MMLU scoring: its batched log-likelihoods equal a brute-force forward per choice on a tiny
 random model. Slow: the same scoring, batched generation and a short run on the real SmolLM2-135M model.
 """
+import gzip
 import math
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
     args = E.parse_args(["--limit", "5", "--mmlu-shots", "2", "--batch-tokens", "1500"])
     rt = TS.Runtime(model, tok, args)
     task = TS.prepare("mmlu", rt)
-    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
+    recs = TS.run_choices(rt, E.System("dense"), task.items, task.domain)
     for it, rec in zip(task.items, recs):
         ctx, cloze = tok.encode(it["prompt"]), tok.encode(it["cloze"])
         letters = [brute_loglik(model, ctx, tok.encode(f" {L}")) for L in "ABCD"]
@@ -148,6 +149,39 @@ def test_mmlu_scoring_equals_brute_force_per_choice_forward():
         per_char = [x / len(c) for x, c in zip(rec["loglik_cloze"], it["doc"]["choices"])]  # harness acc_norm
         assert rec["correct_cloze"] == float(max(range(4), key=per_char.__getitem__) == it["doc"]["answer"])
         assert rec["prediction"] == "ABCD"[max(range(4), key=letters.__getitem__)]
+
+
+def test_medmcqa_items_are_the_second_corpus_questions_scored_like_mmlu():
+    rows = data.load_medmcqa()
+    assert len(rows) == 996 and all(len(r["choices"]) == 4 and r["answer"] in range(4) for r in rows)
+    # every question and its right option are in the knowledge domain's second corpus, never in its calibration
+    corpus = "\n\n".join(data.shift_documents("knowledge"))
+    for r in rows[::97]:
+        assert f"Question: {r['question']}\n" in corpus
+        assert f"Answer: {'ABCD'[r['answer']]}. {r['choices'][r['answer']]}" in corpus
+    assert [sum(r["answer"] == a for r in rows) for a in range(4)] == [312, 270, 266, 148]
+    tok = smol_tokenizer()
+    args = E.parse_args(["--tasks", "medmcqa", "--limit", "3"])
+    rt = TS.Runtime(tiny_model(vocab=tok.n_vocab, **TINY), tok, args)
+    task = TS.prepare("medmcqa", rt)
+    assert task.domain == "knowledge" and task.settings == {"shots": 0} and len(task.items) == 3
+    assert task.items[0]["prompt"].startswith("The following are multiple choice questions (with answers) about "
+                                              "medicine.\n\n") and task.items[0]["prompt"].endswith("\nD. "
+                                              + task.items[0]["doc"]["choices"][3] + "\nAnswer:")
+    recs = TS.run_choices(rt, E.System("dense"), task.items, task.domain)
+    cols = TS.columns_of(task, recs)
+    assert set(cols) == {"medmcqa", "medmcqa_cloze"}
+    assert list(cols["medmcqa"][0]) == [r["correct"] for r in recs] and "bucket" not in recs[0]
+
+
+def test_a_corrupt_medmcqa_item_is_a_one_line_user_error(tmp_path, monkeypatch):
+    bad = tmp_path / "corpora" / "medical_medmcqa.txt.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(gzip.compress(b"Question: Which?\nA. x\nB. y\nC. z\nAnswer: B. y\nExplanation: none\n\n"))
+    monkeypatch.setattr(data, "data_file", lambda name, data_dir=None: bad)  # the pinned file parses; this one not
+    with pytest.raises(M.UserError, match="bad item 'Question: Which") as e:
+        data.load_medmcqa()
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- real model
@@ -163,7 +197,7 @@ def test_real_model_mmlu_scoring_and_generation(real, tmp_path):
     args = E.parse_args(["--limit", "2", "--mmlu-shots", "0"])  # short prompts: this CPU is slow
     rt = TS.Runtime(model, tok, args)
     task = TS.prepare("mmlu", rt)
-    recs = TS.run_mmlu(rt, E.System("dense"), task.items, task.domain)
+    recs = TS.run_choices(rt, E.System("dense"), task.items, task.domain)
     for it, rec in zip(task.items, recs):
         letters = [brute_loglik(model, tok.encode(it["prompt"]), tok.encode(f" {L}")) for L in "ABCD"]
         assert rec["loglik_letters"] == pytest.approx(letters, abs=1e-3)
