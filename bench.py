@@ -481,8 +481,8 @@ def level3_ffn_runs(model, s: float, g: torch.Generator):
         sync(device)
         t0 = time.perf_counter()
         out = []
-        for m, x, keep in zip(mlps, xs, keeps):
-            gate = m.gate_acts(x)[0, 0]  # (F,)
+        for m, x, keep in zip(mlps, xs, keeps):  # as SkippingMLP.one_token
+            gate = m.gate_acts(x[0, 0])  # (F,)
             active = (gate.abs() >= 0).logical_and_(keep).nonzero().flatten()  # (k,)
             out.append(m.active_forward(x[0, 0], gate, active))  # (C,)
         sync(device)
@@ -503,13 +503,93 @@ def profile_ops(fn, rows=5) -> list[dict]:
     return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count // 3} for e in ev[:rows]]
 
 
-def level3_windows(model, tok, n=8, T=128) -> torch.Tensor:
-    """Calibration text for the thresholds, (n, T): windows of this repository's README (random tokens without a
-    tokenizer, e.g. a tiny test model)."""
-    ids = tok.encode(Path(__file__).with_name("README.md").read_text()) if tok is not None else []
+def level3_windows(model, tok, n=8, T=128, start=0) -> torch.Tensor:
+    """Calibration text for the thresholds, (n, T): windows of this repository's README from token `start` (random
+    tokens without a tokenizer, e.g. a tiny test model)."""
+    ids = tok.encode(Path(__file__).with_name("README.md").read_text())[start:] if tok is not None else []
     if len(ids) < n * T:
-        return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+        return torch.randint(0, model.config.vocab_size, (n, T), generator=torch.Generator().manual_seed(start))
     return torch.tensor(ids[:n * T]).view(n, T)
+
+
+class _KeepInputs(torch.nn.Module):
+    """An FFN that keeps what comes into it, (N, C) per call."""
+
+    def __init__(self, mlp, seen: list):
+        super().__init__()
+        self.mlp, self.seen = mlp, seen
+
+    def forward(self, x):
+        self.seen.append(x.reshape(-1, x.shape[-1]))
+        return self.mlp(x)
+
+
+@torch.no_grad()
+def ffn_inputs(model, idx) -> list[torch.Tensor]:
+    """Every layer's FFN input on the tokens idx (N, T) run densely: (N * T, C) per layer."""
+    seen = [[] for _ in model.layers]
+    model(idx, mlps=[_KeepInputs(blk.mlp, s) for blk, s in zip(model.layers, seen)])
+    return [torch.cat(s) for s in seen]
+
+
+def hot_first(mlp, x, threshold: float):
+    """The same FFN with its neurons reordered, the ones that run most often on the tokens x (N, C) first: an MLP
+    with the same output (its sums in another order), whose active sets may come in longer contiguous runs."""
+    busy = (mlp.gate_acts(x).abs() >= threshold).float().mean(0)  # (F,) how often each neuron runs
+    return mlp.select(busy.argsort(descending=True))
+
+
+def mean_run(active: torch.Tensor) -> float:
+    """Average length of the runs of consecutive indices in a sorted index set (k,): 1 = all scattered."""
+    return len(active) / (1 + int((active.diff() != 1).sum())) if len(active) else 0.0
+
+
+def level3_order_runs(model, thresholds, s: float, calib, text):
+    """fn() -> (seconds, outputs) of every layer's FFN on each token of `text` (1, T), one token at a time: dense,
+    and level 3 (SkippingMLP.one_token, real active sets from the thresholds at s) with the neurons as stored and
+    hot-first by their activity on `calib` (N, T). Also the mean run length of the active sets in each order."""
+    col = round(s * router.LEVEL3_STEPS)
+    seen, xs = ffn_inputs(model, calib), ffn_inputs(model, text)  # L x (N * T, C), L x (T, C)
+    thr = [thresholds[l, col].item() for l in range(len(model.layers))]
+    stored = [router.SkippingMLP(blk.mlp, t) for blk, t in zip(model.layers, thr)]
+    hot = [router.SkippingMLP(hot_first(blk.mlp, x, t), t) for blk, x, t in zip(model.layers, seen, thr)]
+    for m in stored + hot:
+        m.mlp.down_rows()
+
+    def timed(step):
+        def fn():
+            sync(xs[0].device)
+            t0 = time.perf_counter()
+            out = [step(l, x) for x in zip(*xs) for l in range(len(xs))]  # token by token, layer by layer
+            sync(xs[0].device)
+            return time.perf_counter() - t0, out
+        return fn
+
+    with torch.no_grad():
+        runs = {name: sum(mean_run((m.mlp.gate_acts(x).abs() >= m.threshold).nonzero().flatten())
+                          for m, layer_x in zip(mlps, xs) for x in layer_x) / (len(xs) * len(xs[0]))
+                for name, mlps in (("stored", stored), ("hot-first", hot))}
+    fns = {"dense": timed(lambda l, x: model.layers[l].mlp(x[l][None, None])),
+           "stored": timed(lambda l, x: stored[l].one_token(x[l])),
+           "hot-first": timed(lambda l, x: hot[l].one_token(x[l]))}
+    return fns, runs
+
+
+def level3_order(model, thresholds, calib, text, reps: int, s: float = 0.5) -> dict:
+    """The FFN alone on real active sets at s, neurons as stored vs hot-first: does a layout of the weights that puts
+    the active neurons in contiguous runs read them faster?"""
+    fns, runs = level3_order_runs(model, thresholds, s, calib, text)
+    t = side_by_side(fns, reps)
+    n = text.numel()
+    out = {"skipped": s, "tokens": n, "dense_ms": 1e3 * t["dense"]["min"] / n, "rows": []}
+    ref = torch.stack(t["stored"]["extra"])
+    for name in ("stored", "hot-first"):
+        y = torch.stack(t[name]["extra"])
+        row = {"order": name, "mean_run": runs[name], "ms": 1e3 * t[name]["min"] / n,
+               "speedup": t["dense"]["min"] / t[name]["min"],
+               "max_rel_diff_vs_stored": ((y - ref).abs().max() / ref.abs().max()).item()}
+        out["rows"].append(row)
+    return out
 
 
 def bench_level3(model, tok, plan, device) -> dict:
@@ -531,7 +611,9 @@ def bench_level3(model, tok, plan, device) -> dict:
         ffn.append(row)
     # the whole step: thresholds calibrated on text, as train_router does (here with the dense model's gates)
     max_len = model.config.max_seq_len
-    thresholds = router.level3_thresholds(model, level3_windows(model, tok, T=min(128, max_len)).to(device))  # (L, S)
+    calib = level3_windows(model, tok, T=min(128, max_len)).to(device)  # (8, T)
+    thresholds = router.level3_thresholds(model, calib)  # (L, S)
+    order = level3_order(model, thresholds, calib, level3_windows(model, tok, 1, 64, calib.numel()).to(device), reps)
     n_new = plan["new_tokens"]
     T = min(64, max_len - n_new - 1)
     idx = level3_windows(model, tok, 1, T).to(device)  # (1, T): a prompt the thresholds have seen
@@ -555,7 +637,7 @@ def bench_level3(model, tok, plan, device) -> dict:
                "ideal": dense_bytes / (dense_bytes - saved)}
         row["of_ideal"] = row["speedup"] / row["ideal"]
         step.append(row)
-    return {"ffn": ffn, "step": step, "prompt": T, "new_tokens": n_new, "reps": reps,
+    return {"ffn": ffn, "order": order, "step": step, "prompt": T, "new_tokens": n_new, "reps": reps,
             "note": "best of reps, interleaved; ideal = bytes read dense / bytes read with skipping; "
                     "FFN active sets random, decode-step ones from the thresholds"}
 
@@ -569,6 +651,15 @@ def level3_markdown(r: dict) -> list[str]:
         lines.append(f"| {100 * f['skipped']:.0f}% | {f['dense_ms']:.2f} | {f['gathered_ms']:.2f} "
                      f"| {f['speedup']:.2f}x | {f['ideal']:.2f}x | {100 * f['of_ideal']:.0f}% "
                      f"| {f['max_rel_diff_vs_masked']:.1e} |")
+    o = r["order"]
+    lines += ["", f"level 3, batch 1, FFN alone on real active sets at {100 * o['skipped']:.0f}% skipped "
+              f"({o['tokens']} README tokens after the calibration windows; dense {o['dense_ms']:.2f} ms per token):",
+              "",
+              "| neuron order | mean run of active neurons | gathered ms per token | speedup | max diff vs stored |",
+              "|---|---|---|---|---|"]
+    for row in o["rows"]:
+        lines.append(f"| {row['order']} | {row['mean_run']:.2f} | {row['ms']:.2f} | {row['speedup']:.2f}x "
+                     f"| {row['max_rel_diff_vs_stored']:.1e} |")
     lines += ["", f"level 3, whole greedy decode step, batch 1 ({r['prompt']}-token prompt, {r['new_tokens']} new "
               "tokens; thresholds from README windows):", "",
               "| system | active FFN (measured) | tok/s | dense tok/s | speedup | ideal (bytes) | of ideal |",

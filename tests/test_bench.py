@@ -192,5 +192,20 @@ def test_level3_section_on_a_tiny_model():
     assert "profile" in res["ffn"][2] and len(res["step"]) == len(bench.LEVEL3_STEP_S)
     for s in res["step"]:
         assert 0 < s["active_fraction"] < 1 and s["ideal"] > 1 and s["tok_s"] > 0
+    order = res["order"]
+    assert [r["order"] for r in order["rows"]] == ["stored", "hot-first"] and order["tokens"] == 64
+    assert all(r["max_rel_diff_vs_stored"] < 1e-5 and r["mean_run"] >= 1 for r in order["rows"])
     text = "\n".join(bench.level3_markdown(res))
     assert "FFN alone" in text and "level3 s=0.50" in text and "profile, FFN gathered" in text
+    assert "| hot-first |" in text
+
+
+def test_hot_first_order_is_the_same_ffn_with_the_busiest_neurons_first():
+    assert bench.mean_run(torch.tensor([0, 1, 2, 5, 6, 9])) == 2.0 and bench.mean_run(torch.tensor([3])) == 1.0
+    mlp = tiny_model(**TINY).layers[0].mlp
+    x = torch.randn(200, mlp.up.in_features, generator=torch.Generator().manual_seed(0))
+    thr = mlp.gate_acts(x).abs().median().item()
+    hot = bench.hot_first(mlp, x, thr)
+    torch.testing.assert_close(hot(x), mlp(x), rtol=1e-5, atol=1e-6)
+    busy = (hot.gate_acts(x).abs() >= thr).float().mean(0)  # (F,) in the new order
+    assert bool((busy.diff() <= 0).all()) and busy[0] > busy[-1]
