@@ -29,7 +29,8 @@ from cli import ArgumentParser, UserError, markdown_table, run_cli, write_atomic
 ROOT = Path(__file__).resolve().parent
 PART_TESTS = "tests/test_parts.py"
 TEACHER_ONLY = ("docs/course-key.md", "tests/test_course.py")  # never copied to students
-SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "results", "experts", "logs", "assignment"}
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "results", "experts", "logs", "assignment",
+             ".carry"}
 
 
 @dataclass(frozen=True)
