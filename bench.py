@@ -45,8 +45,9 @@ Sections (each skipped with a note when what it needs is missing):
                  step); then whole greedy decode steps, dense vs level 3 with thresholds from
                  router.level3_thresholds on windows of this repository's README. Each speedup next to its ideal
                  from bytes read (gate read fully, up and down only for the active neurons), and torch.profiler's top
-                 ops of each FFN at s = 50%. Real active sets are not random (neighbouring rows run together more
-                 often), so the random ones are the harder case for the gathered reads.
+                 ops of each FFN at s = 50%; and on real active sets (README tokens after the calibration windows),
+                 the neurons as stored against hot-first (`hot_first`: most often active first), with the mean run of
+                 consecutive active neurons: does a layout of the weights make the reads contiguous?
   7. goals       the speed targets (GOALS), each as measured vs target, met or missed by how much (the GPU
                  targets on CUDA only).
 
