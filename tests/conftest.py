@@ -241,6 +241,14 @@ def save_hf(hf, d: Path, how: str):
     write_tiny_tokenizer(d)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF checkpoint (safetensors), once per test module."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    save_hf(build_hf("llama", dict(num_key_value_heads=2)), d, "safetensors")
+    return d
+
+
 def write_tiny_tokenizer(d: Path):
     """The GPT-2 files where ../shared has them (as in CI), else SmolLM2's tokenizer written from its GGUF (a fresh
     clone): either fits the tiny models' 50,257-token vocabulary."""

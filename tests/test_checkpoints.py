@@ -21,13 +21,6 @@ from conftest import TOL, build_hf, one_line_error, random_ids, save_hf  # noqa:
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    save_hf(build_hf("llama", dict(num_key_value_heads=2)), d, "safetensors")
-    return d
-
-
 def test_bf16_checkpoint_loads_exactly(tmp_path):
     """Hub checkpoints are usually bf16 safetensors: read, upcast to fp32, same logits as transformers'."""
     from transformers import AutoModelForCausalLM

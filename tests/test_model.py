@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
-from conftest import (RAW_PROMPTS, TINY_CASES, TOL, TrickleServer, build_hf, one_line_error, random_ids, save_hf,  # noqa: E402
+from conftest import (RAW_PROMPTS, TINY_CASES, TOL, TrickleServer, one_line_error, random_ids,  # noqa: E402
                       smol_hf_tokenizer, tiny_case)
 
 transformers = pytest.importorskip("transformers")
@@ -121,13 +121,6 @@ def test_tiny_chunked_prefill_last_only_hidden_and_select(tiny):
 
 
 # ============================================================================ loading: dtype, one-line errors, the hub
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    save_hf(build_hf("llama", dict(num_key_value_heads=2)), d, "safetensors")
-    return d
-
 
 def test_bf16_load_keeps_rope_frequencies_float32(tiny_llama_dir):
     m, _ = M.load_model(tiny_llama_dir, dtype=torch.bfloat16)
