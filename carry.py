@@ -17,7 +17,6 @@ joined model against model.DEFAULT_GGUF_SHA256, each data file against its pin i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import data
 import model as M
-from cli import ArgumentParser, UserError, run_cli, write_atomic
+from cli import ArgumentParser, UserError, file_sha256, run_cli, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 PACKED = ROOT / ".carry"  # listed in .gitignore: parts are never committed
@@ -34,14 +33,6 @@ STASH = Path("/tmp/free-moe-carry")
 SHARED = Path("/tmp/free-moe-shared")
 MODEL_NAME = Path(M.DEFAULT_GGUF).name
 CHUNK = 1 << 24
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- here: pack
@@ -154,6 +145,10 @@ def join(stash: Path, to: Path) -> Path:
 
 # ----------------------------------------------------------------------------- here: the whole trip, rehearsed
 
+def part_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / (1 << 20)
+
+
 def tree_mib() -> float:
     """The working tree as a transfer sends it: tracked files and untracked ones git does not ignore."""
     try:
@@ -175,11 +170,10 @@ def rehearse(limit_mib: float, bundle_mib: float, packed: Path = PACKED) -> dict
         for k in range(1, manifest["parts"] + 1):
             fresh = Path(tmp) / f"tree{k}" / ".carry"
             shutil.copytree(packed / str(k), fresh / str(k))
-            sizes.append(sum(f.stat().st_size for f in (fresh / str(k)).iterdir()) / (1 << 20))
+            sizes.append(part_mib(fresh / str(k)))
             receive(k, fresh, stash)
             shutil.rmtree(fresh.parent)
-        path = join(stash, shared)
-        M.check_default_model(path)
+        join(stash, shared)  # checks the joined model against its pin, and every data file
     over = [k for k, size in enumerate(sizes, 1) if size + tree > bundle_mib]
     if over:
         raise UserError(f"part(s) {over} with the working tree ({tree:.1f} MiB) exceed {bundle_mib} MiB: "
@@ -205,8 +199,7 @@ def main(argv=None):
     if args.cmd == "pack":
         m = pack(PACKED, args.limit_mib)
         for k in range(1, m["parts"] + 1):
-            mib = sum(f.stat().st_size for f in (PACKED / str(k)).iterdir()) / (1 << 20)
-            print(f"part {k} of {m['parts']}: {PACKED / str(k)} ({mib:.1f} MiB)")
+            print(f"part {k} of {m['parts']}: {PACKED / str(k)} ({part_mib(PACKED / str(k)):.1f} MiB)")
     elif args.cmd == "receive":
         print(f"part {args.k}: {len(receive(args.k, PACKED, args.stash))} files into {args.stash / str(args.k)}")
     elif args.cmd == "join":

@@ -4,12 +4,14 @@ Nothing here knows about transformers. Each stage script builds its parser with 
 flags mean the same everywhere) and runs its main through `run_cli`, so a user mistake (`UserError`) prints one
 line and exits with code 2 instead of a traceback. Outputs: `write_atomic` (a reader sees the old file or the
 new one), `locked_dir` (one run per --out), `progress` (bars on a terminal only), `markdown_table` and the optional
-matplotlib figure. Caches of long computations live in cache.py, built on `write_atomic`.
+matplotlib figure; `file_sha256` checks a pinned file. Caches of long computations live in cache.py, built on
+`write_atomic`.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import math
 import os
 import signal
@@ -178,6 +180,15 @@ def resolve_dtype(args, device: torch.device | None = None) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+
+def file_sha256(path) -> str:
+    """The sha256 of a file, read in 16 MiB blocks (a model file never sits in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
 
 def write_atomic(path, data: str | bytes):
     """Write a file so readers see the old one or the new one, never half of one (a killed run loses nothing).

