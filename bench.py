@@ -45,9 +45,11 @@ Sections (each skipped with a note when what it needs is missing):
                  step); then whole greedy decode steps, dense vs level 3 with thresholds from
                  router.level3_thresholds on windows of this repository's README. Each speedup next to its ideal
                  from bytes read (gate read fully, up and down only for the active neurons), and torch.profiler's top
-                 ops of each FFN at s = 50%; and on real active sets (README tokens after the calibration windows),
-                 the neurons as stored against hot-first (`hot_first`: most often active first), with the mean run of
-                 consecutive active neurons: does a layout of the weights make the reads contiguous?
+                 ops of each FFN at s = 50%; the two gathers alone over half the rows, contiguous, every second
+                 and scattered (what scattering costs per byte); and on real active sets (README tokens after the
+                 calibration windows), the neurons as stored against hot-first (`hot_first`: most often active
+                 first), with the mean run of consecutive active neurons: does a layout of the weights make the
+                 reads contiguous?
   7. goals       the speed targets (GOALS), each as measured vs target, met or missed by how much (the GPU
                  targets on CUDA only).
 
@@ -493,6 +495,38 @@ def level3_ffn_runs(model, s: float, g: torch.Generator):
     return dense, gathered, masked
 
 
+def level3_row_patterns(model, reps: int) -> list[dict]:
+    """The two gathers of MLP.active_forward alone (up's row dot products, down's weighted sum of rows) over half of
+    every layer's neurons, picked three ways: the first half, every second neuron, a random half. The same bytes
+    each time: the time against the first half's is what scattering the rows costs per byte."""
+    g = torch.Generator().manual_seed(1)
+    mlps = [blk.mlp for blk in model.layers]
+    Fn, C = mlps[0].n_neurons, model.config.n_embd
+    device, dtype = model.tok_emb.weight.device, model.tok_emb.weight.dtype
+    xs = [torch.randn(C, generator=g).to(device, dtype) for _ in mlps]  # (C,) per layer
+    a = torch.randn(Fn // 2, generator=g).to(device, dtype)  # (F/2,) the activations weighting down's rows
+    picks = {"contiguous": torch.arange(Fn // 2), "every second": torch.arange(0, 2 * (Fn // 2), 2),
+             "scattered": torch.randperm(Fn, generator=g)[:Fn // 2].sort().values}
+
+    def reads(rows):
+        rows = rows.to(device)
+
+        def fn():
+            sync(device)
+            t0 = time.perf_counter()
+            for m, x in zip(mlps, xs):
+                M.row_dots(m.up.weight, x, rows)
+                torch.nn.functional.embedding_bag(rows, m.down_rows(), rows.new_zeros(1), per_sample_weights=a,
+                                                  mode="sum")
+            sync(device)
+            return time.perf_counter() - t0, None
+        return fn
+
+    t = side_by_side({name: reads(rows) for name, rows in picks.items()}, reps)
+    return [{"rows": name, "ms": 1e3 * t[name]["min"], "per_byte_vs_contiguous": t[name]["min"] /
+             t["contiguous"]["min"]} for name in picks]
+
+
 def profile_ops(fn, rows=5) -> list[dict]:
     """torch.profiler's CPU ops by self time over 3 calls of fn: what a variant spends its time on."""
     from torch.profiler import ProfilerActivity, profile
@@ -610,6 +644,7 @@ def bench_level3(model, tok, plan, device) -> dict:
         if s == 0.5 and device.type == "cpu":
             row["profile"] = {"dense": profile_ops(dense), "gathered": profile_ops(gathered)}
         ffn.append(row)
+    patterns = level3_row_patterns(model, reps)
     # the whole step: thresholds calibrated on text, as train_router does (here with the dense model's gates)
     max_len = model.config.max_seq_len
     calib = level3_windows(model, tok, T=min(128, max_len)).to(device)  # (8, T)
@@ -638,7 +673,8 @@ def bench_level3(model, tok, plan, device) -> dict:
                "ideal": dense_bytes / (dense_bytes - saved)}
         row["of_ideal"] = row["speedup"] / row["ideal"]
         step.append(row)
-    return {"ffn": ffn, "order": order, "step": step, "prompt": T, "new_tokens": n_new, "reps": reps,
+    return {"ffn": ffn, "patterns": patterns, "order": order, "step": step, "prompt": T, "new_tokens": n_new,
+            "reps": reps,
             "note": "best of reps, interleaved; ideal = bytes read dense / bytes read with skipping; "
                     "FFN active sets random, decode-step ones from the thresholds"}
 
@@ -652,6 +688,9 @@ def level3_markdown(r: dict) -> list[str]:
         lines.append(f"| {100 * f['skipped']:.0f}% | {f['dense_ms']:.2f} | {f['gathered_ms']:.2f} "
                      f"| {f['speedup']:.2f}x | {f['ideal']:.2f}x | {100 * f['of_ideal']:.0f}% "
                      f"| {f['max_rel_diff_vs_masked']:.1e} |")
+    lines += ["", "level 3, the two gathers alone over half of each layer's neurons: " + ", ".join(
+        f"{p['rows']} {p['ms']:.2f} ms ({p['per_byte_vs_contiguous']:.2f}x the time of contiguous)"
+        for p in r["patterns"])]
     o = r["order"]
     lines += ["", f"level 3, batch 1, FFN alone on real active sets at {100 * o['skipped']:.0f}% skipped "
               f"({o['tokens']} README tokens after the calibration windows; dense {o['dense_ms']:.2f} ms per token):",

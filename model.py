@@ -285,13 +285,12 @@ class MLP(nn.Module):
         skipped neuron saves. Down is read from its transpose (F, C), whose rows are contiguous.
 
         Why two embedding_bag kernels and not index_select + matmul: a gathered copy writes the k rows out and
-        reads them back, which costs about what the skipped bytes save (0.94x to 1.03x the dense FFN at half the
-        neurons, SmolLM2, one CPU thread; docs/level3.md). Both kernels below read each selected row where it lies,
-        once:
+        reads them back, which costs about what the skipped bytes save. Both kernels below read each selected row
+        where it lies, once:
           up:   u_i = <up[active_i], x>, k row dot products (`row_dots`)
           down: y = sum_i a_i down_rows[active_i], embedding_bag's weighted sum of rows.
         What still bounds it (torch.profiler, bench.py --sections level3): the reads themselves; rows picked here
-        and there stream ~1.5x slower per byte than one contiguous block (the prefetcher restarts at each row)."""
+        and there take ~1.3x the time of one contiguous block (the prefetcher restarts at each row)."""
         if self.gated:
             u = row_dots(self.up.weight, x, active)  # (k,)
             if self.up.bias is not None:

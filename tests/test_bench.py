@@ -192,12 +192,14 @@ def test_level3_section_on_a_tiny_model():
     assert "profile" in res["ffn"][2] and len(res["step"]) == len(bench.LEVEL3_STEP_S)
     for s in res["step"]:
         assert 0 < s["active_fraction"] < 1 and s["ideal"] > 1 and s["tok_s"] > 0
+    assert [p["rows"] for p in res["patterns"]] == ["contiguous", "every second", "scattered"]
+    assert res["patterns"][0]["per_byte_vs_contiguous"] == 1.0 and all(p["ms"] > 0 for p in res["patterns"])
     order = res["order"]
     assert [r["order"] for r in order["rows"]] == ["stored", "hot-first"] and order["tokens"] == 64
     assert all(r["max_rel_diff_vs_stored"] < 1e-5 and r["mean_run"] >= 1 for r in order["rows"])
     text = "\n".join(bench.level3_markdown(res))
     assert "FFN alone" in text and "level3 s=0.50" in text and "profile, FFN gathered" in text
-    assert "| hot-first |" in text
+    assert "| hot-first |" in text and "the two gathers alone" in text
 
 
 def test_hot_first_order_is_the_same_ffn_with_the_busiest_neurons_first():
