@@ -25,7 +25,7 @@ from pathlib import Path
 
 import data
 import model as M
-from cli import ArgumentParser, UserError, file_sha256, run_cli, write_atomic
+from cli import ArgumentParser, UserError, file_sha256, positive_float, positive_int, run_cli, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 PACKED = ROOT / ".carry"  # listed in .gitignore: parts are never committed
@@ -40,6 +40,8 @@ CHUNK = 1 << 24
 def plan(data_files: dict[str, Path], model_size: int, limit: int) -> list[list[dict]]:
     """What goes into which part: the data files whole, first (they are small), then the model's bytes in pieces
     that fill each part up to `limit` bytes. -> parts, each a list of {"data": name} or {"model": (start, end)}."""
+    if limit < 1:
+        raise UserError("--limit-mib must allow at least one byte per part")
     parts, room = [[]], limit
     for name, path in data_files.items():
         size = path.stat().st_size
@@ -186,16 +188,25 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, text in (("pack", "write the parts into .carry/"), ("rehearse", "pack, receive and join, here")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("--limit-mib", type=float, default=56.0, help="most MiB per part (the tree travels too)")
+        s.add_argument("--limit-mib", type=positive_float, default=56.0,
+                       help="most MiB per part (the tree travels too)")
         if name == "rehearse":
-            s.add_argument("--bundle-mib", type=float, default=64.0, help="most MiB per transfer, tree included")
+            s.add_argument("--bundle-mib", type=positive_float, default=64.0,
+                           help="most MiB per transfer, tree included")
     s = sub.add_parser("receive", help="copy part K from .carry/K into the stash")
-    s.add_argument("k", type=int, metavar="K")
+    s.add_argument("k", type=positive_int, metavar="K")
     s.add_argument("--stash", type=Path, default=STASH)
     s = sub.add_parser("join", help="check the parts, join the model, lay out a shared folder")
     s.add_argument("--stash", type=Path, default=STASH)
     s.add_argument("--to", type=Path, default=SHARED)
     args = p.parse_args(argv)
+    try:
+        run(args)
+    except OSError as e:  # a stash or target folder that cannot be written, a disk that is full
+        raise UserError(f"{e.filename or 'carry.py'}: {e.strerror or e}") from None
+
+
+def run(args):
     if args.cmd == "pack":
         m = pack(PACKED, args.limit_mib)
         for k in range(1, m["parts"] + 1):

@@ -2,12 +2,14 @@
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import carry  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
@@ -28,6 +30,19 @@ def test_plan_puts_data_first_and_splits_the_model_to_fill_each_part(tmp_path):
     assert pieces[0][0] == 0 and pieces[-1][1] == 250 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
     with pytest.raises(M.UserError, match="larger than --limit-mib"):
         carry.plan(files, 10, limit=40)
+    with pytest.raises(M.UserError, match="at least one byte"):  # else no part could ever fill
+        carry.plan(files, 10, limit=0)
+
+
+def test_bad_arguments_and_unwritable_folders_are_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv in (["receive", "0"], ["pack", "--limit-mib", "-1"], ["join", "--stash", str(tmp_path), "--to", "x"]):
+        r = subprocess.run([sys.executable, str(ROOT / "carry.py"), *argv], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "manifest.json").write_text(json.dumps({"parts": 1, "files": [], "model": {"name": "m.gguf"}}))
+    with pytest.raises(M.UserError):  # the target is a file: no folder can be made there
+        carry.main(["join", "--stash", str(tmp_path), "--to", str(blocker)])
 
 
 @pytest.fixture
